@@ -1,0 +1,59 @@
+"""corral: run each tenant's kernel in its own supervised worker process.
+
+Public API::
+
+    from corral import Supervisor
+    async with Supervisor("myapp.plugins:load_kernel", max_workers=32, idle_ttl=900.0) as sup:
+        value = await sup.call("tenant-42", "render", {"page": 1})
+"""
+
+from corral.errors import (
+    BackoffError,
+    CallTimeoutError,
+    CapacityError,
+    CorralError,
+    InvalidCallError,
+    KernelError,
+    ProtocolError,
+    StartError,
+    SupervisorClosedError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerStoppedError,
+)
+from corral.supervisor import (
+    Rung,
+    StopReason,
+    StopReport,
+    Supervisor,
+    SupervisorStats,
+    SyncSupervisor,
+    WorkerInfo,
+    WorkerState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackoffError",
+    "CallTimeoutError",
+    "CapacityError",
+    "CorralError",
+    "InvalidCallError",
+    "KernelError",
+    "ProtocolError",
+    "Rung",
+    "StartError",
+    "StopReason",
+    "StopReport",
+    "Supervisor",
+    "SupervisorClosedError",
+    "SupervisorStats",
+    "SyncSupervisor",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerInfo",
+    "WorkerState",
+    "WorkerStoppedError",
+    "__version__",
+]

@@ -1,0 +1,199 @@
+"""Every error corral raises, rooted at :class:`CorralError`.
+
+The split that matters to a caller:
+
+* :class:`KernelError` -- the tenant's kernel raised; the worker is still up.
+* :class:`InvalidCallError` -- the call could not be made as asked (bad method
+  name, arguments or result that msgpack cannot carry); the worker is still up.
+* :class:`WorkerError` subclasses -- the worker is gone or going:
+  *Crashed* means it died on its own, *Stopped* means corral decided to stop it
+  while the call was in flight, *Timeout* and *Protocol* mean corral killed it.
+* :class:`SupervisorClosedError`, :class:`CapacityError`, :class:`BackoffError`
+  -- the supervisor refused the call before any worker saw it.
+
+Remote failures arrive as text (type name, message, traceback); nothing the
+worker sends is ever unpickled or mapped back to a Python class.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+
+__all__ = [
+    "BackoffError",
+    "CallTimeoutError",
+    "CapacityError",
+    "CorralError",
+    "InvalidCallError",
+    "KernelError",
+    "ProtocolError",
+    "StartError",
+    "SupervisorClosedError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerStoppedError",
+    "describe_exit",
+]
+
+
+class CorralError(Exception):
+    """Root of every error corral raises."""
+
+
+class InvariantError(CorralError):
+    """A bug in corral: an impossible state transition or bookkeeping mismatch."""
+
+
+class SupervisorClosedError(CorralError):
+    """The supervisor is closing or closed; no new calls or workers."""
+
+
+class CapacityError(CorralError):
+    """``max_workers`` are all busy and none became free within ``pool_timeout``."""
+
+
+class InvalidCallError(CorralError, ValueError):
+    """The call cannot be made as asked: unknown or private method, or arguments or
+    a result that msgpack cannot carry. The worker (if any) is still up."""
+
+
+class BackoffError(CorralError):
+    """The tenant's kernel failed too often recently; calls are refused until
+    ``retry_after`` seconds have passed."""
+
+    def __init__(self, tenant: str, retry_after: float, level: int, last_error: str) -> None:
+        self.tenant = tenant
+        self.retry_after = retry_after
+        self.level = level  # consecutive backoffs: the delay doubles with each
+        self.last_error = last_error
+        super().__init__(
+            f"tenant {tenant!r} is in backoff after repeated failures (last: {last_error}); "
+            f"retry after {retry_after:.1f}s"
+        )
+
+
+class WorkerError(CorralError):
+    """Something happened to a tenant's worker process."""
+
+    def __init__(self, message: str, *, tenant: str, pid: int | None) -> None:
+        self.tenant = tenant
+        self.pid = pid
+        super().__init__(message)
+
+
+class StartError(WorkerError):
+    """The worker never became ready: the launcher failed, the factory raised,
+    or it did not say hello within ``start_timeout``.
+
+    ``remote_type`` and ``remote_traceback`` are set when the factory raised.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant: str,
+        pid: int | None,
+        remote_type: str | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+        super().__init__(message, tenant=tenant, pid=pid)
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker died on its own while the call was in flight (or closed its pipe).
+
+    ``exitcode`` is set for a normal exit, ``signal`` for death by signal.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant: str,
+        pid: int | None,
+        exitcode: int | None,
+        signal: int | None,
+    ) -> None:
+        self.exitcode = exitcode
+        self.signal = signal
+        super().__init__(message, tenant=tenant, pid=pid)
+
+
+class WorkerStoppedError(WorkerError):
+    """Corral stopped the worker while the call was in flight (``reason`` says why:
+    another call's timeout, a protocol violation, supervisor shutdown, ...)."""
+
+    def __init__(self, message: str, *, tenant: str, pid: int | None, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message, tenant=tenant, pid=pid)
+
+
+class CallTimeoutError(WorkerError, TimeoutError):
+    """The call ran past its timeout; its worker was killed (the worker cannot be
+    trusted to stop itself)."""
+
+
+class ProtocolError(WorkerError):
+    """The worker sent something malformed, unexpected or over the frame limit;
+    it was killed."""
+
+
+class KernelError(CorralError):
+    """The kernel raised. The worker is still up and keeps serving.
+
+    Attributes:
+        remote_type: qualified name of the remote exception type, e.g. ``"builtins.KeyError"``.
+        remote_message: ``str()`` of the remote exception (bounded).
+        remote_traceback: the formatted remote traceback (bounded).
+    """
+
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        pid: int | None,
+        method: str,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str,
+    ) -> None:
+        self.tenant = tenant
+        self.pid = pid
+        self.method = method
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{remote_type}: {remote_message} (in {tenant!r}.{method})")
+
+
+def describe_exit(returncode: int | None) -> str:
+    """Say in words how a process ended, with the likely cause.
+
+    Args:
+        returncode: as from ``waitpid``: >= 0 an exit code, < 0 a signal number,
+            None unknown (the process was not reaped by us).
+    """
+    if returncode is None:
+        return "exit status unknown"
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    signum = -returncode
+    try:
+        name = _signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    hints = {
+        _signal.SIGKILL: "out of memory, or killed from outside?",
+        _signal.SIGSEGV: "segmentation fault in native code?",
+        _signal.SIGABRT: "abort() in native code?",
+        _signal.SIGBUS: "bus error in native code?",
+        _signal.SIGXCPU: "CPU time limit reached?",
+        _signal.SIGTERM: "terminated from outside?",
+    }
+    hint = (
+        hints.get(_signal.Signals(signum)) if signum in _signal.Signals._value2member_map_ else None
+    )
+    return f"killed by {name}" + (f" ({hint})" if hint else "")

@@ -1,0 +1,1 @@
+"""Example kernels that ship with corral (used by ``corral demo``)."""

@@ -1,0 +1,28 @@
+"""Sans-IO protocol: message Structs, framing and codec limits.
+
+No asyncio, subprocess, psutil or os imports live here; both sides of the
+pipes (``corral.supervisor`` and ``corral.worker``) build on this package.
+"""
+
+from corral.ipc.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_BYTES,
+    FrameDecoder,
+    ProtocolViolation,
+    RecordDecoder,
+    encode_frame,
+    encode_record,
+)
+from corral.ipc.messages import *  # noqa: F403
+from corral.ipc.messages import __all__ as _messages_all
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "HEADER_BYTES",
+    "FrameDecoder",
+    "ProtocolViolation",
+    "RecordDecoder",
+    "encode_frame",
+    "encode_record",
+    *_messages_all,
+]

@@ -1,0 +1,170 @@
+"""The message types of corral's two channels, as frozen msgspec Structs.
+
+Covers: the worker channel (supervisor <-> one worker, over a pair of pipes)
+and the warden channel (supervisor <-> the process that forks workers, over a
+``SOCK_SEQPACKET`` socket carrying pipe fds). Does not cover: how bytes move
+(see :mod:`corral.ipc.framing`) or what either side does with a message.
+
+Structs are ``array_like`` (compact, fast) and tagged; a decoder built from a
+union rejects unknown tags, wrong types and extra fields. Plugin payloads are
+``msgspec.Raw`` so that the envelope is decoded strictly and the payload only
+by whoever needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Call",
+    "CallFailed",
+    "ErrorKind",
+    "FromWarden",
+    "FromWorker",
+    "Hello",
+    "KillWorker",
+    "RemoteError",
+    "Result",
+    "Shutdown",
+    "SpawnFailed",
+    "SpawnWorker",
+    "Start",
+    "StartFailed",
+    "ToWarden",
+    "ToWorker",
+    "WardenHello",
+    "WorkerExited",
+    "WorkerSpawned",
+]
+
+
+class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    pass
+
+
+# --- worker channel: supervisor -> worker -------------------------------------------------
+
+
+class Start(_Msg, frozen=True, tag="start"):
+    """First message to a new worker: what to load and for whom."""
+
+    tenant: str
+    factory: str | None  # "pkg.module:callable", or None when factory_blob is set
+    factory_blob: bytes | None  # a dill-serialised callable (supervisor -> worker only)
+    sys_path: list[str]
+    max_frame_bytes: int
+
+
+class Call(_Msg, frozen=True, tag="call"):
+    """Invoke ``kernel.<method>(*args, **kwargs)``; ``args`` is msgpack ``[args, kwargs]``."""
+
+    id: int
+    method: str
+    args: msgspec.Raw
+
+
+class Shutdown(_Msg, frozen=True, tag="shutdown"):
+    """Run the kernel's ``shutdown()`` hook, then exit."""
+
+
+ToWorker = Start | Call | Shutdown
+
+
+# --- worker channel: worker -> supervisor (untrusted) -------------------------------------
+
+
+class RemoteError(msgspec.Struct, frozen=True, array_like=True):
+    """An exception raised in the worker, as text only."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+
+class Hello(_Msg, frozen=True, tag="hello"):
+    """The kernel is loaded; the worker serves calls from now on."""
+
+    protocol_version: int
+    pid: int
+
+
+class StartFailed(_Msg, frozen=True, tag="start_failed"):
+    """The factory could not be loaded or raised; the worker exits after this."""
+
+    error: RemoteError
+
+
+class Result(_Msg, frozen=True, tag="result"):
+    """The return value of call ``id``, msgpack-encoded."""
+
+    id: int
+    value: msgspec.Raw
+
+
+ErrorKind = Literal["kernel", "method", "arguments", "result"]
+
+
+class CallFailed(_Msg, frozen=True, tag="failed"):
+    """Call ``id`` failed: the kernel raised (``kernel``), the method is unknown or
+    private (``method``), the arguments did not decode (``arguments``) or the
+    result could not be encoded (``result``)."""
+
+    id: int
+    kind: ErrorKind
+    error: RemoteError
+
+
+FromWorker = Hello | StartFailed | Result | CallFailed
+
+
+# --- warden channel -------------------------------------------------------------------------
+
+
+class SpawnWorker(_Msg, frozen=True, tag="spawn"):
+    """Start a worker on the three fds sent with this message (in, out, log).
+
+    ``exec`` selects a fresh interpreter (fork + exec) over a plain fork of the warden.
+    """
+
+    id: int
+    exec: bool
+
+
+class KillWorker(_Msg, frozen=True, tag="kill"):
+    """Send ``signal`` to the worker's process group (and, for SIGKILL, its descendants)."""
+
+    pid: int
+    signal: int
+
+
+ToWarden = SpawnWorker | KillWorker
+
+
+class WardenHello(_Msg, frozen=True, tag="warden_hello"):
+    protocol_version: int
+    pid: int
+
+
+class WorkerSpawned(_Msg, frozen=True, tag="spawned"):
+    id: int
+    pid: int
+
+
+class SpawnFailed(_Msg, frozen=True, tag="spawn_failed"):
+    id: int
+    message: str
+
+
+class WorkerExited(_Msg, frozen=True, tag="exited"):
+    """The warden reaped worker ``pid``; ``returncode`` < 0 is a signal number."""
+
+    pid: int
+    returncode: int
+
+
+FromWarden = WardenHello | WorkerSpawned | SpawnFailed | WorkerExited

@@ -1,0 +1,22 @@
+"""Parent side of corral: the table, worker handles, lifecycle, launcher, memory
+probe, and the public :class:`Supervisor` / :class:`SyncSupervisor`.
+
+Imports ``corral.ipc``; never ``corral.worker`` (that runs in other processes).
+"""
+
+from corral.supervisor._api import DEFAULT_ENV_ALLOWLIST, Supervisor, SupervisorStats
+from corral.supervisor._sync import SyncSupervisor
+from corral.supervisor.handle import WorkerInfo
+from corral.supervisor.lifecycle import Rung, StopReason, StopReport, WorkerState
+
+__all__ = [
+    "DEFAULT_ENV_ALLOWLIST",
+    "Rung",
+    "StopReason",
+    "StopReport",
+    "Supervisor",
+    "SupervisorStats",
+    "SyncSupervisor",
+    "WorkerInfo",
+    "WorkerState",
+]

@@ -1,0 +1,593 @@
+"""The public asyncio façade: :class:`Supervisor`.
+
+Data flow::
+
+    caller ── await sup.call(tenant, method, *args) ──▶ Supervisor._acquire
+        table hit (LRU touch) ─────────────────────────▶ WorkerHandle (READY/BUSY)
+        miss: backoff check → room? (else stop the LRU idle victim and wait)
+              → new WorkerHandle(STARTING) in the table → start task ─▶ Launcher.spawn
+        WorkerHandle.send_call: Call frame ─▶ pipe ─▶ worker loop ─▶ kernel.method()
+        worker ─▶ Result | CallFailed frame ─▶ handle reader ─▶ the caller's future
+
+The supervisor owns the table, every handle, the restart tracker and one
+TaskGroup (run by a single runner task) that holds every background task:
+worker starts, stop escalations, the TTL sweeper and the memory sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from corral.errors import (
+    BackoffError,
+    CapacityError,
+    InvalidCallError,
+    SupervisorClosedError,
+    WorkerStoppedError,
+)
+from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
+from corral.supervisor.backoff import BackoffPolicy, RestartTracker
+from corral.supervisor.handle import HandleOptions, WorkerHandle, WorkerInfo
+from corral.supervisor.lifecycle import StopReason, StopReport, WorkerState
+from corral.supervisor.memory import ProbeThread, ProcessProbe, PsutilProbe
+from corral.supervisor.process import Launcher, WardenLauncher
+from corral.supervisor.table import WorkerTable
+
+__all__ = ["DEFAULT_ENV_ALLOWLIST", "Supervisor", "SupervisorStats"]
+
+log = logging.getLogger("corral")
+
+DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+"""Host environment variables a worker sees by default (everything else is dropped at exec)."""
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# Failures that count towards a tenant's restart intensity.
+_FAILURES = frozenset(
+    {
+        StopReason.CRASHED,
+        StopReason.START_FAILED,
+        StopReason.START_TIMEOUT,
+        StopReason.CALL_TIMEOUT,
+        StopReason.PROTOCOL_ERROR,
+        StopReason.PIPE_CLOSED,
+    }
+)
+_FRAME_OVERHEAD = 64  # bytes of Call envelope around the encoded arguments, generously
+
+Factory = str | Callable[[str], Any]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class SupervisorStats(msgspec.Struct, frozen=True):
+    """A snapshot of the supervisor (``Supervisor.stats()``)."""
+
+    state: str
+    max_workers: int
+    workers: list[WorkerInfo]  # least recently used first
+    starts: int  # workers started (spawn requested)
+    stops: dict[str, int]  # StopReason value -> count
+    tenants_in_backoff: int
+
+
+class Supervisor:
+    """Runs each tenant's kernel in a worker process of its own.
+
+    Args:
+        factory: ``"pkg.module:callable"`` or a callable; called in the worker as
+            ``factory(tenant)`` and returns the kernel (or an awaitable of it).
+            A callable is carried to the worker with dill.
+        max_workers: live worker processes never exceed this (stopping ones count).
+        idle_ttl: seconds without a call in flight before a worker is stopped,
+            timed from the last completion; None = never.
+        call_timeout: default seconds a call may run; a call still running then
+            kills its worker. None = no limit.
+        start_method: ``"forkserver"`` (fork of corral's own clean, preloaded
+            warden process) or ``"spawn"`` (a fresh interpreter per worker).
+        start_timeout: seconds from spawn until the kernel is loaded.
+        shutdown_timeout: seconds a worker gets to run ``shutdown()`` and exit.
+        term_timeout: seconds after SIGTERM before SIGKILL.
+        kill_timeout: seconds after SIGKILL before corral logs an error (it keeps waiting).
+        drain_timeout: seconds an evicted busy worker may finish its calls; None = the
+            calls' own timeouts bound it.
+        pool_timeout: seconds a call for a new tenant may wait for a free slot when every
+            worker is busy; then ``CapacityError``.
+        max_frame_bytes: largest message either way (arguments, results).
+        restart_intensity / restart_period: failures allowed per tenant per period
+            before calls are refused with ``BackoffError``.
+        backoff_base / backoff_max: first and largest backoff, seconds (doubling).
+        env: extra environment variables for workers (on top of ``env_allowlist``).
+        env_allowlist: names copied from the host's environment into the workers'.
+        memory_check_interval: seconds between RSS samples for ``stats()``.
+        launcher: where workers run (default: a local warden); a seam for other backends.
+        probe: how memory is read (default: psutil).
+        clock: monotonic seconds, for the table and backoff (tests inject a fake).
+    """
+
+    def __init__(
+        self,
+        factory: Factory,
+        *,
+        max_workers: int = 32,
+        idle_ttl: float | None = 900.0,
+        call_timeout: float | None = 30.0,
+        start_method: Literal["forkserver", "spawn"] = "forkserver",
+        start_timeout: float = 30.0,
+        shutdown_timeout: float = 5.0,
+        term_timeout: float = 2.0,
+        kill_timeout: float = 5.0,
+        drain_timeout: float | None = 30.0,
+        pool_timeout: float = 30.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        restart_intensity: int = 5,
+        restart_period: float = 60.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST,
+        memory_check_interval: float = 1.0,
+        launcher: Launcher | None = None,
+        probe: ProcessProbe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        _check_seconds("idle_ttl", idle_ttl, allow_none=True, allow_zero=True)
+        _check_seconds("call_timeout", call_timeout, allow_none=True)
+        _check_seconds("drain_timeout", drain_timeout, allow_none=True, allow_zero=True)
+        for name, value in (
+            ("start_timeout", start_timeout),
+            ("shutdown_timeout", shutdown_timeout),
+            ("term_timeout", term_timeout),
+            ("kill_timeout", kill_timeout),
+            ("memory_check_interval", memory_check_interval),
+        ):
+            _check_seconds(name, value)
+        _check_seconds("pool_timeout", pool_timeout, allow_zero=True)
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(
+                f"start_method must be 'forkserver' or 'spawn', got {start_method!r} "
+                "(workers are never forked from the host)"
+            )
+        if not 1024 <= max_frame_bytes <= 2**32 - 1:
+            raise ValueError(f"max_frame_bytes must be in 1024..{2**32 - 1}, got {max_frame_bytes}")
+        factory_ref, factory_blob = _serialise_factory(factory)
+        worker_env = {k: os.environ[k] for k in env_allowlist if k in os.environ}
+        worker_env.update(env or {})
+        self._start_msg = Start(
+            tenant="",
+            factory=factory_ref,
+            factory_blob=factory_blob,
+            sys_path=[p for p in sys.path if p],
+            max_frame_bytes=max_frame_bytes,
+        )
+        self._factory_name = factory_ref or getattr(factory, "__qualname__", repr(factory))
+        self._call_timeout = call_timeout
+        self._pool_timeout = pool_timeout
+        self._max_frame = max_frame_bytes
+        self._memory_interval = memory_check_interval
+        self._options = HandleOptions(
+            start=self._start_msg,
+            start_timeout=start_timeout,
+            shutdown_timeout=shutdown_timeout,
+            term_timeout=term_timeout,
+            kill_timeout=kill_timeout,
+            drain_timeout=drain_timeout,
+            max_frame_bytes=max_frame_bytes,
+        )
+        self._launcher: Launcher = launcher or WardenLauncher(
+            exec_workers=start_method == "spawn", env=worker_env, start_timeout=start_timeout
+        )
+        self._probe = ProbeThread(probe or PsutilProbe())
+        self._clock = clock
+        self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
+        self._restarts = RestartTracker(
+            BackoffPolicy(restart_intensity, restart_period, backoff_base, backoff_max), clock
+        )
+        self._state = _State.NEW
+        self._tg: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stop_runner: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None  # set (then replaced) when a slot may have freed
+        self._idle_changed: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._starts = 0
+        self._stops: Counter[str] = Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background tasks. The warden process starts with the first worker.
+
+        Raises:
+            SupervisorClosedError: already closing or closed.
+        """
+        if self._state is not _State.NEW:
+            if self._state is _State.RUNNING:
+                return
+            raise SupervisorClosedError("this supervisor has been closed; create a new one")
+        loop = asyncio.get_running_loop()
+        self._stop_runner = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle_changed = asyncio.Event()
+        self._closed = asyncio.Event()
+        started: asyncio.Future[None] = loop.create_future()
+        self._runner = loop.create_task(self._run(started), name="corral-supervisor")
+        await started
+        self._state = _State.RUNNING
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            sweeper = tg.create_task(self._sweep(), name="corral-ttl-sweeper")
+            sampler = tg.create_task(self._sample_memory(), name="corral-memory-sampler")
+            started.set_result(None)
+            assert self._stop_runner is not None
+            await self._stop_runner.wait()
+            sweeper.cancel()
+            sampler.cancel()
+
+    async def aclose(self) -> None:
+        """Stop every worker (idle ones at once, busy ones after draining up to
+        ``drain_timeout``), then the warden. Nothing respawns once this begins.
+        Returns when every process corral started is gone.
+
+        **Cancellation:** the shutdown goes on in the background; call again to wait for it.
+        """
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+            return
+        assert self._closed is not None
+        if self._state is not _State.RUNNING:
+            await self._closed.wait()
+            return
+        self._state = _State.CLOSING
+        self._notify_room()
+        assert self._tg is not None
+        self._closing = asyncio.get_running_loop().create_task(
+            self._shutdown(), name="corral-close"
+        )
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        assert (
+            self._closed is not None and self._stop_runner is not None and self._runner is not None
+        )
+        try:
+            handles = self._table.handles()
+            for handle in handles:
+                handle.evict(StopReason.CLOSED)
+            for handle in handles:
+                await handle.wait_dead()
+            await self._launcher.aclose()
+            await self._probe.aclose()
+        finally:
+            self._stop_runner.set()
+            try:
+                await self._runner
+            finally:
+                self._state = _State.CLOSED
+                self._closed.set()
+
+    async def __aenter__(self) -> Supervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def call(self, tenant: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``kernel.<method>(*args, **kwargs)`` in ``tenant``'s worker, starting
+        it if needed, with the supervisor's ``call_timeout``.
+
+        Returns:
+            The method's return value, as msgpack carries it (Structs and dataclasses
+            arrive as dicts, tuples as lists).
+
+        Raises:
+            KernelError: the kernel raised (the worker stays up).
+            InvalidCallError: unknown or private method, or unencodable arguments/result.
+            CallTimeoutError: the call ran past the timeout (its worker was killed).
+            WorkerCrashedError: the worker died during the call.
+            WorkerStoppedError: corral stopped the worker during the call.
+            ProtocolError: the worker sent garbage (it was killed).
+            StartError: the worker could not start.
+            BackoffError: the tenant failed too often recently.
+            CapacityError: no worker slot freed within ``pool_timeout``.
+            SupervisorClosedError: the supervisor is closing or closed.
+
+        **Cancellation:** the call is abandoned, not interrupted: the worker finishes it
+        (still bounded by the timeout) and the result is discarded.
+        """
+        return await self.invoke(tenant, method, args, kwargs)
+
+    async def invoke(
+        self,
+        tenant: str,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | Literal["default"] | None = "default",
+    ) -> Any:
+        """Like :meth:`call`, with explicit arguments and a per-call ``timeout``
+        (seconds, or None for no limit)."""
+        timeout_s = self._call_timeout if timeout == "default" else timeout
+        if timeout_s is not None:
+            _check_seconds("timeout", timeout_s)
+        _check_tenant(tenant)
+        if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
+            raise InvalidCallError(f"method must be a public identifier, got {method!r}")
+        try:
+            payload = msgspec.msgpack.encode((args, kwargs or {}))
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise InvalidCallError(f"arguments for {method!r} cannot be sent: {exc}") from exc
+        if len(payload) + _FRAME_OVERHEAD > self._max_frame:
+            raise InvalidCallError(
+                f"arguments for {method!r} are {len(payload)} bytes, "
+                f"over max_frame_bytes={self._max_frame}"
+            )
+        while True:
+            handle = await self._acquire(tenant)
+            if handle.is_serving:
+                break
+        value = await handle.send_call(method, payload, timeout_s)
+        self._restarts.record_success(tenant)
+        return value
+
+    async def get_or_create(self, tenant: str) -> WorkerInfo:
+        """Start ``tenant``'s worker if it has none, and describe it.
+
+        Raises:
+            StartError, BackoffError, CapacityError, SupervisorClosedError: as for :meth:`call`.
+        """
+        _check_tenant(tenant)
+        return (await self._acquire(tenant)).info()
+
+    async def evict(self, tenant: str) -> bool:
+        """Stop ``tenant``'s worker (draining calls in flight) and wait until it is gone.
+
+        Returns:
+            True if there was a worker.
+
+        **Cancellation:** the stop goes on; only the wait is abandoned.
+        """
+        _check_tenant(tenant)
+        handle = self._table.peek(tenant)
+        if handle is None:
+            return False
+        handle.evict(StopReason.EVICTED)
+        await handle.wait_dead()
+        return True
+
+    async def evict_all(self) -> int:
+        """Evict every worker; returns how many there were, once all are gone."""
+        handles = self._table.handles()
+        for handle in handles:
+            handle.evict(StopReason.EVICTED)
+        for handle in handles:
+            await handle.wait_dead()
+        return len(handles)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tenants with a worker, least recently used first."""
+        return self._table.keys()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, tenant: object) -> bool:
+        return tenant in self._table
+
+    def stats(self) -> SupervisorStats:
+        """A snapshot: every worker (LRU first), start and stop counts."""
+        return SupervisorStats(
+            state=self._state.value,
+            max_workers=self._table.max_workers,
+            workers=[h.info() for h in self._table.handles()],
+            starts=self._starts,
+            stops=dict(self._stops),
+            tenants_in_backoff=self._restarts.in_backoff(),
+        )
+
+    # -- acquiring a worker ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state is not _State.RUNNING:
+            raise SupervisorClosedError(
+                "supervisor is not running (use 'async with Supervisor(...)' or await start())"
+                if self._state is _State.NEW
+                else "supervisor is closing or closed"
+            )
+
+    async def _acquire(self, tenant: str) -> WorkerHandle:
+        """A handle for ``tenant`` that is READY or BUSY (or was, a moment ago)."""
+        deadline: float | None = None
+        while True:
+            self._check_open()
+            handle = self._table.get(tenant)
+            if handle is not None:
+                if handle.is_serving:
+                    return handle
+                if handle.state is WorkerState.STARTING:
+                    try:
+                        await handle.wait_ready()
+                    except WorkerStoppedError:
+                        self._check_open()
+                        raise
+                    except Exception as exc:
+                        if self._state is not _State.RUNNING:
+                            raise SupervisorClosedError(
+                                "supervisor closed while the worker started"
+                            ) from exc
+                        raise
+                    continue
+                await handle.wait_dead()  # the old worker is on its way out: never overlap
+                continue
+            backoff = self._restarts.retry_after(tenant)
+            if backoff is not None:
+                left, level, last = backoff
+                raise BackoffError(tenant, left, level, last)
+            if self._table.has_room():
+                return await self._start_worker(tenant)
+            victim = self._table.lru_victim()
+            if victim is not None:
+                victim_handle = self._table.peek(victim)
+                assert victim_handle is not None
+                victim_handle.evict(StopReason.LRU)
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self._pool_timeout
+            assert self._room is not None
+            room = self._room
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await room.wait()
+            except TimeoutError:
+                raise CapacityError(
+                    f"all {self._table.max_workers} workers are busy and none became free within "
+                    f"{self._pool_timeout}s (raise max_workers or pool_timeout?)"
+                ) from None
+
+    async def _start_worker(self, tenant: str) -> WorkerHandle:
+        assert self._tg is not None
+        tg = self._tg
+        handle = WorkerHandle(
+            tenant,
+            self._launcher,
+            self,
+            self._options,
+            lambda coro: tg.create_task(coro),
+        )
+        self._table.add(tenant, handle)
+        self._starts += 1
+        tg.create_task(handle.start(), name=f"corral-start-{tenant}")
+        try:
+            await handle.wait_ready()
+        except Exception as exc:
+            if self._state is not _State.RUNNING:
+                raise SupervisorClosedError("supervisor closed while the worker started") from exc
+            raise
+        return handle
+
+    # -- HandleListener ----------------------------------------------------------------------
+
+    def worker_idle(self, handle: WorkerHandle) -> None:
+        if self._table.peek(handle.tenant) is handle:
+            self._table.mark_idle(handle.tenant)
+            self._notify_room()
+            # Only a first idle entry can bring the next expiry forward; later ones expire later.
+            if self._idle_changed is not None and self._table.idle_count() == 1:
+                self._idle_changed.set()
+
+    def worker_busy(self, handle: WorkerHandle) -> None:
+        if self._table.peek(handle.tenant) is handle:
+            self._table.mark_busy(handle.tenant)
+
+    def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None:
+        if self._table.peek(handle.tenant) is handle:
+            self._table.remove(handle.tenant)
+        self._stops[report.reason.value] += 1
+        if report.reason in _FAILURES:
+            delay = self._restarts.record_failure(
+                handle.tenant, f"{report.reason.value} (return code {report.returncode})"
+            )
+            if delay is not None:
+                log.warning(
+                    "tenant in backoff for %.1fs after repeated failures",
+                    delay,
+                    extra={"tenant": handle.tenant, "reason": report.reason.value},
+                )
+        self._notify_room()
+
+    def _notify_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = asyncio.Event()
+
+    # -- background tasks --------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Stop workers idle past ``idle_ttl`` without waiting for anyone to ask (invariant 7)."""
+        assert self._idle_changed is not None
+        while True:
+            self._idle_changed.clear()
+            for tenant in self._table.expired():
+                handle = self._table.peek(tenant)
+                if handle is not None:
+                    handle.evict(StopReason.IDLE_TTL)
+            self._restarts.prune()
+            due = self._table.next_expiry()
+            wait = 30.0 if due is None else max(0.0, due - self._clock())
+            try:
+                async with asyncio.timeout(min(wait, 30.0)):
+                    await self._idle_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _sample_memory(self) -> None:
+        while True:
+            handles = [h for h in self._table.handles() if h.pid is not None]
+            if handles:
+                sample = await self._probe.rss([h.pid for h in handles if h.pid is not None])
+                for h in handles:
+                    if h.pid is not None:
+                        h.rss = sample.get(h.pid, h.rss)
+            await asyncio.sleep(self._memory_interval)
+
+
+def _check_seconds(
+    name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
+) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be a number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_tenant(tenant: object) -> None:
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"tenant must be a non-empty str, got {tenant!r}")
+
+
+def _serialise_factory(factory: Factory) -> tuple[str | None, bytes | None]:
+    if isinstance(factory, str):
+        if not _FACTORY_RE.match(factory):
+            raise ValueError(f"factory must look like 'package.module:callable', got {factory!r}")
+        return factory, None
+    if not callable(factory):
+        raise TypeError(
+            f"factory must be an import string or a callable, got {type(factory).__name__}"
+        )
+    import dill  # trusted direction only: supervisor -> worker
+
+    try:
+        return None, bytes(dill.dumps(factory, recurse=True))
+    except Exception as exc:
+        raise TypeError(
+            f"factory {factory!r} cannot be carried to the worker by dill: {exc}"
+        ) from exc

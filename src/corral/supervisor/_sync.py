@@ -1,0 +1,140 @@
+"""The sync façade for threaded hosts: :class:`SyncSupervisor`.
+
+It owns one private event loop on a thread of its own and forwards every call
+to the async :class:`~corral.supervisor.Supervisor` running there. Any number
+of host threads may call it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, TypeVar
+
+from corral.errors import SupervisorClosedError
+from corral.supervisor._api import Factory, Supervisor, SupervisorStats
+from corral.supervisor.handle import WorkerInfo
+
+__all__ = ["SyncSupervisor"]
+
+T = TypeVar("T")
+
+
+class SyncSupervisor:
+    """Same operations as :class:`Supervisor`, as plain blocking methods.
+
+    Takes the same arguments as :class:`Supervisor`. Use it as a context manager
+    or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, factory: Factory, **options: Any) -> None:
+        self._factory = factory
+        self._options = options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._sup: Supervisor | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the loop thread and the supervisor on it."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._sup = Supervisor(self._factory, **self._options)
+            self._loop = loop
+            self._thread = threading.Thread(target=run, name="corral-loop")
+            self._thread.start()
+            ready.wait()
+        self._run(self._sup.start())
+
+    def close(self) -> None:
+        """Stop every worker and the loop thread; returns once all are gone."""
+        with self._lock:
+            thread, loop, sup = self._thread, self._loop, self._sup
+            self._thread = None
+        if thread is None or loop is None or sup is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(sup.aclose(), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def __enter__(self) -> SyncSupervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        loop = self._loop
+        if loop is None or self._thread is None:
+            coro.close()
+            raise SupervisorClosedError("SyncSupervisor is not running (use 'with' or start())")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "SyncSupervisor called from its own loop thread (use Supervisor there)"
+            )
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+        return future.result(timeout)
+
+    @property
+    def _supervisor(self) -> Supervisor:
+        if self._sup is None:
+            raise SupervisorClosedError("SyncSupervisor is not running (use 'with' or start())")
+        return self._sup
+
+    def call(self, tenant: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """See :meth:`Supervisor.call`."""
+        return self._run(self._supervisor.invoke(tenant, method, args, kwargs))
+
+    def invoke(
+        self,
+        tenant: str,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | Literal["default"] | None = "default",
+    ) -> Any:
+        """See :meth:`Supervisor.invoke`."""
+        return self._run(self._supervisor.invoke(tenant, method, args, kwargs, timeout=timeout))
+
+    def get_or_create(self, tenant: str) -> WorkerInfo:
+        return self._run(self._supervisor.get_or_create(tenant))
+
+    def evict(self, tenant: str) -> bool:
+        return self._run(self._supervisor.evict(tenant))
+
+    def evict_all(self) -> int:
+        return self._run(self._supervisor.evict_all())
+
+    def keys(self) -> list[str]:
+        return self._run(_value(self._supervisor.keys))
+
+    def stats(self) -> SupervisorStats:
+        return self._run(_value(self._supervisor.stats))
+
+    def __len__(self) -> int:
+        return self._run(_value(self._supervisor.__len__))
+
+    def __contains__(self, tenant: object) -> bool:
+        return self._run(_value(lambda: tenant in self._supervisor))
+
+
+async def _value(fn: Callable[[], T]) -> T:
+    """Read the supervisor's state on its own loop thread (it is not thread-safe)."""
+    return fn()

@@ -1,0 +1,706 @@
+"""One worker process, seen from the supervisor.
+
+A :class:`WorkerHandle` owns its process (through the launcher), its pipes, its
+in-flight calls and its lifecycle state. Only its reader callback reads the
+worker's pipe; calls are written by the task that sends them. Every in-flight
+call is in ``_inflight`` until exactly one of these resolves it: its reply, its
+deadline, or the worker's death. Nothing else completes a call future.
+
+Everything the worker sends is untrusted: frames are size-capped and decoded
+against the declared message union, replies must match an outstanding id, and
+anything else kills the worker (``ProtocolError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, Protocol
+
+import msgspec
+
+from corral.errors import (
+    CallTimeoutError,
+    InvalidCallError,
+    KernelError,
+    ProtocolError,
+    StartError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerStoppedError,
+    describe_exit,
+)
+from corral.ipc import (
+    PROTOCOL_VERSION,
+    Call,
+    CallFailed,
+    FrameDecoder,
+    FromWorker,
+    Hello,
+    ProtocolViolation,
+    Result,
+    Shutdown,
+    Start,
+    StartFailed,
+    encode_frame,
+)
+from corral.supervisor.lifecycle import Event, Rung, StopReason, StopReport, WorkerState, transition
+from corral.supervisor.process import Launcher, LaunchError
+
+__all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
+
+log = logging.getLogger("corral")
+worker_log = logging.getLogger("corral.worker")
+
+_READ_CHUNK = 256 * 1024
+_LOG_LINE_MAX = 4096
+_LOG_LINES_PER_SECOND = 200.0
+_LOG_BURST = 1000.0
+
+S = WorkerState
+
+
+class HandleOptions(NamedTuple):
+    start: Start  # the Start message every worker of this supervisor receives (tenant filled in)
+    start_timeout: float
+    shutdown_timeout: float
+    term_timeout: float
+    kill_timeout: float
+    drain_timeout: float | None
+    max_frame_bytes: int
+
+
+class HandleListener(Protocol):
+    def worker_idle(self, handle: WorkerHandle) -> None: ...
+    def worker_busy(self, handle: WorkerHandle) -> None: ...
+    def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None: ...
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """A snapshot of one worker, as reported by ``Supervisor.stats()``."""
+
+    tenant: str
+    pid: int | None
+    state: str  # a WorkerState value, e.g. "ready"
+    rss: int | None  # bytes, last sample; None before the first sample
+    requests: int  # calls completed (result or kernel error)
+    in_flight: int
+    started_at: float  # epoch seconds
+    last_used: float  # epoch seconds of the last call start or completion
+    stop_reason: str | None  # set once corral decided to stop it
+
+
+class _Pending(NamedTuple):
+    future: asyncio.Future[Any]
+    timer: asyncio.TimerHandle | None
+    method: str
+
+
+class _PipeWriter:
+    """Non-blocking writes to a pipe: direct when possible, else buffered until writable."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._fd = fd
+        self._loop = loop
+        self._buf = bytearray()
+        self._broken = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self._broken or self._fd < 0:
+            return
+        if not self._buf:
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:  # EPIPE: the worker is gone; its exit is reported separately
+                self._broken = True
+                return
+            if n == len(data):
+                return
+            self._buf += memoryview(data)[n:]
+            self._loop.add_writer(self._fd, self._flush)
+        else:
+            self._buf += data
+
+    def _flush(self) -> None:
+        try:
+            n = os.write(self._fd, self._buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._broken = True
+            self._buf.clear()
+            n = 0
+        del self._buf[:n]
+        if not self._buf:
+            self._loop.remove_writer(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_writer(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._buf.clear()
+
+
+class _LogSink:
+    """Drains a worker's stdout/stderr into logging, line by line, bounded in
+    line length and rate (a flooding kernel loses lines, not the supervisor)."""
+
+    def __init__(self, fd: int, tenant: str, pid: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._fd = fd
+        self._tenant = tenant
+        self._pid = pid
+        self._loop = loop
+        self._partial = b""
+        self._tokens = _LOG_BURST
+        self._stamp = time.monotonic()
+        self._dropped = 0
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _LOG_LINE_MAX:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        now = time.monotonic()
+        self._tokens = min(_LOG_BURST, self._tokens + (now - self._stamp) * _LOG_LINES_PER_SECOND)
+        self._stamp = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return
+        self._tokens -= 1
+        text = line[:_LOG_LINE_MAX].decode("utf-8", "replace")
+        extra = {"tenant": self._tenant, "pid": self._pid}
+        if self._dropped:
+            worker_log.warning(
+                "[%s] %d output lines dropped (rate limit)",
+                self._tenant,
+                self._dropped,
+                extra=extra,
+            )
+            self._dropped = 0
+        worker_log.info("[%s] %s", self._tenant, text, extra=extra)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+
+
+class WorkerHandle:
+    """Owns one worker process for one tenant.
+
+    Args:
+        tenant: the tenant key.
+        launcher: starts and signals the process.
+        listener: told when the worker becomes idle, busy, or dead.
+        options: timeouts, limits and the Start message template.
+        spawn_task: runs a background coroutine in the supervisor's TaskGroup.
+    """
+
+    def __init__(
+        self,
+        tenant: str,
+        launcher: Launcher,
+        listener: HandleListener,
+        options: HandleOptions,
+        spawn_task: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    ) -> None:
+        self.tenant = tenant
+        self.state = S.STARTING
+        self.pid: int | None = None
+        self.rss: int | None = None
+        self.requests = 0
+        self.started_at = time.monotonic()
+        self.last_used = self.started_at
+        self.stop_reason: StopReason | None = None
+        self.report: StopReport | None = None
+        self._launcher = launcher
+        self._listener = listener
+        self._opts = options
+        self._spawn_task = spawn_task
+        self._loop = asyncio.get_running_loop()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, _Pending] = {}
+        self._decoder: FrameDecoder[FromWorker] = FrameDecoder(
+            FromWorker, max_frame_bytes=options.max_frame_bytes
+        )
+        self._writer: _PipeWriter | None = None
+        self._reader_fd = -1
+        self._log: _LogSink | None = None
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._ready.add_done_callback(_consume_exception)
+        self._dead = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None  # start or drain deadline
+        self._rung = Rung.NONE
+        self._stopping: asyncio.Task[None] | None = None
+        self._start_error: StartError | None = None
+        self._eof_killed = False  # we SIGKILLed it because its pipe closed
+        self._detail = ""  # what went wrong, for error messages: "sent an undecodable frame"
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def is_serving(self) -> bool:
+        """True if new calls may be sent (READY or BUSY)."""
+        return self.state is S.READY or self.state is S.BUSY
+
+    def info(self) -> WorkerInfo:
+        offset = time.time() - time.monotonic()
+        return WorkerInfo(
+            tenant=self.tenant,
+            pid=self.pid,
+            state=self.state.value,
+            rss=self.rss,
+            requests=self.requests,
+            in_flight=len(self._inflight),
+            started_at=self.started_at + offset,
+            last_used=self.last_used + offset,
+            stop_reason=self.stop_reason.value if self.stop_reason else None,
+        )
+
+    async def wait_ready(self) -> None:
+        """Wait until READY. Raises the start error (the same one for every waiter).
+
+        **Cancellation:** only this waiter stops waiting; the start goes on.
+        """
+        await asyncio.shield(self._ready)
+
+    async def wait_dead(self) -> StopReport:
+        """Wait until the process has been reaped.
+
+        **Cancellation:** only this waiter stops waiting; the stop goes on.
+        """
+        await self._dead.wait()
+        assert self.report is not None
+        return self.report
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch the process and send ``Start``; READY comes with the worker's ``Hello``.
+        Runs as a task in the supervisor's TaskGroup; never raises."""
+        try:
+            proc = await self._launcher.spawn(self._on_exit)
+        except LaunchError as exc:
+            self._start_error = StartError(
+                f"could not start a worker for {self.tenant!r}: {exc}", tenant=self.tenant, pid=None
+            )
+            self._on_exit(None)
+            return
+        self.pid = proc.pid
+        self._writer = _PipeWriter(proc.to_worker, self._loop)
+        self._reader_fd = proc.from_worker
+        self._loop.add_reader(proc.from_worker, self._on_readable)
+        self._log = _LogSink(proc.log, self.tenant, proc.pid, self._loop)
+        if self.state is S.STOPPING:  # evicted (or closed) while the launcher worked
+            self._begin_stop(Rung.KILL)
+            return
+        start = msgspec.structs.replace(self._opts.start, tenant=self.tenant)
+        self._writer.write(encode_frame(start))
+        self._timer = self._loop.call_later(self._opts.start_timeout, self._on_start_timeout)
+        log.debug("worker starting", extra={"tenant": self.tenant, "pid": self.pid})
+
+    def _on_start_timeout(self) -> None:
+        self._timer = None
+        if self.state is S.STARTING:
+            self._fail_start(
+                StopReason.START_TIMEOUT,
+                f"did not become ready within {self._opts.start_timeout}s "
+                "(a hang while importing the kernel or in its factory?)",
+            )
+
+    def _fail_start(self, reason: StopReason, why: str, **remote: str | None) -> None:
+        self._start_error = StartError(
+            f"worker for {self.tenant!r} (pid {self.pid}) failed to start: {why}",
+            tenant=self.tenant,
+            pid=self.pid,
+            **remote,
+        )
+        self.stop_reason = reason
+        transition(self, Event.START_FAILED)
+        self._begin_stop(Rung.KILL if reason is not StopReason.START_FAILED else Rung.ASK)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def send_call(self, method: str, payload: bytes, timeout: float | None) -> asyncio.Future[Any]:
+        """Send one call; the returned future resolves exactly once (see module doc).
+
+        The caller must have checked :attr:`is_serving`.
+        """
+        assert self._writer is not None and self.is_serving, self.state
+        call_id = next(self._ids)
+        frame = encode_frame(Call(call_id, method, msgspec.Raw(payload)))
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = self._loop.call_later(timeout, self._on_call_timeout, call_id, timeout)
+        self._inflight[call_id] = _Pending(fut, timer, method)
+        self.last_used = time.monotonic()
+        if self.state is S.READY:
+            transition(self, Event.CALL_SENT)
+            self._listener.worker_busy(self)
+        self._writer.write(frame)
+        return fut
+
+    def _on_call_timeout(self, call_id: int, timeout: float) -> None:
+        pending = self._inflight.pop(call_id, None)
+        if pending is None:
+            return
+        error = CallTimeoutError(
+            f"{self.tenant!r}.{pending.method} did not finish within {timeout}s; "
+            f"its worker (pid {self.pid}) was killed",
+            tenant=self.tenant,
+            pid=self.pid,
+        )
+        _resolve(pending, error=error)
+        self._kill(StopReason.CALL_TIMEOUT, f"a call to {pending.method} ran past {timeout}s")
+
+    def _complete(self, call_id: int) -> _Pending | None:
+        pending = self._inflight.pop(call_id, None)
+        if pending is None:
+            return None
+        if pending.timer is not None:
+            pending.timer.cancel()
+        self.requests += 1
+        self.last_used = time.monotonic()
+        if not self._inflight:
+            if self.state is S.BUSY:
+                transition(self, Event.ALL_REPLIED)
+                self._listener.worker_idle(self)
+            elif self.state is S.DRAINING:
+                transition(self, Event.ALL_REPLIED)
+                self._begin_stop(Rung.ASK)
+        return pending
+
+    # -- reading the worker's pipe -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._reader_fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_eof()
+            return
+        try:
+            msgs = self._decoder.feed(data)
+        except ProtocolViolation as exc:
+            self._protocol_violation(f"sent a malformed frame: {exc}")
+            return
+        for msg in msgs:
+            if (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD:
+                return  # being killed: late messages are of no use to anyone
+            self._on_message(msg)
+
+    def _on_message(self, msg: FromWorker) -> None:
+        if isinstance(msg, Result):
+            pending = self._complete(msg.id)
+            if pending is None:
+                self._protocol_violation(f"replied to unknown call id {msg.id}")
+                return
+            try:
+                value = msgspec.msgpack.decode(msg.value)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                self._protocol_violation(f"sent an undecodable result: {exc}")
+                return
+            _resolve(pending, result=value)
+        elif isinstance(msg, CallFailed):
+            pending = self._complete(msg.id)
+            if pending is None:
+                self._protocol_violation(f"reported failure of unknown call id {msg.id}")
+                return
+            err = msg.error
+            error: Exception
+            if msg.kind == "kernel":
+                error = KernelError(
+                    tenant=self.tenant,
+                    pid=self.pid,
+                    method=pending.method,
+                    remote_type=err.type_name,
+                    remote_message=err.message,
+                    remote_traceback=err.traceback,
+                )
+            else:
+                error = InvalidCallError(f"{self.tenant!r}.{pending.method}: {err.message}")
+            _resolve(pending, error=error)
+        elif isinstance(msg, Hello) and self.state is S.STARTING:
+            if msg.protocol_version != PROTOCOL_VERSION:
+                self._fail_start(
+                    StopReason.START_FAILED,
+                    f"protocol version {msg.protocol_version}, expected {PROTOCOL_VERSION}",
+                )
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            transition(self, Event.HELLO_RECEIVED)
+            self._ready.set_result(None)
+            log.info("worker ready", extra={"tenant": self.tenant, "pid": self.pid})
+            self._listener.worker_idle(self)
+        elif isinstance(msg, StartFailed) and self.state is S.STARTING:
+            e = msg.error
+            self._fail_start(
+                StopReason.START_FAILED,
+                f"the factory raised {e.type_name}: {e.message}",
+                remote_type=e.type_name,
+                remote_traceback=e.traceback,
+            )
+        else:
+            self._protocol_violation(f"sent {type(msg).__name__} while {self.state.value}")
+
+    def _on_eof(self) -> None:
+        self._loop.remove_reader(self._reader_fd)
+        if self.state is S.STOPPING or self.state is S.DEAD:
+            return
+        # Either it is exiting (the warden will report how) or it closed the pipe and lives
+        # on uselessly. Kill it: an exit status that came first is not changed by this.
+        self._eof_killed = True
+        if self.state is S.STARTING:
+            self.stop_reason = StopReason.START_FAILED
+            self._start_error = None
+        log.debug(
+            "worker pipe closed; making sure it is gone",
+            extra={"tenant": self.tenant, "pid": self.pid},
+        )
+        self._kill(None, None)
+
+    def _protocol_violation(self, what: str) -> None:
+        self._detail = what
+        log.warning(
+            "worker protocol violation: %s", what, extra={"tenant": self.tenant, "pid": self.pid}
+        )
+        self._kill(StopReason.PROTOCOL_ERROR, what)
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def evict(self, reason: StopReason) -> None:
+        """Ask the worker to go: stop now if idle or starting, drain first if busy.
+        A no-op if it is already on its way out."""
+        if self.state in (S.STOPPING, S.DEAD, S.DRAINING):
+            return
+        self.stop_reason = reason
+        if self.state is S.BUSY:
+            transition(self, Event.EVICTED)
+            if self._opts.drain_timeout is not None:
+                self._timer = self._loop.call_later(
+                    self._opts.drain_timeout, self._on_drain_timeout
+                )
+            log.info(
+                "worker draining (%s)",
+                reason.value,
+                extra={"tenant": self.tenant, "pid": self.pid, "reason": reason.value},
+            )
+            return
+        was_starting = self.state is S.STARTING
+        transition(self, Event.EVICTED)
+        if was_starting:
+            self._start_error = None
+            if self.pid is None:
+                return  # start() notices STOPPING once the launcher returns
+            self._begin_stop(Rung.KILL)
+        else:
+            self._begin_stop(Rung.ASK)
+
+    def _on_drain_timeout(self) -> None:
+        self._timer = None
+        if self.state is S.DRAINING:
+            transition(self, Event.DEADLINE_PASSED)
+            self._begin_stop(Rung.TERM)
+
+    def _kill(self, reason: StopReason | None, why: str | None) -> None:
+        """Stop at the kill rung (the worker cannot be trusted to stop itself)."""
+        if self.state is S.DEAD:
+            return
+        if self.state is S.STOPPING:
+            if self.pid is not None:
+                self._launcher.signal(self.pid, signal.SIGKILL)
+            return
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = reason
+        if why is not None:
+            log.warning("killing worker: %s", why, extra={"tenant": self.tenant, "pid": self.pid})
+        transition(self, Event.KILL_REQUESTED)
+        self._begin_stop(Rung.KILL)
+
+    def _begin_stop(self, first: Rung) -> None:
+        """Start climbing the termination rungs in a background task (the caller may be
+        cancelled; the stop is not). The first signal is sent synchronously."""
+        self._listener.worker_busy(self)  # not idle, not a victim any more
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stopping is not None or self.pid is None:
+            return
+        if first is Rung.KILL:
+            self._rung = Rung.KILL
+            self._launcher.signal(self.pid, signal.SIGKILL)
+        self._stopping = self._spawn_task(self._climb(first))
+
+    async def _climb(self, first: Rung) -> None:
+        assert self.pid is not None
+        pid = self.pid
+        if first is Rung.ASK:
+            self._rung = Rung.ASK
+            if self._writer is not None:
+                self._writer.write(encode_frame(Shutdown()))
+            if await self._wait_dead(self._opts.shutdown_timeout):
+                return
+            first = Rung.TERM
+        if first is Rung.TERM:
+            self._rung = Rung.TERM
+            self._launcher.signal(pid, signal.SIGTERM)
+            if await self._wait_dead(self._opts.term_timeout):
+                return
+            self._rung = Rung.KILL
+            self._launcher.signal(pid, signal.SIGKILL)
+        if not await self._wait_dead(self._opts.kill_timeout):
+            log.error(
+                "worker still not reaped %.1fs after SIGKILL (uninterruptible sleep?)",
+                self._opts.kill_timeout,
+                extra={"tenant": self.tenant, "pid": pid},
+            )
+            await self._dead.wait()
+
+    async def _wait_dead(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._dead.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- death -------------------------------------------------------------------------------
+
+    def _on_exit(self, returncode: int | None) -> None:
+        """The launcher reaped the process (or lost it). Resolves everything left."""
+        if self.state is S.DEAD:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_fds()
+        was_starting = self.state is S.STARTING or not self._ready.done()
+        reason = self.stop_reason or StopReason.CRASHED
+        self.report = StopReport(reason=reason, rung=self._rung, returncode=returncode)
+        transition(self, Event.PROCESS_EXITED)
+        if returncode is None and self.pid is not None:
+            status = "its warden process died"
+        elif returncode == -signal.SIGKILL and self._eof_killed:
+            status = "it closed its pipe to the supervisor and was killed"
+        elif returncode == 0 and reason is StopReason.CRASHED:
+            status = "exited with code 0 without being asked (sys.exit() in the kernel?)"
+        else:
+            status = describe_exit(returncode)
+        if was_starting and not self._ready.done():
+            error = self._start_error or StartError(
+                f"worker for {self.tenant!r} (pid {self.pid}) "
+                + (
+                    "was stopped before it was ready (" + reason.value + ")"
+                    if reason in (StopReason.EVICTED, StopReason.CLOSED)
+                    else f"exited while starting: {self._detail or status}"
+                ),
+                tenant=self.tenant,
+                pid=self.pid,
+            )
+            self._ready.set_exception(error)
+        inflight, self._inflight = self._inflight, {}
+        for pending in inflight.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
+            _resolve(pending, error=self._death_error(reason, returncode, status, pending.method))
+        level = (
+            logging.INFO
+            if reason not in (StopReason.CRASHED, StopReason.PROTOCOL_ERROR)
+            else logging.WARNING
+        )
+        log.log(
+            level,
+            "worker stopped (%s, %s): %s",
+            reason.value,
+            self._rung.value,
+            status,
+            extra={"tenant": self.tenant, "pid": self.pid, "reason": reason.value},
+        )
+        self._dead.set()
+        self._listener.worker_dead(self, self.report)
+
+    def _death_error(
+        self, reason: StopReason, returncode: int | None, status: str, method: str
+    ) -> WorkerError:
+        where = f"{self.tenant!r}.{method}: worker pid {self.pid}"
+        if reason is StopReason.CRASHED:
+            return WorkerCrashedError(
+                f"{where} died during the call: {status}",
+                tenant=self.tenant,
+                pid=self.pid,
+                exitcode=returncode if returncode is not None and returncode >= 0 else None,
+                signal=-returncode if returncode is not None and returncode < 0 else None,
+            )
+        if reason is StopReason.PROTOCOL_ERROR:
+            return ProtocolError(
+                f"{where} {self._detail}; it was killed", tenant=self.tenant, pid=self.pid
+            )
+        return WorkerStoppedError(
+            f"{where} was stopped while the call was in flight ({reason.value})",
+            tenant=self.tenant,
+            pid=self.pid,
+            reason=reason.value,
+        )
+
+    def _close_fds(self) -> None:
+        if self._reader_fd >= 0:
+            self._loop.remove_reader(self._reader_fd)
+            os.close(self._reader_fd)
+            self._reader_fd = -1
+        if self._writer is not None:
+            self._writer.close()
+        if self._log is not None:
+            # Drain what is already in the pipe so the last words of a crash are logged.
+            self._log._on_readable()
+            self._log.close()
+
+
+def _resolve(pending: _Pending, *, result: Any = None, error: BaseException | None = None) -> None:
+    if pending.future.done():  # the caller was cancelled; nobody is waiting
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    else:
+        pending.future.set_result(result)
+
+
+def _consume_exception(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

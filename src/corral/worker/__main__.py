@@ -1,0 +1,43 @@
+"""``python -m corral.worker``: the child-side entry points.
+
+* ``warden CONTROL_FD HOST_PID`` -- run the forkserver (see ``_warden``).
+* ``worker FD_IN FD_OUT`` -- serve one kernel on two pipe fds (see ``_loop``).
+
+Kept cheap to import: only the ipc package and the loop are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "worker":
+        from corral.worker import _loop
+
+        code = 1
+        try:
+            code = _loop.run_worker(int(args[1]), int(args[2]))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            _loop.exit_process(code)
+    if len(args) == 3 and args[0] == "warden":
+        from corral.worker import _warden
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        _warden.main(int(args[1]), int(args[2]), sys.executable, root)
+    print(
+        "usage: python -m corral.worker (worker FD_IN FD_OUT | warden CONTROL_FD HOST_PID)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

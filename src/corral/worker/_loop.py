@@ -1,0 +1,247 @@
+"""The worker's request loop: read ``Start``, build the kernel, serve ``Call``s.
+
+Runs in the worker process on two fds: ``fd_in`` (supervisor -> worker) and
+``fd_out`` (worker -> supervisor). Everything the kernel raises becomes a
+``CallFailed`` with text only; nothing is pickled. Sync kernel methods run on
+the worker's main thread one at a time, in arrival order; ``async def``
+methods run as tasks, concurrently with each other.
+
+Does not cover: how the process was started or sandboxed (see ``_warden`` and
+``__main__``), or deadlines (the supervisor enforces those by killing us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from corral.ipc import (
+    PROTOCOL_VERSION,
+    Call,
+    CallFailed,
+    ErrorKind,
+    FrameDecoder,
+    Hello,
+    ProtocolViolation,
+    RemoteError,
+    Result,
+    Shutdown,
+    Start,
+    StartFailed,
+    ToWorker,
+    encode_frame,
+)
+from corral.worker._loader import make_kernel
+from corral.worker._os import write_all
+
+_MAX_MESSAGE = 8 * 1024
+_MAX_TRACEBACK = 64 * 1024
+_READ_CHUNK = 256 * 1024
+
+_args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except BaseException:  # a hostile __str__ must not take the loop down
+        text = f"<unprintable {type(exc).__name__}>"
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "...[truncated]"
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    """Describe ``exc`` as bounded text."""
+    cls = type(exc)
+    type_name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException:
+        tb = f"<traceback unavailable for {type_name}>"
+    if len(tb) > _MAX_TRACEBACK:
+        tb = "...[truncated]\n" + tb[-_MAX_TRACEBACK:]
+    return RemoteError(type_name=type_name, message=_safe_str(exc), traceback=tb)
+
+
+def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
+    """Block until the ``Start`` message arrives (nothing else can come first)."""
+    decoder: FrameDecoder[ToWorker] = FrameDecoder(ToWorker)
+    while True:
+        data = os.read(fd_in, _READ_CHUNK)
+        if not data:
+            raise EOFError("supervisor closed the pipe before Start")
+        msgs = decoder.feed(data)
+        if msgs:
+            first = msgs[0]
+            if not isinstance(first, Start) or len(msgs) > 1:
+                raise ProtocolViolation(f"expected only Start first, got {msgs!r}"[:300])
+            return first, decoder
+
+
+class WorkerLoop:
+    """Serves one kernel over one pair of fds until Shutdown or EOF."""
+
+    def __init__(
+        self,
+        kernel: Any,
+        fd_in: int,
+        fd_out: int,
+        decoder: FrameDecoder[ToWorker],
+        max_frame_bytes: int,
+    ) -> None:
+        self._kernel = kernel
+        self._fd_in = fd_in
+        self._fd_out = fd_out
+        self._decoder = decoder
+        self._max_frame = max_frame_bytes
+        self._methods: dict[str, Callable[..., Any] | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Future[int] | None = None
+
+    async def run(self) -> int:
+        """Serve until Shutdown (exit code 0) or EOF on ``fd_in`` (the supervisor is gone)."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        os.set_blocking(self._fd_in, False)
+        loop.add_reader(self._fd_in, self._on_readable)
+        try:
+            return await self._done
+        finally:
+            loop.remove_reader(self._fd_in)
+
+    def _finish(self, code: int) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(code)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd_in, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self._finish(0)  # supervisor gone: nobody can receive results any more
+            return
+        try:
+            msgs = self._decoder.feed(data)
+        except ProtocolViolation as exc:
+            print(f"corral worker: bad frame from supervisor: {exc}", file=sys.stderr)
+            self._finish(2)
+            return
+        for msg in msgs:
+            if isinstance(msg, Call):
+                self._dispatch(msg)
+            elif isinstance(msg, Shutdown):
+                asyncio.get_running_loop().remove_reader(self._fd_in)
+                task = asyncio.get_running_loop().create_task(self._shutdown())
+                self._tasks.add(task)
+                return
+            else:
+                print(f"corral worker: unexpected {type(msg).__name__}", file=sys.stderr)
+                self._finish(2)
+                return
+
+    def _lookup(self, name: str) -> Callable[..., Any] | None:
+        try:
+            return self._methods[name]
+        except KeyError:
+            fn = None
+            if not name.startswith("_"):
+                candidate = getattr(self._kernel, name, None)
+                if callable(candidate):
+                    fn = candidate
+            self._methods[name] = fn
+            return fn
+
+    def _dispatch(self, call: Call) -> None:
+        fn = self._lookup(call.method)
+        if fn is None:
+            why = "private" if call.method.startswith("_") else "not a public method of the kernel"
+            err = AttributeError(f"{call.method!r} is {why}")
+            self._send_failure(call.id, "method", err)
+            return
+        try:
+            args, kwargs = _args_decoder.decode(call.args)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            self._send_failure(call.id, "arguments", exc)
+            return
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:
+            self._send_failure(call.id, "kernel", exc)
+            return
+        if inspect.isawaitable(value):
+            task = asyncio.get_running_loop().create_task(self._await_reply(call.id, value))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._send_result(call.id, value)
+
+    async def _await_reply(self, call_id: int, awaitable: Any) -> None:
+        try:
+            value = await awaitable
+        except Exception as exc:
+            self._send_failure(call_id, "kernel", exc)
+        else:
+            self._send_result(call_id, value)
+
+    def _send_result(self, call_id: int, value: Any) -> None:
+        try:
+            raw = msgspec.Raw(msgspec.msgpack.encode(value))
+            frame = encode_frame(Result(call_id, raw), max_frame_bytes=self._max_frame)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            why = TypeError(f"the result cannot be sent: {_safe_str(exc)}")
+            self._send_failure(call_id, "result", why)
+            return
+        write_all(self._fd_out, frame)
+
+    def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
+        frame = encode_frame(CallFailed(call_id, kind, remote_error(exc)))
+        write_all(self._fd_out, frame)
+
+    async def _shutdown(self) -> None:
+        hook = getattr(self._kernel, "shutdown", None)
+        if callable(hook):
+            try:
+                outcome = hook()
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                traceback.print_exc()
+        self._finish(0)
+
+
+async def _serve(start: Start, fd_in: int, fd_out: int, decoder: FrameDecoder[ToWorker]) -> int:
+    try:
+        kernel = await make_kernel(start)
+    except Exception as exc:
+        write_all(fd_out, encode_frame(StartFailed(remote_error(exc))))
+        return 1
+    write_all(fd_out, encode_frame(Hello(PROTOCOL_VERSION, os.getpid())))
+    return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).run()
+
+
+def run_worker(fd_in: int, fd_out: int) -> int:
+    """Run one worker to completion; returns the process exit code."""
+    try:
+        start, decoder = read_start(fd_in)
+    except (EOFError, ProtocolViolation) as exc:
+        print(f"corral worker: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(start, fd_in, fd_out, decoder))
+
+
+def exit_process(code: int) -> None:
+    """Flush stdio and leave without running interpreter teardown (a kernel's
+    atexit hooks or stuck threads must not keep a stopped worker alive)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(code)

@@ -1,0 +1,285 @@
+"""The warden: corral's own forkserver, the parent and reaper of every worker.
+
+The supervisor starts one warden per ``Supervisor`` with ``subprocess`` (clean
+environment allowlist at exec, only its control socket open, its own session).
+The warden never loads tenant code. On ``SpawnWorker`` it receives three pipe
+fds and either forks (``exec=False``: the child inherits the warden's preloaded
+modules and starts in a few ms) or forks and execs a fresh interpreter
+(``exec=True``). It reports each worker's pid and, after ``waitpid``, its exit
+status; it signals only workers it has not reaped yet, so a reused pid is never
+signalled.
+
+Teardown guarantees (invariant 5): the warden is a child subreaper, so orphaned
+grandchildren come back to it; after a worker exits, its process group and any
+orphans are SIGKILLed and reaped. When the supervisor dies (control socket EOF,
+or the parent-death signal), the warden SIGKILLs every descendant, reaps them
+and exits. Workers also carry a parent-death SIGKILL tied to the warden.
+
+Does not cover: the request protocol (``_loop``) or sandboxing.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from typing import NoReturn
+
+import psutil
+
+from corral.ipc import (
+    PROTOCOL_VERSION,
+    KillWorker,
+    ProtocolViolation,
+    RecordDecoder,
+    SpawnFailed,
+    SpawnWorker,
+    ToWarden,
+    WardenHello,
+    WorkerExited,
+    WorkerSpawned,
+    encode_record,
+)
+from corral.ipc.launch import boot_argv
+from corral.worker import _loop
+from corral.worker._os import set_child_subreaper, set_parent_death_signal
+
+WORKER_FD_IN = 3
+WORKER_FD_OUT = 4
+_RECORD_MAX = 64 * 1024
+_FDS_PER_SPAWN = 3
+
+
+class Warden:
+    def __init__(self, control: socket.socket, python: str, corral_root: str) -> None:
+        self._ctl = control
+        self._python = python
+        self._corral_root = corral_root
+        self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
+        self._workers: set[int] = set()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def serve(self) -> NoReturn:
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        # Handlers only need to exist: the wakeup fd does the work.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._sel.register(self._ctl, selectors.EVENT_READ, "ctl")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._send(WardenHello(PROTOCOL_VERSION, os.getpid()))
+        while True:
+            for key, _ in self._sel.select():
+                if key.data == "ctl":
+                    self._on_control()
+                else:
+                    self._on_wakeup()
+
+    def _on_wakeup(self) -> None:
+        try:
+            signals = os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            signals = b""
+        if signal.SIGTERM in signals:
+            self._teardown("SIGTERM (supervisor gone?)")
+        self._reap()
+
+    def _on_control(self) -> None:
+        fds: list[int] = []
+        try:
+            data, ancdata, _flags, _addr = self._ctl.recvmsg(
+                _RECORD_MAX, socket.CMSG_SPACE(_FDS_PER_SPAWN * 4)
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if not data:
+            self._teardown("supervisor closed the control socket")
+        try:
+            msg = self._decoder.decode(data)
+        except ProtocolViolation as exc:
+            self._teardown(f"bad control record: {exc}")
+        if isinstance(msg, SpawnWorker):
+            self._spawn(msg, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+            self._kill(msg)
+
+    def _send(self, msg: WardenHello | WorkerSpawned | SpawnFailed | WorkerExited) -> None:
+        try:
+            self._ctl.sendall(encode_record(msg))
+        except OSError:
+            self._teardown("supervisor closed the control socket")
+
+    # -- spawning ----------------------------------------------------------------------------
+
+    def _spawn(self, msg: SpawnWorker, fds: list[int]) -> None:
+        if len(fds) != _FDS_PER_SPAWN:
+            for fd in fds:
+                os.close(fd)
+            self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            self._send(SpawnFailed(msg.id, f"fork failed: {exc}"))
+            return
+        if pid == 0:
+            code = 1
+            try:
+                code = self._child(fds, msg.exec)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                _loop.exit_process(code)
+        for fd in fds:
+            os.close(fd)
+        self._workers.add(pid)
+        self._send(WorkerSpawned(msg.id, pid))
+
+    def _child(self, fds: list[int], exec_fresh: bool) -> int:
+        warden_pid = os.getppid()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        set_parent_death_signal(signal.SIGKILL, warden_pid)
+        fd_in, fd_out, fd_log = fds
+        null = os.open(os.devnull, os.O_RDONLY)
+        # Park the fds above the target range first so dup2 cannot clobber one of them.
+        parked = [
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in (null, fd_log, fd_in, fd_out)
+        ]
+        targets = (0, 1, 2, WORKER_FD_IN, WORKER_FD_OUT)
+        sources = (parked[0], parked[1], parked[1], parked[2], parked[3])
+        for target, src in zip(targets, sources, strict=True):
+            os.dup2(src, target, inheritable=exec_fresh)
+        os.closerange(WORKER_FD_OUT + 1, _max_fd())
+        if exec_fresh:
+            argv = boot_argv(
+                self._python, self._corral_root, "worker", str(WORKER_FD_IN), str(WORKER_FD_OUT)
+            )
+            os.execve(self._python, argv, dict(os.environ))
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        return _loop.run_worker(WORKER_FD_IN, WORKER_FD_OUT)
+
+    # -- signals and reaping -----------------------------------------------------------------
+
+    def _kill(self, msg: KillWorker) -> None:
+        if msg.pid not in self._workers:
+            return  # already reaped: its pid may belong to someone else now
+        victims: list[psutil.Process] = []
+        if msg.signal == signal.SIGKILL:
+            try:
+                victims = psutil.Process(msg.pid).children(recursive=True)
+            except psutil.Error:
+                victims = []
+        for kill, target in ((os.killpg, msg.pid), (os.kill, msg.pid)):
+            try:
+                kill(target, msg.signal)
+            except ProcessLookupError:
+                pass
+        for proc in victims:
+            try:
+                proc.send_signal(signal.SIGKILL)  # psutil checks the create time: no reused pid
+            except psutil.Error:
+                pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self._workers:
+                self._workers.discard(pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # whatever the worker left in its group
+                except ProcessLookupError:
+                    pass
+                self._kill_orphans()
+                self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
+
+    def _kill_orphans(self) -> None:
+        """Children that are not workers were reparented to us: a worker's escaped
+        descendants (double fork). Nobody can tell whose they are; they go."""
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid not in self._workers:
+                try:
+                    child.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    pass
+
+    def _teardown(self, why: str) -> NoReturn:
+        try:
+            everyone = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            everyone = []
+        for pid in self._workers:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in everyone:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        # Everything left is SIGKILLed; reap until no child remains (bounded by the kill).
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+        os._exit(0)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
+
+
+def main(control_fd: int, host_pid: int, python: str, corral_root: str) -> NoReturn:
+    """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID``."""
+    set_parent_death_signal(signal.SIGTERM, host_pid)
+    set_child_subreaper()
+    # Preload what every forked worker needs so that a spawn costs a fork, not imports.
+    import asyncio  # noqa: F401
+    import gc
+
+    gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(True)
+    Warden(control, python, corral_root).serve()
