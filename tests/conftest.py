@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test is checked for leftovers: child processes and threads
+that it started must be gone when it ends (waited for with a deadline, then failed)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+_LEAK_DEADLINE = 10.0
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    me = psutil.Process()
+    before_procs = {p.pid for p in me.children(recursive=True)}
+    before_threads = set(threading.enumerate())
+    yield
+    extra = [p for p in me.children(recursive=True) if p.pid not in before_procs]
+    _gone, alive = psutil.wait_procs(extra, timeout=_LEAK_DEADLINE)
+    left = []
+    for proc in alive:
+        try:
+            left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    threads = [t for t in threading.enumerate() if t not in before_threads]
+    for thread in threads:
+        thread.join(_LEAK_DEADLINE)
+    threads = [t.name for t in threads if t.is_alive()]
+    assert not left, f"test left processes behind: {left}"
+    assert not threads, f"test left threads behind: {threads}"

@@ -1,0 +1,484 @@
+"""Supervisor behaviour with real worker processes, real pipes and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+import pytest
+
+import corral
+from corral import Rung, StopReason, Supervisor
+from corral.supervisor.handle import WorkerHandle
+from tests.helpers import pid_gone
+
+K = "tests.kernels:make"
+FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
+    handle = sup._table.peek(tenant)
+    assert handle is not None, f"{tenant} has no worker"
+    return handle
+
+
+async def pid_of(sup: Supervisor, tenant: str) -> int:
+    info = await sup.call(tenant, "whoami")
+    return int(info["pid"])
+
+
+async def wait_pid_gone(pid: int, timeout: float = 5.0) -> None:
+    """Wait (with a deadline) for a process we did not start directly to disappear."""
+    async with asyncio.timeout(timeout):
+        while not pid_gone(pid):
+            await asyncio.sleep(0.02)  # ok-sleep: polling /proc for a non-child with a deadline
+
+
+# -- the basic contract ------------------------------------------------------------------------
+
+
+async def test_call_roundtrip_and_kernel_error_keeps_worker(start_method: str) -> None:
+    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        assert await sup.call("t", "echo", {"a": [1, 2, 3]}) == {"a": [1, 2, 3]}
+        assert await sup.call("t", "add", 2, b=5) == 7
+        assert await sup.call("t", "async_echo", "x", delay=0.0) == "x"
+        pid = await pid_of(sup, "t")
+        with pytest.raises(corral.KernelError) as err:
+            await sup.call("t", "fail", "boom")
+        assert err.value.remote_type == "builtins.ValueError"
+        assert err.value.remote_message == "boom"
+        assert "in fail" in err.value.remote_traceback and "ValueError: boom" in err.value.remote_traceback
+        assert await pid_of(sup, "t") == pid  # the worker stayed up
+        assert "t" in sup and len(sup) == 1 and sup.keys() == ["t"]
+        info = sup.stats().workers[0]
+        assert (info.tenant, info.pid, info.state, info.in_flight) == ("t", pid, "ready", 0)
+        assert info.requests == 6
+    assert pid_gone(pid)
+
+
+async def test_invalid_calls_are_refused_and_the_worker_stays() -> None:
+    async with Supervisor(K, max_frame_bytes=1 << 20, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        with pytest.raises(corral.InvalidCallError, match="public identifier"):
+            await sup.call("t", "_private")
+        with pytest.raises(corral.InvalidCallError, match="not a public method"):
+            await sup.call("t", "no_such_method")
+        with pytest.raises(corral.InvalidCallError, match="cannot be sent"):
+            await sup.call("t", "echo", object())
+        with pytest.raises(corral.InvalidCallError, match="over max_frame_bytes"):
+            await sup.call("t", "echo", b"x" * (2 << 20))
+        with pytest.raises(corral.InvalidCallError, match="result cannot be sent"):
+            await sup.call("t", "unencodable")
+        with pytest.raises(corral.InvalidCallError, match="exceeds the limit"):
+            await sup.call("t", "big", 2 << 20)
+        with pytest.raises(ValueError, match="tenant"):
+            await sup.call("", "echo", 1)
+        assert await pid_of(sup, "t") == pid
+
+
+async def test_many_concurrent_calls_on_one_worker_get_their_own_results() -> None:
+    async with Supervisor(K, **FAST) as sup:
+        values = list(range(200))
+        results = await asyncio.gather(
+            *(sup.call("t", "async_echo", v, delay=0.001 * (v % 7)) for v in values),
+            *(sup.call("t", "echo", -v) for v in values),
+        )
+        assert results == values + [-v for v in values]
+        assert sup.stats().starts == 1
+
+
+# -- invariant 1: single-flight ----------------------------------------------------------------
+
+
+async def test_concurrent_first_calls_share_one_spawn(start_method: str) -> None:
+    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        infos = await asyncio.gather(*(sup.call("t", "whoami") for _ in range(20)))
+        assert len({i["pid"] for i in infos}) == 1
+        assert sup.stats().starts == 1
+
+
+async def test_failed_spawn_fails_every_waiter_with_the_same_error_and_leaves_no_entry() -> None:
+    async with Supervisor("tests.kernels:broken", restart_intensity=100, **FAST) as sup:
+        results = await asyncio.gather(
+            *(sup.call("t", "echo", 1) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, corral.StartError) for r in results)
+        assert len({str(r) for r in results}) == 1
+        err = results[0]
+        assert isinstance(err, corral.StartError)
+        assert err.remote_type == "builtins.RuntimeError"
+        assert "factory refuses t" in str(err)
+        assert err.remote_traceback is not None and "RuntimeError" in err.remote_traceback
+        assert sup.stats().starts == 1
+        assert "t" not in sup and sup.keys() == []
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        ("tests.kernels:hang_on_import", "did not become ready within 1.0s"),
+        ("tests.kernels:exits_in_factory", "exited while starting: exited with code 7"),
+        ("tests.nope:make", "ModuleNotFoundError"),
+    ],
+)
+async def test_start_failures_are_typed_and_leave_nothing(factory: str, expected: str) -> None:
+    async with Supervisor(factory, start_timeout=1.0, term_timeout=0.5, shutdown_timeout=0.5) as sup:
+        with pytest.raises(corral.StartError, match=expected) as err:
+            await sup.call("t", "echo", 1)
+        assert "t" not in sup
+        if err.value.pid is not None:
+            await wait_pid_gone(err.value.pid)
+
+
+async def test_async_and_callable_factories() -> None:
+    async with Supervisor("tests.kernels:async_factory", **FAST) as sup:
+        assert await sup.call("t", "echo", 1) == 1
+    prefix = "closure-"
+
+    def factory(tenant: str) -> Any:
+        from tests.kernels import Kernel
+
+        return Kernel(prefix + tenant)
+
+    async with Supervisor(factory, **FAST) as sup:
+        assert (await sup.call("t", "whoami"))["tenant"] == "closure-t"
+
+
+# -- invariant 7: LRU and idle TTL -------------------------------------------------------------
+
+
+async def test_lru_evicts_the_least_recently_used_idle_worker(start_method: str) -> None:
+    async with Supervisor(K, max_workers=2, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        pid_a = await pid_of(sup, "a")
+        await pid_of(sup, "b")
+        await pid_of(sup, "c")
+        assert sup.keys() == ["b", "c"]
+        assert pid_gone(pid_a)
+        assert sup.stats().stops == {"lru": 1}
+        await sup.call("b", "echo", 1)  # b becomes most recently used
+        await pid_of(sup, "d")
+        assert sup.keys() == ["b", "d"]
+
+
+async def test_idle_ttl_is_enforced_by_the_reaper_without_access() -> None:
+    async with Supervisor(K, idle_ttl=0.3, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        handle = handle_of(sup, "t")
+        async with asyncio.timeout(10):
+            report = await handle.wait_dead()
+        assert report.reason is StopReason.IDLE_TTL
+        assert report.rung is Rung.ASK and report.returncode == 0
+        assert "t" not in sup and pid_gone(pid)
+
+
+async def test_in_flight_call_is_not_cut_by_ttl_and_idle_counts_from_completion() -> None:
+    loop = asyncio.get_running_loop()
+    async with Supervisor(K, idle_ttl=0.3, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        handle = handle_of(sup, "t")
+        # The call outlives the TTL twice over; it must complete on the same worker.
+        assert await sup.call("t", "async_echo", "done", delay=0.8) == "done"
+        finished = loop.time()
+        assert handle.state.value == "ready" and not pid_gone(pid)
+        async with asyncio.timeout(10):
+            report = await handle.wait_dead()
+        assert report.reason is StopReason.IDLE_TTL
+        assert loop.time() - finished >= 0.3
+
+
+async def test_lru_never_cuts_a_busy_worker_the_new_tenant_waits_for_room() -> None:
+    async with Supervisor(K, max_workers=1, pool_timeout=30, **FAST) as sup:
+        held = asyncio.create_task(sup.call("a", "hold", "g"))
+        assert await sup.call("a", "wait_entered", "g") is True
+        started_b = asyncio.create_task(sup.call("b", "echo", "b"))
+        await asyncio.sleep(0)  # ok-sleep: one loop turn so b starts waiting
+        assert not started_b.done() and sup.keys() == ["a"]
+        assert await sup.call("a", "release", "g") is True
+        assert await held == "released g"
+        assert await started_b == "b"
+        assert sup.keys() == ["b"]
+
+
+async def test_no_room_within_pool_timeout_is_a_capacity_error() -> None:
+    async with Supervisor(K, max_workers=1, pool_timeout=0.2, **FAST) as sup:
+        held = asyncio.create_task(sup.call("a", "hold", "g"))
+        await sup.call("a", "wait_entered", "g")
+        with pytest.raises(corral.CapacityError, match="busy"):
+            await sup.call("b", "echo", 1)
+        await sup.call("a", "release", "g")
+        await held
+
+
+async def test_evict_drains_a_busy_worker_then_returns_once_it_is_gone() -> None:
+    async with Supervisor(K, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        handle = handle_of(sup, "t")
+        slow = asyncio.create_task(sup.call("t", "async_echo", "slow", delay=0.5))
+        await asyncio.sleep(0)  # ok-sleep: one loop turn so the call is sent
+        assert handle.state.value == "busy"
+        evicting = asyncio.create_task(sup.evict("t"))
+        await asyncio.sleep(0)  # ok-sleep: one loop turn so the eviction begins
+        assert handle.state.value == "draining"
+        assert await slow == "slow"  # the call in flight completed
+        assert await evicting is True
+        assert pid_gone(pid) and "t" not in sup
+        assert handle.report is not None and handle.report.reason is StopReason.EVICTED
+        assert await sup.evict("t") is False
+
+
+async def test_call_during_stop_waits_and_gets_a_new_worker() -> None:
+    async with Supervisor("tests.kernels:stubborn", shutdown_timeout=0.5, term_timeout=2) as sup:
+        old = await pid_of(sup, "t")
+        evicting = asyncio.create_task(sup.evict("t"))
+        await asyncio.sleep(0)  # ok-sleep: one loop turn so the eviction begins
+        new = await pid_of(sup, "t")  # waits for the old one to be gone: never two at once
+        assert new != old and pid_gone(old)
+        assert await evicting is True
+
+
+# -- invariants 2, 10: crashes, timeouts, protocol violations ----------------------------------
+
+
+async def test_crash_fails_only_that_tenants_calls_and_the_next_call_respawns(start_method: str) -> None:
+    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        pid = await pid_of(sup, "t")
+        other = await pid_of(sup, "other")
+        held = asyncio.create_task(sup.call("t", "hold", "g"))
+        await sup.call("t", "wait_entered", "g")
+        with pytest.raises(corral.WorkerCrashedError) as err:
+            await sup.call("t", "crash", 3)
+        assert err.value.exitcode == 3 and err.value.signal is None
+        assert "exited with code 3" in str(err.value)
+        with pytest.raises(corral.WorkerCrashedError):
+            await held
+        assert await pid_of(sup, "other") == other
+        assert await pid_of(sup, "t") != pid
+        assert sup.stats().stops == {"crashed": 1}
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "exitcode", "signum"),
+    [
+        ("kill_self", (signal.SIGKILL,), None, signal.SIGKILL),
+        ("kill_self", (signal.SIGSEGV,), None, signal.SIGSEGV),
+        ("exit_cleanly", (), 0, None),
+    ],
+)
+async def test_death_is_reported_with_exit_code_or_signal(
+    method: str, args: tuple[int, ...], exitcode: int | None, signum: int | None
+) -> None:
+    async with Supervisor(K, **FAST) as sup:
+        with pytest.raises(corral.WorkerCrashedError) as err:
+            await sup.call("t", method, *args)
+        assert (err.value.exitcode, err.value.signal) == (exitcode, signum)
+
+
+async def test_timeout_kills_the_worker_while_other_tenants_carry_on(start_method: str) -> None:
+    async with Supervisor(K, call_timeout=0.5, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        pid = await pid_of(sup, "t")
+        spinning = asyncio.create_task(sup.call("t", "spin"))
+        for i in range(5):
+            assert await sup.call("other", "echo", i) == i
+        with pytest.raises(corral.CallTimeoutError) as err:
+            await spinning
+        assert isinstance(err.value, TimeoutError)
+        await wait_pid_gone(pid)
+        assert await pid_of(sup, "t") != pid
+        assert sup.stats().stops == {"call_timeout": 1}
+
+
+async def test_per_call_timeout_overrides_the_default() -> None:
+    async with Supervisor(K, call_timeout=None, **FAST) as sup:
+        with pytest.raises(corral.CallTimeoutError):
+            await sup.invoke("t", "spin", (), timeout=0.3)
+        assert await sup.invoke("t", "add", (1, 2), timeout=None) == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "match"),
+    [
+        ("garbage", (), "malformed frame"),
+        ("oversize", (2 << 20,), "outside 1..1048576"),
+        ("unknown_reply", (), "unknown call id"),
+    ],
+)
+async def test_protocol_violations_kill_the_worker(method: str, args: tuple[int, ...], match: str) -> None:
+    async with Supervisor(K, max_frame_bytes=1 << 20, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        with pytest.raises(corral.ProtocolError, match=match):
+            await sup.invoke("t", method, args, timeout=10)
+        await wait_pid_gone(pid)
+        assert await pid_of(sup, "t") != pid
+        assert sup.stats().stops == {"protocol_error": 1}
+
+
+async def test_a_worker_that_closes_its_pipe_is_killed() -> None:
+    async with Supervisor(K, **FAST) as sup:
+        with pytest.raises(corral.WorkerCrashedError, match="closed its pipe"):
+            await sup.invoke("t", "close_pipe", timeout=10)
+
+
+async def test_a_cancelled_caller_abandons_the_call_but_not_the_worker() -> None:
+    async with Supervisor(K, **FAST) as sup:
+        pid = await pid_of(sup, "t")
+        held = asyncio.create_task(sup.call("t", "hold", "g"))
+        await sup.call("t", "wait_entered", "g")
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        handle = handle_of(sup, "t")
+        assert handle.in_flight == 1  # the worker still runs it
+        await sup.call("t", "release", "g")
+        # The released call finishes in the worker's next loop turn, before it reads this one.
+        await sup.call("t", "echo", 1)
+        assert handle.in_flight == 0 and handle.state.value == "ready"
+        assert await pid_of(sup, "t") == pid
+
+
+# -- invariants 5, 6: termination escalates and nothing is left behind -------------------------
+
+
+async def test_graceful_stop_runs_the_shutdown_hook(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="corral")
+    async with Supervisor(K, **FAST) as sup:
+        await pid_of(sup, "t")
+        handle = handle_of(sup, "t")
+        assert await sup.evict("t") is True
+        assert handle.report is not None
+        assert (handle.report.rung, handle.report.returncode) == (Rung.ASK, 0)
+    records = [r for r in caplog.records if r.name == "corral.worker"]
+    assert any("shutdown hook ran for t" in r.getMessage() for r in records)
+    assert all(getattr(r, "tenant", None) == "t" for r in records)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "rung", "returncode"),
+    [("hangs", Rung.TERM, -signal.SIGTERM), ("ignore-term", Rung.KILL, -signal.SIGKILL)],
+)
+async def test_termination_escalates(tenant: str, rung: Rung, returncode: int) -> None:
+    async with Supervisor("tests.kernels:stubborn", shutdown_timeout=0.3, term_timeout=0.3) as sup:
+        pid = await pid_of(sup, tenant)
+        handle = handle_of(sup, tenant)
+        assert await sup.evict(tenant) is True
+        assert handle.report is not None
+        assert (handle.report.rung, handle.report.returncode) == (rung, returncode)
+        assert pid_gone(pid)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("how", ["evict", "crash", "close"])
+async def test_a_workers_own_children_are_reaped(detach: bool, how: str) -> None:
+    async with Supervisor(K, **FAST) as sup:
+        child = await sup.call("t", "start_child", detach)
+        assert not pid_gone(child)
+        if how == "evict":
+            await sup.evict("t")
+        elif how == "crash":
+            with pytest.raises(corral.WorkerCrashedError):
+                await sup.call("t", "crash")
+        else:
+            await sup.aclose()
+        await wait_pid_gone(child)
+
+
+async def test_close_drains_then_stops_and_refuses_new_calls() -> None:
+    sup = Supervisor(K, drain_timeout=0.3, **FAST)
+    with pytest.raises(corral.SupervisorClosedError, match="not running"):
+        await sup.call("t", "echo", 1)
+    await sup.start()
+    pid = await pid_of(sup, "t")
+    held = asyncio.create_task(sup.call("t", "hold", "never"))
+    await sup.call("t", "wait_entered", "never")
+    await sup.aclose()
+    with pytest.raises(corral.WorkerStoppedError) as err:
+        await held
+    assert err.value.reason == "closed"
+    assert pid_gone(pid)
+    with pytest.raises(corral.SupervisorClosedError):
+        await sup.call("t", "echo", 1)
+    await sup.aclose()  # idempotent
+
+
+# -- invariant 8: a clean process ---------------------------------------------------------------
+
+
+async def test_worker_environment_is_an_allowlist_set_at_exec(
+    start_method: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("CORRAL_TEST_SECRET", "hunter2")
+    marker = open(tmp_path / "host-secret-file", "w")  # noqa: SIM115
+    os.set_inheritable(marker.fileno(), True)
+    try:
+        async with Supervisor(
+            K, start_method=start_method, env={"EXTRA": "1"}, **FAST  # type: ignore[arg-type]
+        ) as sup:
+            env = await sup.call("t", "env")
+            assert "CORRAL_TEST_SECRET" not in env
+            assert env["EXTRA"] == "1"
+            assert set(env) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "EXTRA"}
+            fds = await sup.call("t", "open_fds")
+            assert fds[:5] == [0, 1, 2, 3, 4]
+            info = await sup.call("t", "whoami")
+            links = []
+            for fd in fds:
+                try:
+                    links.append(os.readlink(f"/proc/{info['pid']}/fd/{fd}"))
+                except OSError:
+                    pass
+            assert not any("host-secret-file" in link for link in links)
+            assert info["ppid"] != os.getpid()  # started by the warden, never forked from us
+    finally:
+        marker.close()
+
+
+# -- invariant 13: crash loops back off ---------------------------------------------------------
+
+
+async def test_a_crash_looping_tenant_is_refused_fast_with_retry_after() -> None:
+    async with Supervisor(
+        "tests.kernels:broken", restart_intensity=2, restart_period=60, backoff_base=30, **FAST
+    ) as sup:
+        for _ in range(3):
+            with pytest.raises(corral.StartError):
+                await sup.call("t", "echo", 1)
+        with pytest.raises(corral.BackoffError) as err:
+            await sup.call("t", "echo", 1)
+        assert 0 < err.value.retry_after <= 30
+        assert "start_failed" in err.value.last_error
+        assert sup.stats().starts == 3 and sup.stats().tenants_in_backoff == 1
+        with pytest.raises(corral.StartError):  # other tenants are not affected
+            await sup.call("u", "echo", 1)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_workers": 0}, "max_workers"),
+        ({"idle_ttl": -1}, "idle_ttl"),
+        ({"call_timeout": 0}, "call_timeout"),
+        ({"start_method": "fork"}, "never forked"),
+        ({"max_frame_bytes": 10}, "max_frame_bytes"),
+        ({"restart_intensity": -1}, "restart_intensity"),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Supervisor(K, **kwargs)
+
+
+def test_bad_factories_are_rejected() -> None:
+    with pytest.raises(ValueError, match="package.module:callable"):
+        Supervisor("not a factory")
+    with pytest.raises(TypeError, match="import string or a callable"):
+        Supervisor(42)  # type: ignore[arg-type]
