@@ -92,7 +92,8 @@ class Kernel:
             code = (
                 "import os, subprocess, sys;"
                 "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'],"
-                " start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid, flush=True)"
+                " start_new_session=True, stdout=subprocess.DEVNULL,"
+                " stderr=subprocess.DEVNULL); print(p.pid, flush=True)"
             )
             out = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, check=True

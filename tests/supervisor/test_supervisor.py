@@ -13,7 +13,7 @@ import pytest
 import corral
 from corral import Rung, StopReason, Supervisor
 from corral.supervisor.handle import WorkerHandle
-from tests.helpers import pid_gone
+from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"
 FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
@@ -35,13 +35,6 @@ async def pid_of(sup: Supervisor, tenant: str) -> int:
     return int(info["pid"])
 
 
-async def wait_pid_gone(pid: int, timeout: float = 5.0) -> None:
-    """Wait (with a deadline) for a process we did not start directly to disappear."""
-    async with asyncio.timeout(timeout):
-        while not pid_gone(pid):
-            await asyncio.sleep(0.02)  # ok-sleep: polling /proc for a non-child with a deadline
-
-
 # -- the basic contract ------------------------------------------------------------------------
 
 
@@ -55,7 +48,10 @@ async def test_call_roundtrip_and_kernel_error_keeps_worker(start_method: str) -
             await sup.call("t", "fail", "boom")
         assert err.value.remote_type == "builtins.ValueError"
         assert err.value.remote_message == "boom"
-        assert "in fail" in err.value.remote_traceback and "ValueError: boom" in err.value.remote_traceback
+        assert (
+            "in fail" in err.value.remote_traceback
+            and "ValueError: boom" in err.value.remote_traceback
+        )
         assert await pid_of(sup, "t") == pid  # the worker stayed up
         assert "t" in sup and len(sup) == 1 and sup.keys() == ["t"]
         info = sup.stats().workers[0]
@@ -130,7 +126,9 @@ async def test_failed_spawn_fails_every_waiter_with_the_same_error_and_leaves_no
     ],
 )
 async def test_start_failures_are_typed_and_leave_nothing(factory: str, expected: str) -> None:
-    async with Supervisor(factory, start_timeout=1.0, term_timeout=0.5, shutdown_timeout=0.5) as sup:
+    async with Supervisor(
+        factory, start_timeout=1.0, term_timeout=0.5, shutdown_timeout=0.5
+    ) as sup:
         with pytest.raises(corral.StartError, match=expected) as err:
             await sup.call("t", "echo", 1)
         assert "t" not in sup
@@ -247,7 +245,9 @@ async def test_call_during_stop_waits_and_gets_a_new_worker() -> None:
 # -- invariants 2, 10: crashes, timeouts, protocol violations ----------------------------------
 
 
-async def test_crash_fails_only_that_tenants_calls_and_the_next_call_respawns(start_method: str) -> None:
+async def test_crash_fails_only_that_tenants_calls_and_the_next_call_respawns(
+    start_method: str,
+) -> None:
     async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
         pid = await pid_of(sup, "t")
         other = await pid_of(sup, "other")
@@ -310,7 +310,9 @@ async def test_per_call_timeout_overrides_the_default() -> None:
         ("unknown_reply", (), "unknown call id"),
     ],
 )
-async def test_protocol_violations_kill_the_worker(method: str, args: tuple[int, ...], match: str) -> None:
+async def test_protocol_violations_kill_the_worker(
+    method: str, args: tuple[int, ...], match: str
+) -> None:
     async with Supervisor(K, max_frame_bytes=1 << 20, **FAST) as sup:
         pid = await pid_of(sup, "t")
         with pytest.raises(corral.ProtocolError, match=match):
@@ -414,11 +416,14 @@ async def test_worker_environment_is_an_allowlist_set_at_exec(
     start_method: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     monkeypatch.setenv("CORRAL_TEST_SECRET", "hunter2")
-    marker = open(tmp_path / "host-secret-file", "w")  # noqa: SIM115
-    os.set_inheritable(marker.fileno(), True)
+    marker = os.open(tmp_path / "host-secret-file", os.O_WRONLY | os.O_CREAT)
+    os.set_inheritable(marker, True)
     try:
         async with Supervisor(
-            K, start_method=start_method, env={"EXTRA": "1"}, **FAST  # type: ignore[arg-type]
+            K,
+            start_method=start_method,
+            env={"EXTRA": "1"},
+            **FAST,  # type: ignore[arg-type]
         ) as sup:
             env = await sup.call("t", "env")
             assert "CORRAL_TEST_SECRET" not in env
@@ -436,7 +441,7 @@ async def test_worker_environment_is_an_allowlist_set_at_exec(
             assert not any("host-secret-file" in link for link in links)
             assert info["ppid"] != os.getpid()  # started by the warden, never forked from us
     finally:
-        marker.close()
+        os.close(marker)
 
 
 # -- invariant 13: crash loops back off ---------------------------------------------------------
@@ -478,7 +483,7 @@ def test_bad_configuration_is_rejected(kwargs: dict[str, Any], match: str) -> No
 
 
 def test_bad_factories_are_rejected() -> None:
-    with pytest.raises(ValueError, match="package.module:callable"):
+    with pytest.raises(ValueError, match=r"package\.module:callable"):
         Supervisor("not a factory")
     with pytest.raises(TypeError, match="import string or a callable"):
         Supervisor(42)  # type: ignore[arg-type]

@@ -98,8 +98,11 @@ class FrameDecoder(Generic[M]):
             raise self._poisoned
         out: list[M] = []
         buf = self._buf
-        if not buf:
-            # Fast path: decode whole frames straight out of ``data``.
+        if not buf and self._need < 0:
+            # Fast path: decode whole frames straight out of ``data``. Decoded Raw payloads
+            # point into it, so it must be immutable.
+            if not isinstance(data, bytes):
+                data = bytes(data)
             view = memoryview(data)
             pos, end = 0, len(view)
             while end - pos >= HEADER_BYTES:

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
+class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
@@ -78,7 +78,7 @@ ToWorker = Start | Call | Shutdown
 # --- worker channel: worker -> supervisor (untrusted) -------------------------------------
 
 
-class RemoteError(msgspec.Struct, frozen=True, array_like=True):
+class RemoteError(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """An exception raised in the worker, as text only."""
 
     type_name: str

@@ -30,10 +30,11 @@ class BackoffPolicy:
 
 
 class _TenantRecord:
-    __slots__ = ("failures", "last_error", "level", "until")
+    __slots__ = ("failures", "last_error", "last_failure", "level", "until")
 
     def __init__(self) -> None:
-        self.failures: deque[float] = deque()
+        self.failures: deque[float] = deque()  # failure times inside the current period
+        self.last_failure = 0.0
         self.level = 0
         self.until = 0.0
         self.last_error = ""
@@ -55,6 +56,7 @@ class RestartTracker:
         now = self._clock()
         rec = self._records.setdefault(tenant, _TenantRecord())
         rec.last_error = description
+        rec.last_failure = now
         rec.failures.append(now)
         while rec.failures and rec.failures[0] <= now - self._policy.period:
             rec.failures.popleft()
@@ -92,7 +94,7 @@ class RestartTracker:
         stale = [
             t
             for t, r in self._records.items()
-            if r.until <= now and (not r.failures or r.failures[-1] <= now - self._policy.period)
+            if r.until <= now and r.last_failure <= now - self._policy.period
         ]
         for tenant in stale:
             del self._records[tenant]

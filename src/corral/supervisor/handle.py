@@ -613,12 +613,16 @@ class WorkerHandle:
         self._close_fds()
         was_starting = self.state is S.STARTING or not self._ready.done()
         reason = self.stop_reason or StopReason.CRASHED
+        if reason is StopReason.CRASHED and returncode != -signal.SIGKILL:
+            self._rung = Rung.NONE  # it went by itself; a kill we sent after its EOF did nothing
         self.report = StopReport(reason=reason, rung=self._rung, returncode=returncode)
         transition(self, Event.PROCESS_EXITED)
         if returncode is None and self.pid is not None:
             status = "its warden process died"
         elif returncode == -signal.SIGKILL and self._eof_killed:
             status = "it closed its pipe to the supervisor and was killed"
+        elif reason is not StopReason.CRASHED and returncode in (-signal.SIGTERM, -signal.SIGKILL):
+            status = f"{describe_exit(returncode).split(' (')[0]} sent by corral ({reason.value})"
         elif returncode == 0 and reason is StopReason.CRASHED:
             status = "exited with code 0 without being asked (sys.exit() in the kernel?)"
         else:
