@@ -31,3 +31,34 @@ async def wait_pid_gone(pid: int, timeout: float = 5.0) -> None:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def wait_pids_exit(pids: list[int], timeout: float) -> list[int]:
+    """Block until every pid has exited (zombies count as exited) or ``timeout`` passes;
+    return those still running. Uses pidfds, so it works for processes that are not ours."""
+    import select
+    import time
+
+    fds: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = dict(fds)
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd, _event in poller.poll(left * 1000):
+                poller.unregister(fd)
+                pending.pop(fd, None)
+        return sorted(pending.values())
+    finally:
+        for fd in fds:
+            os.close(fd)

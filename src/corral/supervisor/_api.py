@@ -431,17 +431,7 @@ class Supervisor:
                 if handle.is_serving:
                     return handle
                 if handle.state is WorkerState.STARTING:
-                    try:
-                        await handle.wait_ready()
-                    except WorkerStoppedError:
-                        self._check_open()
-                        raise
-                    except Exception as exc:
-                        if self._state is not _State.RUNNING:
-                            raise SupervisorClosedError(
-                                "supervisor closed while the worker started"
-                            ) from exc
-                        raise
+                    await self._wait_ready(handle)
                     continue
                 await handle.wait_dead()  # the old worker is on its way out: never overlap
                 continue
@@ -482,18 +472,32 @@ class Supervisor:
         self._table.add(tenant, handle)
         self._starts += 1
         tg.create_task(handle.start(), name=f"corral-start-{tenant}")
+        await self._wait_ready(handle)
+        return handle
+
+    async def _wait_ready(self, handle: WorkerHandle) -> None:
+        """Wait for a starting worker. While anyone waits, it is pinned: not idle, so not an
+        LRU victim before its first caller has had a chance to use it."""
+        handle.waiters += 1
         try:
             await handle.wait_ready()
+        except WorkerStoppedError:
+            self._check_open()
+            raise
         except Exception as exc:
             if self._state is not _State.RUNNING:
                 raise SupervisorClosedError("supervisor closed while the worker started") from exc
             raise
-        return handle
+        finally:
+            handle.waiters -= 1
+            if handle.waiters == 0 and handle.state is WorkerState.READY and not handle.in_flight:
+                # Nobody ended up calling it (cancelled, or get_or_create): idle from now.
+                self.worker_idle(handle)
 
     # -- HandleListener ----------------------------------------------------------------------
 
     def worker_idle(self, handle: WorkerHandle) -> None:
-        if self._table.peek(handle.tenant) is handle:
+        if handle.waiters == 0 and self._table.peek(handle.tenant) is handle:
             self._table.mark_idle(handle.tenant)
             self._notify_room()
             # Only a first idle entry can bring the next expiry forward; later ones expire later.

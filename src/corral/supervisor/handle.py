@@ -239,6 +239,7 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.last_used = self.started_at
         self.stop_reason: StopReason | None = None
+        self.waiters = 0  # callers waiting for READY; the supervisor pins the worker meanwhile
         self.report: StopReport | None = None
         self._launcher = launcher
         self._listener = listener
