@@ -3,11 +3,13 @@ that it started must be gone when it ends (waited for with a deadline, then fail
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import psutil
 import pytest
+import pytest_asyncio
 
 _LEAK_DEADLINE = 10.0
 
@@ -34,3 +36,12 @@ def no_leftovers() -> Iterator[None]:
     threads = [t.name for t in threads if t.is_alive()]
     assert not left, f"test left processes behind: {left}"
     assert not threads, f"test left threads behind: {threads}"
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def no_pending_tasks() -> AsyncIterator[None]:
+    """A test (and the supervisors it closed) must leave no task running on its loop."""
+    yield
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    assert not pending, f"test left tasks running: {pending}"

@@ -38,7 +38,7 @@ class Kernel:
 
     async def async_echo(self, value: Any, delay: float = 0.0) -> Any:
         if delay:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # ok-sleep: kernel workload, not synchronisation
         return value
 
     async def hold(self, name: str) -> str:
@@ -87,11 +87,11 @@ class Kernel:
 
     def start_child(self, detach: bool = False) -> int:
         """Start a long-lived grandchild; with ``detach`` it double-forks into its own session."""
-        code = "import time; time.sleep(3600)"
+        code = "import time; time.sleep(3600)"  # ok-sleep: kernel workload, not synchronisation
         if detach:
             code = (
                 "import os, subprocess, sys;"
-                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'],"
+                f"p = subprocess.Popen([sys.executable, '-c', {code!r}],"
                 " start_new_session=True, stdout=subprocess.DEVNULL,"
                 " stderr=subprocess.DEVNULL); print(p.pid, flush=True)"
             )
@@ -164,7 +164,7 @@ def hang_on_import(tenant: str) -> Kernel:
 
 
 async def async_factory(tenant: str) -> Kernel:
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # ok-sleep: kernel workload, not synchronisation
     return Kernel(tenant)
 
 
