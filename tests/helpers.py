@@ -62,3 +62,16 @@ def wait_pids_exit(pids: list[int], timeout: float) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -8,17 +8,7 @@ import pytest
 
 from corral.errors import describe_exit
 from corral.supervisor.backoff import BackoffPolicy, RestartTracker
-
-
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers import FakeClock
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,15 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) == 3 and args[0] == "worker":
         from corral.worker import _loop
 
-        code = 1
-        try:
-            code = _loop.run_worker(int(args[1]), int(args[2]))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            _loop.exit_process(code)
+        fd_in, fd_out = int(args[1]), int(args[2])
+        _loop.run_and_exit(lambda: _loop.run_worker(fd_in, fd_out))
     if len(args) == 3 and args[0] == "warden":
         from corral.worker import _warden
 

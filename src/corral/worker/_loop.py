@@ -18,7 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -236,7 +236,21 @@ def run_worker(fd_in: int, fd_out: int) -> int:
     return asyncio.run(_serve(start, fd_in, fd_out, decoder))
 
 
-def exit_process(code: int) -> None:
+def run_and_exit(body: Callable[[], int]) -> NoReturn:
+    """Run a worker-process body and leave with its exit code, whatever it raised
+    (``sys.exit`` keeps its code; anything else is printed and exits 1)."""
+    code = 1
+    try:
+        code = body()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        exit_process(code)
+
+
+def exit_process(code: int) -> NoReturn:
     """Flush stdio and leave without running interpreter teardown (a kernel's
     atexit hooks or stuck threads must not keep a stopped worker alive)."""
     for stream in (sys.stdout, sys.stderr):

@@ -27,7 +27,6 @@ import selectors
 import signal
 import socket
 import sys
-import traceback
 from typing import NoReturn
 
 import psutil
@@ -144,15 +143,7 @@ class Warden:
             self._send(SpawnFailed(msg.id, f"fork failed: {exc}"))
             return
         if pid == 0:
-            code = 1
-            try:
-                code = self._child(fds, msg.exec)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                _loop.exit_process(code)
+            _loop.run_and_exit(lambda: self._child(fds, msg.exec))
         for fd in fds:
             os.close(fd)
         self._workers.add(pid)
