@@ -10,7 +10,7 @@ from tests.helpers import FakeClock
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 def make_table(
