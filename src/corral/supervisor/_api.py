@@ -34,7 +34,6 @@ from corral.errors import (
     CapacityError,
     InvalidCallError,
     SupervisorClosedError,
-    WorkerStoppedError,
 )
 from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
 from corral.supervisor.backoff import BackoffPolicy, RestartTracker
@@ -63,6 +62,7 @@ _FAILURES = frozenset(
         StopReason.PIPE_CLOSED,
     }
 )
+_SWEEP_MAX_WAIT = 30.0  # the sweeper also prunes backoff records; it wakes at least this often
 _FRAME_OVERHEAD = 64  # bytes of Call envelope around the encoded arguments, generously
 
 Factory = str | Callable[[str], Any]
@@ -205,7 +205,8 @@ class Supervisor:
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner: asyncio.Event | None = None
         self._room: asyncio.Event | None = None  # set (then replaced) when a slot may have freed
-        self._idle_changed: asyncio.Event | None = None
+        self._idle_changed: asyncio.Event | None = None  # wakes the TTL sweeper early
+        self._sweep_due = 0.0  # monotonic time the sweeper will next look (0: awake)
         self._closed: asyncio.Event | None = None
         self._closing: asyncio.Task[None] | None = None
         self._starts = 0
@@ -481,9 +482,6 @@ class Supervisor:
         handle.waiters += 1
         try:
             await handle.wait_ready()
-        except WorkerStoppedError:
-            self._check_open()
-            raise
         except Exception as exc:
             if self._state is not _State.RUNNING:
                 raise SupervisorClosedError("supervisor closed while the worker started") from exc
@@ -500,8 +498,10 @@ class Supervisor:
         if handle.waiters == 0 and self._table.peek(handle.tenant) is handle:
             self._table.mark_idle(handle.tenant)
             self._notify_room()
-            # Only a first idle entry can bring the next expiry forward; later ones expire later.
-            if self._idle_changed is not None and self._table.idle_count() == 1:
+            # Wake the sweeper only if this brings its next deadline forward (rarely: later
+            # idle entries expire later), not on every call completion.
+            due = self._table.next_expiry()
+            if self._idle_changed is not None and due is not None and due < self._sweep_due:
                 self._idle_changed.set()
 
     def worker_busy(self, handle: WorkerHandle) -> None:
@@ -542,9 +542,12 @@ class Supervisor:
                     handle.evict(StopReason.IDLE_TTL)
             self._restarts.prune()
             due = self._table.next_expiry()
-            wait = 30.0 if due is None else max(0.0, due - self._clock())
+            now = self._clock()
+            self._sweep_due = (
+                now + _SWEEP_MAX_WAIT if due is None else min(due, now + _SWEEP_MAX_WAIT)
+            )
             try:
-                async with asyncio.timeout(min(wait, 30.0)):
+                async with asyncio.timeout(max(0.0, self._sweep_due - now)):
                     await self._idle_changed.wait()
             except TimeoutError:
                 pass

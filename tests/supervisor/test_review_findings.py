@@ -1,0 +1,589 @@
+"""Review findings: each xfail test demonstrates a bug (strict: it must keep failing until
+fixed); unmarked tests pin down tricky paths that work. Real processes throughout.
+
+Kernels used here live in this module (workers import it by name)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+import msgspec
+import psutil
+import pytest
+
+import corral
+from corral import Supervisor
+from corral.supervisor.handle import WorkerHandle
+from tests.helpers import pid_gone, wait_pid_gone
+from tests.kernels import Kernel
+
+HERE = "tests.supervisor.test_review_findings"
+K = "tests.kernels:make"
+EVIL = f"{HERE}:make_evil"
+FAST: dict[str, Any] = {
+    "shutdown_timeout": 2.0,
+    "term_timeout": 1.0,
+    "start_timeout": 20.0,
+    "drain_timeout": 0.5,
+}
+
+
+# -- kernels (run in the worker) ---------------------------------------------------------------
+
+
+class EvilKernel(Kernel):
+    def bad_result(self, call_id: int) -> str:
+        """Reply to our own call with a Result whose envelope is valid msgpack but whose
+        value is a str with invalid UTF-8; then let the loop send the real reply too."""
+        from corral.ipc import Result, encode_frame
+
+        os.write(4, bytes(encode_frame(Result(call_id, msgspec.Raw(b"\xa1\xff")))))
+        return "real"
+
+    def fail_surrogate(self) -> None:
+        # e.g. an OSError about a filename that os.listdir() surrogate-escaped
+        raise ValueError("no such file: b\udcffd.txt")
+
+    async def async_fail_surrogate(self) -> None:
+        raise ValueError("no such file: b\udcffd.txt")
+
+    async def raise_cancelled(self) -> None:
+        raise asyncio.CancelledError
+
+    def raise_cancelled_sync(self) -> None:
+        raise asyncio.CancelledError
+
+    @property
+    def status(self) -> Any:
+        raise RuntimeError("a property that fails when looked up")
+
+    def close_requests(self) -> bool:
+        os.close(3)  # the request pipe; fd 4 (replies) stays open, the process lives on
+        return True
+
+
+def make_evil(tenant: str) -> EvilKernel:
+    return EvilKernel(tenant)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
+    handle = sup._table.peek(tenant)
+    assert handle is not None, f"{tenant} has no worker"
+    return handle
+
+
+async def pid_of(sup: Supervisor, tenant: str) -> int:
+    return int((await sup.call(tenant, "whoami"))["pid"])
+
+
+# -- (a)/(d): a reply the supervisor cannot decode is never resolved ---------------------------
+
+
+@pytest.mark.xfail(
+    reason="BUG: Result value with invalid UTF-8 raises UnicodeDecodeError (not caught in "
+    "handle._on_message) after _complete() popped the call: the caller hangs forever, its "
+    "timeout timer is cancelled, and the worker is not killed",
+    strict=True,
+)
+async def test_undecodable_result_value_resolves_the_call_with_a_protocol_error() -> None:
+    async with Supervisor(EVIL, **FAST) as sup:
+        handle: WorkerHandle | None = None
+        try:
+            async with asyncio.timeout(5):
+                # The first call on a fresh worker has id 1.
+                call = asyncio.create_task(sup.invoke("t", "bad_result", (1,), timeout=2.0))
+                with pytest.raises(corral.ProtocolError):
+                    await call
+        finally:
+            handle = sup._table.peek("t")
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+            if handle is not None and handle.pid is not None:
+                # leave nothing behind even while the bug is present
+                os.kill(handle.pid, signal.SIGKILL)
+
+
+# -- (a): the worker loop drops a call without replying ------------------------------------------
+
+
+async def _expect_within(coro: Any, seconds: float) -> Any:
+    """Run ``coro`` as a task; cancel it (and wait) if it does not finish in time."""
+    task = asyncio.ensure_future(coro)
+    try:
+        async with asyncio.timeout(seconds):
+            return await asyncio.shield(task)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+@pytest.mark.xfail(
+    reason="BUG: worker/_loop._send_failure encodes the kernel's message/traceback as-is; "
+    "a lone surrogate makes encode_frame raise UnicodeEncodeError inside the reader "
+    "callback, no reply is ever sent: the call hangs (timeout=None) or, with a timeout, "
+    "the healthy worker is killed and the caller gets CallTimeoutError",
+    strict=True,
+)
+@pytest.mark.parametrize("method", ["fail_surrogate", "async_fail_surrogate"])
+async def test_kernel_error_with_a_surrogate_in_its_message_is_reported(method: str) -> None:
+    async with Supervisor(EVIL, **FAST) as sup:
+        with pytest.raises(corral.KernelError):
+            await _expect_within(sup.invoke("t", method, timeout=None), 5)
+
+
+@pytest.mark.xfail(
+    reason="BUG: worker/_loop: _await_reply/_dispatch catch Exception only and _lookup's "
+    "getattr() is unguarded: a CancelledError from the kernel (async or sync) or a property "
+    "that raises on lookup escapes without a reply (a sync escape also drops the rest of the "
+    "read batch): the call hangs (timeout=None) or its healthy worker is killed at the timeout",
+    strict=True,
+)
+@pytest.mark.parametrize("method", ["raise_cancelled", "raise_cancelled_sync", "status"])
+async def test_the_worker_replies_to_every_call(method: str) -> None:
+    async with Supervisor(EVIL, **FAST) as sup:
+        with pytest.raises((corral.KernelError, corral.InvalidCallError)):
+            await _expect_within(sup.invoke("t", method, timeout=None), 5)
+
+
+@pytest.mark.xfail(
+    reason="BUG: _PipeWriter swallows EPIPE (sets _broken) and never tells the handle: a "
+    "worker that closed its request pipe but lives on silently drops every later call "
+    "(hang with timeout=None; with a timeout the call times out instead of failing fast)",
+    strict=True,
+)
+async def test_worker_that_closes_its_request_pipe_fails_calls_fast() -> None:
+    async with Supervisor(EVIL, **FAST) as sup:
+        assert await sup.call("t", "close_requests") is True
+        with pytest.raises(corral.WorkerError):
+            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 5)
+
+
+# -- (d): an exception in a background task kills the TaskGroup, and with it the supervisor --------
+
+
+async def _bury(sup: Supervisor) -> None:
+    """Clean up after a supervisor whose TaskGroup died (aclose() would hang)."""
+    launcher = sup._launcher
+    assert isinstance(launcher, corral.supervisor.process.WardenLauncher)
+    if launcher._proc is not None and launcher._exited is not None:
+        launcher._kill_warden()
+        async with asyncio.timeout(10):
+            await launcher._exited.wait()
+    for task in (sup._closing, sup._runner):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    # Close the control socket that _start() leaks when Popen raises (held by the traceback).
+    if sup._runner is not None and not sup._runner.cancelled() and sup._runner.exception():
+        tb = sup._runner.exception().__traceback__  # type: ignore[union-attr]
+        seen = [sup._runner.exception()]
+        while seen:
+            exc = seen.pop()
+            seen.extend(getattr(exc, "exceptions", ()))
+            tb = exc.__traceback__
+            while tb is not None:
+                ours = tb.tb_frame.f_locals.get("ours")
+                if ours is not None:
+                    ours.close()
+                tb = tb.tb_next
+
+
+def _close_unstarted_coroutines(exc: BaseException) -> None:
+    import inspect
+
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == "CORO_CREATED":
+                value.close()
+        tb = tb.tb_next
+
+
+@pytest.mark.xfail(
+    reason="BUG: WorkerHandle.start() lets non-LaunchError exceptions escape into the "
+    "supervisor's TaskGroup (process.py: socketpair/os.pipe/pidfd_open OSError e.g. EMFILE, "
+    "Popen ValueError for a NUL in env): the TaskGroup dies, the caller hangs in "
+    "_wait_ready forever, other tenants get RuntimeError and aclose() hangs",
+    strict=True,
+)
+@pytest.mark.parametrize("trigger", ["nul-in-env", "emfile"])
+async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger: str) -> None:
+    import resource
+
+    env = {"BAD": "a\x00b"} if trigger == "nul-in-env" else {}
+    sup = Supervisor(K, env=env, memory_check_interval=3600, **FAST)
+    await sup.start()
+    try:
+        if trigger == "emfile":
+            await sup.call("warm", "echo", 1)  # the warden is up; only os.pipe() will fail
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # every new fd: EMFILE
+            call = asyncio.ensure_future(sup.call("t", "echo", 1))
+            try:
+                async with asyncio.timeout(5):
+                    while not (call.done() or (sup._runner and sup._runner.done())):
+                        await asyncio.sleep(0)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        else:
+            call = asyncio.ensure_future(sup.call("t", "echo", 1))
+        with pytest.raises(corral.StartError):
+            await _expect_within(call, 5)
+        # ...and the supervisor keeps serving other tenants:
+        assert await _expect_within(sup.call("u", "echo", 2), 5) == 2
+    finally:
+        if sup._runner is not None and sup._runner.done():
+            await _bury(sup)
+        else:
+            await sup.aclose()
+
+
+# -- (c): a worker whose exit is reported before spawn() returns leaks its pipes -----------------
+
+
+def _queued_bytes(sock: Any) -> int:
+    import array
+    import fcntl
+    import termios
+
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)  # SEQPACKET: bytes of every queued record
+    return buf[0]
+
+
+@pytest.mark.xfail(
+    reason="BUG: when WorkerSpawned and WorkerExited arrive in one read, handle._on_exit runs "
+    "before start() resumes; start() then registers the pipes of a DEAD handle (no state "
+    "check), writes Start, arms the start timer and never closes to_worker/from_worker",
+    strict=True,
+)
+async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
+    import time
+
+    from corral.ipc import WorkerExited, WorkerSpawned, encode_record
+
+    async with Supervisor(K, **FAST) as sup:
+        await sup.call("warm", "echo", 1)
+        launcher = sup._launcher
+        assert isinstance(launcher, corral.supervisor.process.WardenLauncher)
+        assert launcher.warden_pid is not None and launcher._sock is not None
+        warden = psutil.Process(launcher.warden_pid)
+        known = {c.pid for c in warden.children()}
+        call = asyncio.ensure_future(sup.call("t", "echo", 1))
+        async with asyncio.timeout(5):
+            while not launcher._pending or launcher._outbox:
+                await asyncio.sleep(0)
+        handle = handle_of(sup, "t")
+        (request_id,) = launcher._pending
+        # Block the event loop (on purpose) while the new worker dies and the warden reports
+        # both its spawn and its exit: the supervisor then reads the two records in one go.
+        deadline = time.monotonic() + 5
+        while not (new := [c.pid for c in warden.children() if c.pid not in known]):
+            assert time.monotonic() < deadline, "the warden did not fork"
+        (pid,) = new
+        os.kill(pid, signal.SIGKILL)
+        both = len(encode_record(WorkerSpawned(request_id, pid))) + len(
+            encode_record(WorkerExited(pid, -signal.SIGKILL))
+        )
+        while _queued_bytes(launcher._sock) < both:
+            assert time.monotonic() < deadline, "the warden did not report the exit"
+        if request_id not in launcher._pending:
+            pytest.skip("the loop read WorkerSpawned before we blocked it (race lost)")
+        try:
+            with pytest.raises(corral.StartError):
+                await _expect_within(call, 5)
+            for _ in range(3):
+                await asyncio.sleep(0)  # let start() resume after the exit was reported
+            assert handle.state.value == "dead"
+            assert handle._reader_fd == -1, "from_worker pipe left open"
+            assert handle._writer is None or handle._writer._fd == -1, "to_worker left open"
+        finally:
+            if handle._timer is not None:
+                handle._timer.cancel()
+            if handle._reader_fd >= 0:
+                asyncio.get_running_loop().remove_reader(handle._reader_fd)
+                os.close(handle._reader_fd)
+                handle._reader_fd = -1
+            if handle._writer is not None:
+                handle._writer.close()
+            if handle._log is not None:
+                handle._log.close()
+
+
+# -- (e): when the warden dies, the workers' own children outlive it -----------------------------
+
+
+@pytest.mark.xfail(
+    reason="BUG: workers die with the warden (PDEATHSIG), but their children are orphaned to "
+    "init and nobody kills them (_on_warden_exit only reports None exits). Also hit when "
+    "WardenLauncher itself SIGKILLs the warden (aclose after 5s, start timeout, bad record)",
+    strict=True,
+)
+@pytest.mark.parametrize("detach", [False, True])
+async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None:
+    child: int | None = None
+    try:
+        async with Supervisor(K, **FAST) as sup:
+            child = await sup.call("t", "start_child", detach)
+            worker = await pid_of(sup, "t")
+            handle = handle_of(sup, "t")
+            warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+            assert warden is not None
+            os.kill(warden, signal.SIGKILL)
+            async with asyncio.timeout(5):
+                await handle.wait_dead()
+            await wait_pid_gone(worker)
+            await wait_pid_gone(child, timeout=3)
+    finally:
+        if child is not None and not pid_gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+# -- (c): a cancelled start() leaves its runner behind -------------------------------------------
+
+
+@pytest.mark.xfail(
+    reason="BUG: Supervisor.start() sets RUNNING only after 'await started': if start() is "
+    "cancelled there, state stays NEW, aclose() returns at once and the runner task (with "
+    "its TTL sweeper and memory sampler) runs on forever",
+    strict=True,
+)
+async def test_cancelled_start_then_aclose_leaves_no_background_tasks() -> None:
+    sup = Supervisor(K, **FAST)
+    starting = asyncio.ensure_future(sup.start())
+    await asyncio.sleep(0)  # start() now waits for its runner
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await sup.aclose()
+    await asyncio.sleep(0)
+    left = [
+        t for t in asyncio.all_tasks() if t.get_name().startswith("corral-") and not t.done()
+    ]
+    try:
+        assert not left
+    finally:
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+
+
+# -- (a): max_frame_bytes above 64 MiB is accepted but the worker still caps at 64 MiB ----------
+
+
+@pytest.mark.xfail(
+    reason="BUG: worker/_loop.read_start builds FrameDecoder(ToWorker) with the default 64 MiB "
+    "cap and WorkerLoop keeps it: with max_frame_bytes > 64 MiB a large (valid) call makes "
+    "the worker exit 2 ('bad frame from supervisor') and the caller sees WorkerCrashedError",
+    strict=True,
+)
+async def test_max_frame_bytes_above_the_default_is_honoured_by_the_worker() -> None:
+    from corral.ipc import DEFAULT_MAX_FRAME_BYTES
+
+    limit = DEFAULT_MAX_FRAME_BYTES + (1 << 20)
+    async with Supervisor(K, max_frame_bytes=limit, **FAST) as sup:
+        payload = b"x" * (DEFAULT_MAX_FRAME_BYTES + 1024)
+        result = await _expect_within(sup.invoke("t", "echo", (payload,), timeout=20), 30)
+        assert result == payload
+
+
+class _FlakyProbe:
+    """A probe that fails once (e.g. a transient /proc read error in a custom probe)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def rss(self, pids: Any) -> dict[int, int]:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError("transient /proc failure")
+        return {}
+
+
+@pytest.mark.xfail(
+    reason="BUG: Supervisor._sample_memory does not catch the probe's exceptions (ProbeThread "
+    "hands them to the awaiting task 'which decides'): one failed sample kills the TaskGroup; "
+    "from then on calls for new tenants raise RuntimeError('TaskGroup ... is finished')",
+    strict=True,
+)
+async def test_a_failing_memory_sample_does_not_take_down_the_supervisor() -> None:
+    sup = Supervisor(K, probe=_FlakyProbe(), memory_check_interval=0.01, **FAST)
+    await sup.start()
+    try:
+        await sup.call("t", "echo", 1)
+        async with asyncio.timeout(5):
+            while sup._probe._probe.calls < 2 and not (sup._runner and sup._runner.done()):  # type: ignore[attr-defined]
+                await asyncio.sleep(0)
+        try:
+            assert await _expect_within(sup.call("u", "echo", 2), 5) == 2
+        except RuntimeError as exc:
+            _close_unstarted_coroutines(exc)  # handle.start() that create_task refused
+            raise AssertionError(f"the supervisor is dead: {exc!r}") from None
+    finally:
+        if sup._runner is not None and sup._runner.done():
+            await _bury(sup)
+            await sup._probe.aclose()
+        else:
+            await sup.aclose()
+
+
+# -- tricky paths that work (kept as regression tests) -------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before-pid", "after-pid"])
+async def test_evict_while_starting_fails_the_waiters_and_leaves_nothing(when: str) -> None:
+    factory = K if when == "before-pid" else "tests.kernels:hang_on_import"
+    async with Supervisor(factory, **FAST) as sup:
+        await sup.call("warm", "echo", 1) if when == "before-pid" else None
+        calls = [asyncio.ensure_future(sup.call("t", "echo", 1)) for _ in range(3)]
+        async with asyncio.timeout(10):
+            while (handle := sup._table.peek("t")) is None or (
+                (handle.pid is None) != (when == "before-pid")
+            ):
+                await asyncio.sleep(0)
+            assert handle.state.value == "starting"
+            assert await sup.evict("t") is True
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, corral.StartError) for r in results), results
+        assert len({str(r) for r in results}) == 1
+        assert "t" not in sup and handle.pid is not None and pid_gone(handle.pid)
+        assert handle._reader_fd == -1
+
+
+async def test_aclose_while_a_worker_starts_fails_waiters_with_closed_error() -> None:
+    sup = Supervisor("tests.kernels:hang_on_import", **FAST)
+    await sup.start()
+    call = asyncio.ensure_future(sup.call("t", "echo", 1))
+    async with asyncio.timeout(10):
+        while (handle := sup._table.peek("t")) is None or handle.pid is None:
+            await asyncio.sleep(0)
+        await sup.aclose()
+        with pytest.raises(corral.SupervisorClosedError):
+            await call
+    assert pid_gone(handle.pid)
+
+
+async def test_warden_death_fails_in_flight_calls_and_a_new_warden_serves() -> None:
+    async with Supervisor(K, **FAST) as sup:
+        held = asyncio.ensure_future(sup.call("t", "hold", "g"))
+        await sup.call("t", "wait_entered", "g")
+        warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+        os.kill(warden, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            with pytest.raises(corral.WorkerCrashedError, match="warden"):
+                await held
+            assert await sup.call("t", "echo", 2) == 2
+        assert sup._launcher.warden_pid not in (None, warden)  # type: ignore[attr-defined]
+
+
+async def test_racing_calls_evicts_ttl_and_close_resolve_and_never_overlap_workers() -> None:
+    """One tenant, hammered by calls, evicts and a very short TTL, then closed mid-flight:
+    every call resolves (a value or a typed corral error), and the warden never has two
+    live workers at once."""
+    sup = Supervisor(K, idle_ttl=0.005, shutdown_timeout=0.5, term_timeout=0.5)
+    await sup.start()
+    overlap: list[list[int]] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+            if warden is not None:
+                try:
+                    live = [
+                        c.pid
+                        for c in psutil.Process(warden).children()
+                        if c.status() != psutil.STATUS_ZOMBIE
+                    ]
+                except psutil.Error:
+                    live = []
+                if len(live) > 1:
+                    overlap.append(live)
+            await asyncio.sleep(0)
+
+    async def caller(i: int) -> Any:
+        if i % 5 == 0:
+            return await sup.evict("t")
+        return await sup.call("t", "async_echo", i, delay=0.001 * (i % 3))
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with asyncio.timeout(30):
+            for _ in range(5):
+                results = await asyncio.gather(
+                    *(caller(i) for i in range(40)), return_exceptions=True
+                )
+                for i, r in enumerate(results):
+                    assert r == i or isinstance(r, bool | corral.CorralError), (i, r)
+            tail = [asyncio.ensure_future(caller(i)) for i in range(1, 20)]
+            await asyncio.sleep(0)
+            await sup.aclose()
+            for r in await asyncio.gather(*tail, return_exceptions=True):
+                assert isinstance(r, int | bool | corral.CorralError), r
+    finally:
+        stop.set()
+        await watcher
+        await sup.aclose()
+    assert not overlap, overlap[:3]
+    stats = sup.stats()
+    assert stats.starts >= 5 and stats.stops.get("evicted", 0) >= 1, stats  # it did churn
+
+
+# -- (c): the memory probe thread is not a daemon: a host that did not aclose() cannot exit --------
+
+_HOST_WITHOUT_ACLOSE = """
+import asyncio, corral
+
+async def main():
+    sup = corral.Supervisor("tests.kernels:make", memory_check_interval=0.05)
+    await sup.start()
+    await sup.call("t", "echo", 1)
+    while sup._probe._thread is None:  # the first RSS sample started the probe thread
+        await asyncio.sleep(0.01)  # ok-sleep: polling a condition in the host script
+
+asyncio.run(main())  # e.g. the server's main() raised before it closed the supervisor
+print("main returned", flush=True)
+"""
+
+
+@pytest.mark.xfail(
+    reason="BUG: memory.ProbeThread starts a non-daemon thread that only aclose() stops: if "
+    "aclose() never runs or never reaches it (forgotten, TaskGroup crashed, aclose hung), the "
+    "host process hangs forever at interpreter exit",
+    strict=True,
+)
+def test_host_that_never_closed_the_supervisor_can_still_exit() -> None:
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    host = subprocess.Popen(
+        [sys.executable, "-c", _HOST_WITHOUT_ACLOSE],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        out, _ = host.communicate(timeout=8)
+        assert "main returned" in out
+        assert host.returncode == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail("the host hung at exit (the corral-probe thread is still running)")
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.communicate()
