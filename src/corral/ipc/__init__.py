@@ -7,6 +7,7 @@ pipes (``corral.supervisor`` and ``corral.worker``) build on this package.
 from corral.ipc.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_BYTES,
+    MAX_FRAME_LIMIT,
     FrameDecoder,
     ProtocolViolation,
     RecordDecoder,
@@ -19,6 +20,7 @@ from corral.ipc.messages import __all__ as _messages_all
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
+    "MAX_FRAME_LIMIT",
     "FrameDecoder",
     "ProtocolViolation",
     "RecordDecoder",

@@ -19,6 +19,7 @@ import msgspec
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
+    "MAX_FRAME_LIMIT",
     "FrameDecoder",
     "ProtocolViolation",
     "RecordDecoder",
@@ -28,7 +29,7 @@ __all__ = [
 
 HEADER_BYTES = 4
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
-_MAX_ENCODABLE = 2**32 - 1
+MAX_FRAME_LIMIT = 2**32 - 1  # the largest length a 4-byte header can state
 
 M = TypeVar("M")
 
@@ -39,7 +40,7 @@ class ProtocolViolation(Exception):
     """The peer sent bytes that are not a valid frame of the expected messages."""
 
 
-def encode_frame(msg: Any, *, max_frame_bytes: int = _MAX_ENCODABLE) -> bytearray:
+def encode_frame(msg: Any, *, max_frame_bytes: int = MAX_FRAME_LIMIT) -> bytearray:
     """Encode ``msg`` as one frame (header + msgpack body).
 
     Raises:
@@ -71,9 +72,9 @@ class FrameDecoder(Generic[M]):
     def __init__(
         self, message_type: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     ) -> None:
-        if not 1 <= max_frame_bytes <= _MAX_ENCODABLE:
+        if not 1 <= max_frame_bytes <= MAX_FRAME_LIMIT:
             raise ValueError(
-                f"max_frame_bytes must be in 1..{_MAX_ENCODABLE}, got {max_frame_bytes}"
+                f"max_frame_bytes must be in 1..{MAX_FRAME_LIMIT}, got {max_frame_bytes}"
             )
         self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(message_type)
         self._max = max_frame_bytes

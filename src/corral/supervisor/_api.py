@@ -170,6 +170,9 @@ class Supervisor:
         factory_ref, factory_blob = _serialise_factory(factory)
         worker_env = {k: os.environ[k] for k in env_allowlist if k in os.environ}
         worker_env.update(env or {})
+        for key, setting in worker_env.items():
+            if not key or "=" in key or "\0" in key or "\0" in str(setting):
+                raise ValueError(f"env: {key!r} is not a valid environment variable")
         self._start_msg = Start(
             tenant="",
             factory=factory_ref,
@@ -231,8 +234,9 @@ class Supervisor:
         self._closed = asyncio.Event()
         started: asyncio.Future[None] = loop.create_future()
         self._runner = loop.create_task(self._run(started), name="corral-supervisor")
-        await started
+        # RUNNING from here: if this await is cancelled, aclose() still stops the runner.
         self._state = _State.RUNNING
+        await asyncio.shield(started)
 
     async def _run(self, started: asyncio.Future[None]) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -556,7 +560,13 @@ class Supervisor:
         while True:
             handles = [h for h in self._table.handles() if h.pid is not None]
             if handles:
-                sample = await self._probe.rss([h.pid for h in handles if h.pid is not None])
+                try:
+                    sample = await self._probe.rss([h.pid for h in handles if h.pid is not None])
+                except Exception:
+                    # The probe is replaceable code at a boundary and the sample only feeds
+                    # stats(): a failing probe must not take the supervisor down with it.
+                    log.warning("memory probe failed; rss not updated", exc_info=True)
+                    sample = {}
                 for h in handles:
                     if h.pid is not None:
                         h.rss = sample.get(h.pid, h.rss)

@@ -104,9 +104,12 @@ class _Pending(NamedTuple):
 class _PipeWriter:
     """Non-blocking writes to a pipe: direct when possible, else buffered until writable."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, fd: int, loop: asyncio.AbstractEventLoop, on_broken: Callable[[], None]
+    ) -> None:
         self._fd = fd
         self._loop = loop
+        self._on_broken = on_broken  # called once if the worker closed its end
         self._buf = bytearray()
         self._broken = False
 
@@ -118,8 +121,8 @@ class _PipeWriter:
                 n = os.write(self._fd, data)
             except BlockingIOError:
                 n = 0
-            except OSError:  # EPIPE: the worker is gone; its exit is reported separately
-                self._broken = True
+            except OSError:  # EPIPE: the worker closed its end (or is gone)
+                self._break()
                 return
             if n == len(data):
                 return
@@ -134,12 +137,17 @@ class _PipeWriter:
         except BlockingIOError:
             return
         except OSError:
-            self._broken = True
-            self._buf.clear()
-            n = 0
+            self._break()
+            return
         del self._buf[:n]
         if not self._buf:
             self._loop.remove_writer(self._fd)
+
+    def _break(self) -> None:
+        self._broken = True
+        self._buf.clear()
+        self._loop.remove_writer(self._fd)
+        self._on_broken()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -319,7 +327,13 @@ class WorkerHandle:
             self._on_exit(None)
             return
         self.pid = proc.pid
-        self._writer = _PipeWriter(proc.to_worker, self._loop)
+        if self.state is S.DEAD:
+            # It was reaped before we got here (the warden's spawn and exit reports came
+            # in one read): nothing to talk to, only our pipe ends to close.
+            for fd in (proc.to_worker, proc.from_worker, proc.log):
+                os.close(fd)
+            return
+        self._writer = _PipeWriter(proc.to_worker, self._loop, self._on_eof)
         self._reader_fd = proc.from_worker
         self._loop.add_reader(proc.from_worker, self._on_readable)
         self._log = _LogSink(proc.log, self.tenant, proc.pid, self._loop)
@@ -433,8 +447,10 @@ class WorkerHandle:
                 return
             try:
                 value = msgspec.msgpack.decode(msg.value)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                self._protocol_violation(f"sent an undecodable result: {exc}")
+            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+                what = f"sent an undecodable result: {exc}"[:300]
+                _resolve(pending, error=self._protocol_error(pending.method, what))
+                self._protocol_violation(what)
                 return
             _resolve(pending, result=value)
         elif isinstance(msg, CallFailed):
@@ -482,7 +498,9 @@ class WorkerHandle:
             self._protocol_violation(f"sent {type(msg).__name__} while {self.state.value}")
 
     def _on_eof(self) -> None:
-        self._loop.remove_reader(self._reader_fd)
+        """Its reply pipe hit EOF, or its request pipe broke."""
+        if self._reader_fd >= 0:
+            self._loop.remove_reader(self._reader_fd)
         if self.state is S.STOPPING or self.state is S.DEAD:
             return
         # Either it is exiting (the warden will report how) or it closed the pipe and lives
@@ -674,14 +692,19 @@ class WorkerHandle:
                 signal=-returncode if returncode is not None and returncode < 0 else None,
             )
         if reason is StopReason.PROTOCOL_ERROR:
-            return ProtocolError(
-                f"{where} {self._detail}; it was killed", tenant=self.tenant, pid=self.pid
-            )
+            return self._protocol_error(method, self._detail)
         return WorkerStoppedError(
             f"{where} was stopped while the call was in flight ({reason.value})",
             tenant=self.tenant,
             pid=self.pid,
             reason=reason.value,
+        )
+
+    def _protocol_error(self, method: str, what: str) -> ProtocolError:
+        return ProtocolError(
+            f"{self.tenant!r}.{method}: worker pid {self.pid} {what}; it was killed",
+            tenant=self.tenant,
+            pid=self.pid,
         )
 
     def _close_fds(self) -> None:

@@ -67,7 +67,9 @@ class ProbeThread:
     async def rss(self, pids: Sequence[int]) -> dict[int, int]:
         loop = asyncio.get_running_loop()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="corral-probe")
+            # daemon: if the host never calls aclose(), this thread must not keep it alive
+            # at exit. It holds nothing that needs a clean end.
+            self._thread = threading.Thread(target=self._run, name="corral-probe", daemon=True)
             self._thread.start()
         fut: asyncio.Future[dict[int, int]] = loop.create_future()
         self._requests.put((pids, fut))

@@ -18,6 +18,7 @@ import array
 import asyncio
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +108,7 @@ class WardenLauncher:
         self._starting: asyncio.Task[None] | None = None
         self._exited: asyncio.Event | None = None
         self._closed = False
+        self._up = False  # the warden said hello and has not exited since
 
     @property
     def warden_pid(self) -> int | None:
@@ -117,7 +119,7 @@ class WardenLauncher:
     async def _ensure_started(self) -> None:
         if self._closed:
             raise LaunchError("launcher is closed")
-        if self._sock is not None and self._starting is None:
+        if self._up:
             return
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start())
@@ -129,7 +131,10 @@ class WardenLauncher:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise LaunchError(f"could not create the warden's control socket: {exc}") from exc
         try:
             argv = boot_argv(
                 sys.executable, _CORRAL_ROOT, "warden", str(theirs.fileno()), str(os.getpid())
@@ -145,16 +150,23 @@ class WardenLauncher:
                 start_new_session=True,  # a terminal's Ctrl-C is the host's to handle
                 cwd="/",
             )
-        except OSError as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             ours.close()
             raise LaunchError(f"could not start the warden process: {exc}") from exc
         finally:
             theirs.close()
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError as exc:
+            ours.close()
+            proc.kill()
+            proc.wait()  # it was just started and SIGKILLed: this returns at once
+            raise LaunchError(f"could not watch the warden process: {exc}") from exc
         ours.setblocking(False)
         self._sock = ours
         self._proc = proc
         self._exited = asyncio.Event()
-        self._pidfd = os.pidfd_open(proc.pid)
+        self._pidfd = pidfd
         self._hello = loop.create_future()
         loop.add_reader(self._pidfd, self._on_warden_exit)
         loop.add_reader(ours, self._on_readable)
@@ -162,16 +174,20 @@ class WardenLauncher:
             async with asyncio.timeout(self._start_timeout):
                 await asyncio.shield(self._hello)
         except TimeoutError:
-            self._kill_warden()
+            self._stop_warden(signal.SIGKILL)  # it has no workers yet
             raise LaunchError(
                 f"the warden did not start within {self._start_timeout}s "
                 "(is the machine overloaded?)"
             ) from None
+        self._up = True
 
-    def _kill_warden(self) -> None:
+    def _stop_warden(self, signum: int) -> None:
+        """Signal the warden. SIGTERM makes it kill and reap every worker before it exits;
+        SIGKILL is for a warden that does not respond."""
+        self._up = False
         if self._proc is not None and self._proc.poll() is None:
             try:
-                self._proc.kill()
+                self._proc.send_signal(signum)
             except ProcessLookupError:
                 pass
 
@@ -182,6 +198,7 @@ class WardenLauncher:
         self._pidfd = -1
         assert self._proc is not None
         code = self._proc.wait()  # it has exited: this does not block
+        self._up = False
         if self._sock is not None:
             loop.remove_reader(self._sock)
             loop.remove_writer(self._sock)
@@ -197,7 +214,15 @@ class WardenLauncher:
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(error)
-        # The workers die with it (parent-death SIGKILL); their status is unknown to us.
+        # The workers die with it (parent-death SIGKILL), but children they started would
+        # be orphaned to init: kill each worker's process group. (A pgid cannot be reused
+        # while any member lives; the window between the group emptying and a new
+        # process taking that number as its own group is the pid space wrapping around.)
+        for pid in self._on_exit:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         callbacks, self._on_exit = self._on_exit, {}
         for callback in callbacks.values():
             callback(None)
@@ -222,7 +247,7 @@ class WardenLauncher:
             try:
                 msg = self._decoder.decode(record)
             except ProtocolViolation:
-                self._kill_warden()
+                self._stop_warden(signal.SIGTERM)
                 return
             self._dispatch(msg)
 
@@ -252,7 +277,7 @@ class WardenLauncher:
                         "(mixed corral installs?)"
                     )
                 )
-                self._kill_warden()
+                self._stop_warden(signal.SIGTERM)
             elif not self._hello.done():
                 self._hello.set_result(msg.pid)
 
@@ -287,9 +312,14 @@ class WardenLauncher:
 
     async def spawn(self, on_exit: ExitCallback) -> SpawnedProcess:
         await self._ensure_started()
-        to_r, to_w = os.pipe()
-        from_r, from_w = os.pipe()
-        log_r, log_w = os.pipe()
+        made: list[int] = []
+        try:
+            for _ in range(3):
+                made.extend(os.pipe())
+        except OSError as exc:
+            _close_all(tuple(made))
+            raise LaunchError(f"could not create a worker's pipes: {exc}") from exc
+        to_r, to_w, from_r, from_w, log_r, log_w = made
         request_id = next(self._ids)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (fut, on_exit)
@@ -322,7 +352,7 @@ class WardenLauncher:
             async with asyncio.timeout(5.0):
                 await self._exited.wait()
         except TimeoutError:
-            self._kill_warden()
+            self._stop_warden(signal.SIGKILL)
             await self._exited.wait()
 
 

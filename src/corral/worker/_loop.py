@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from corral.ipc import (
+    MAX_FRAME_LIMIT,
     PROTOCOL_VERSION,
     Call,
     CallFailed,
@@ -48,12 +49,23 @@ _READ_CHUNK = 256 * 1024
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 
 
+# What a kernel can raise into the reply path. KeyboardInterrupt and SystemExit are not here:
+# they end the worker, and the supervisor reports the exit.
+_KERNEL_FAILURES = (Exception, asyncio.CancelledError)
+
+
+def _clean_text(text: str) -> str:
+    """Valid UTF-8 only: a lone surrogate would make the reply unencodable."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _safe_str(exc: BaseException) -> str:
     try:
         text = str(exc)
     except BaseException:  # a hostile __str__ must not take the loop down
         text = f"<unprintable {type(exc).__name__}>"
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "...[truncated]"
+    text = text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "...[truncated]"
+    return _clean_text(text)
 
 
 def remote_error(exc: BaseException) -> RemoteError:
@@ -66,12 +78,17 @@ def remote_error(exc: BaseException) -> RemoteError:
         tb = f"<traceback unavailable for {type_name}>"
     if len(tb) > _MAX_TRACEBACK:
         tb = "...[truncated]\n" + tb[-_MAX_TRACEBACK:]
-    return RemoteError(type_name=type_name, message=_safe_str(exc), traceback=tb)
+    return RemoteError(
+        type_name=_clean_text(type_name), message=_safe_str(exc), traceback=_clean_text(tb)
+    )
 
 
 def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
-    """Block until the ``Start`` message arrives (nothing else can come first)."""
-    decoder: FrameDecoder[ToWorker] = FrameDecoder(ToWorker)
+    """Block until the ``Start`` message arrives (nothing else can come first).
+
+    The supervisor -> worker direction is trusted and already capped by the supervisor
+    at its ``max_frame_bytes``, which may exceed the default: no cap of our own here."""
+    decoder: FrameDecoder[ToWorker] = FrameDecoder(ToWorker, max_frame_bytes=MAX_FRAME_LIMIT)
     while True:
         data = os.read(fd_in, _READ_CHUNK)
         if not data:
@@ -147,19 +164,26 @@ class WorkerLoop:
                 return
 
     def _lookup(self, name: str) -> Callable[..., Any] | None:
+        """The bound public method, or None. Raises whatever a kernel's attribute lookup
+        raises (a property, ``__getattr__``); such lookups are not cached."""
         try:
             return self._methods[name]
         except KeyError:
-            fn = None
-            if not name.startswith("_"):
-                candidate = getattr(self._kernel, name, None)
-                if callable(candidate):
-                    fn = candidate
-            self._methods[name] = fn
-            return fn
+            pass
+        fn = None
+        if not name.startswith("_"):
+            candidate = getattr(self._kernel, name, None)
+            if callable(candidate):
+                fn = candidate
+        self._methods[name] = fn
+        return fn
 
     def _dispatch(self, call: Call) -> None:
-        fn = self._lookup(call.method)
+        try:
+            fn = self._lookup(call.method)
+        except _KERNEL_FAILURES as exc:
+            self._send_failure(call.id, "kernel", exc)
+            return
         if fn is None:
             why = "private" if call.method.startswith("_") else "not a public method of the kernel"
             err = AttributeError(f"{call.method!r} is {why}")
@@ -172,7 +196,7 @@ class WorkerLoop:
             return
         try:
             value = fn(*args, **kwargs)
-        except Exception as exc:
+        except _KERNEL_FAILURES as exc:
             self._send_failure(call.id, "kernel", exc)
             return
         if inspect.isawaitable(value):
@@ -185,7 +209,7 @@ class WorkerLoop:
     async def _await_reply(self, call_id: int, awaitable: Any) -> None:
         try:
             value = await awaitable
-        except Exception as exc:
+        except _KERNEL_FAILURES as exc:
             self._send_failure(call_id, "kernel", exc)
         else:
             self._send_result(call_id, value)
@@ -201,8 +225,8 @@ class WorkerLoop:
         write_all(self._fd_out, frame)
 
     def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
-        frame = encode_frame(CallFailed(call_id, kind, remote_error(exc)))
-        write_all(self._fd_out, frame)
+        error = remote_error(exc)  # bounded, valid UTF-8: always encodable
+        write_all(self._fd_out, encode_frame(CallFailed(call_id, kind, error)))
 
     async def _shutdown(self) -> None:
         hook = getattr(self._kernel, "shutdown", None)

@@ -214,6 +214,10 @@ class Warden:
                     pass
                 self._kill_orphans()
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
+            else:
+                # An orphan we adopted has died. Its own children (say, a daemon that
+                # double-forked) were reparented to us as it died: sweep again.
+                self._kill_orphans()
 
     def _kill_orphans(self) -> None:
         """Children that are not workers were reparented to us: a worker's escaped
