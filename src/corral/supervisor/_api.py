@@ -212,6 +212,7 @@ class Supervisor:
         self._sweep_due = 0.0  # monotonic time the sweeper will next look (0: awake)
         self._closed: asyncio.Event | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None  # set once the TaskGroup exists
         self._starts = 0
         self._stops: Counter[str] = Counter()
 
@@ -232,9 +233,10 @@ class Supervisor:
         self._room = asyncio.Event()
         self._idle_changed = asyncio.Event()
         self._closed = asyncio.Event()
-        started: asyncio.Future[None] = loop.create_future()
+        self._started = started = loop.create_future()
         self._runner = loop.create_task(self._run(started), name="corral-supervisor")
-        # RUNNING from here: if this await is cancelled, aclose() still stops the runner.
+        # RUNNING from here: if this await is cancelled, aclose() still stops the runner
+        # (it waits for ``started`` first, as does the first worker start).
         self._state = _State.RUNNING
         await asyncio.shield(started)
 
@@ -265,7 +267,6 @@ class Supervisor:
             return
         self._state = _State.CLOSING
         self._notify_room()
-        assert self._tg is not None
         self._closing = asyncio.get_running_loop().create_task(
             self._shutdown(), name="corral-close"
         )
@@ -465,6 +466,10 @@ class Supervisor:
                 ) from None
 
     async def _start_worker(self, tenant: str) -> WorkerHandle:
+        if self._tg is None:  # start() was cancelled before the TaskGroup existed
+            assert self._started is not None
+            await asyncio.shield(self._started)
+            self._check_open()
         assert self._tg is not None
         tg = self._tg
         handle = WorkerHandle(

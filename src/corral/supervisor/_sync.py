@@ -38,7 +38,8 @@ class SyncSupervisor:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the loop thread and the supervisor on it."""
+        """Start the loop thread and the supervisor on it; returns once it is running
+        (also when another thread started it concurrently)."""
         with self._lock:
             if self._thread is not None:
                 return
@@ -50,18 +51,21 @@ class SyncSupervisor:
                 loop.call_soon(ready.set)
                 loop.run_forever()
 
-            self._sup = Supervisor(self._factory, **self._options)
-            self._loop = loop
-            self._thread = threading.Thread(target=run, name="corral-loop")
-            self._thread.start()
+            sup = Supervisor(self._factory, **self._options)
+            thread = threading.Thread(target=run, name="corral-loop")
+            thread.start()
             ready.wait()
-        self._run(self._sup.start())
+            # Under the lock: a concurrent start() returns only after this, and no call can
+            # be submitted before the supervisor runs.
+            asyncio.run_coroutine_threadsafe(sup.start(), loop).result()
+            self._sup, self._loop, self._thread = sup, loop, thread
 
     def close(self) -> None:
         """Stop every worker and the loop thread; returns once all are gone."""
         with self._lock:
+            # Detach first, under the lock: from here no new call can be submitted.
             thread, loop, sup = self._thread, self._loop, self._sup
-            self._thread = None
+            self._thread = self._loop = None
         if thread is None or loop is None or sup is None:
             return
         try:
@@ -79,16 +83,15 @@ class SyncSupervisor:
         self.close()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        loop = self._loop
-        if loop is None or self._thread is None:
-            coro.close()
-            raise SupervisorClosedError("SyncSupervisor is not running (use 'with' or start())")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError(
-                "SyncSupervisor called from its own loop thread (use Supervisor there)"
-            )
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+        with self._lock:  # submit atomically with respect to close()
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None:
+                coro.close()
+                raise SupervisorClosedError("SyncSupervisor is not running (use 'with' or start())")
+            if threading.current_thread() is thread:
+                coro.close()
+                raise RuntimeError("SyncSupervisor called from its own loop thread")
+            future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
         return future.result(timeout)
 
     @property

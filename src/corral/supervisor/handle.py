@@ -324,6 +324,7 @@ class WorkerHandle:
             self._start_error = StartError(
                 f"could not start a worker for {self.tenant!r}: {exc}", tenant=self.tenant, pid=None
             )
+            self.stop_reason = StopReason.LAUNCH_FAILED
             self._on_exit(None)
             return
         self.pid = proc.pid
@@ -631,6 +632,8 @@ class WorkerHandle:
             self._timer = None
         self._close_fds()
         was_starting = self.state is S.STARTING or not self._ready.done()
+        if returncode is None and self.pid is not None and self.stop_reason is None:
+            self.stop_reason = StopReason.WARDEN_DIED
         reason = self.stop_reason or StopReason.CRASHED
         if reason is StopReason.CRASHED and returncode != -signal.SIGKILL:
             self._rung = Rung.NONE  # it went by itself; a kill we sent after its EOF did nothing
@@ -683,7 +686,7 @@ class WorkerHandle:
         self, reason: StopReason, returncode: int | None, status: str, method: str
     ) -> WorkerError:
         where = f"{self.tenant!r}.{method}: worker pid {self.pid}"
-        if reason is StopReason.CRASHED:
+        if reason in (StopReason.CRASHED, StopReason.WARDEN_DIED):
             return WorkerCrashedError(
                 f"{where} died during the call: {status}",
                 tenant=self.tenant,

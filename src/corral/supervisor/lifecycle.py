@@ -63,6 +63,10 @@ class StopReason(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"
     PIPE_CLOSED = "pipe_closed"  # the worker closed its end of the pipe
     CRASHED = "crashed"  # it died without being asked
+    LAUNCH_FAILED = (
+        "launch_failed"  # corral could not start a process (fds, warden): not the tenant's fault
+    )
+    WARDEN_DIED = "warden_died"  # its parent, the warden, died: not the tenant's fault
 
 
 class Rung(enum.Enum):

@@ -82,8 +82,165 @@ class _Outgoing(NamedTuple):
     fds: tuple[int, ...]
 
 
+class _Warden:
+    """One warden process and everything tied to its life: the control socket, the pidfd
+    that reports its exit, the send queue, spawns in progress and the exit callbacks of
+    its workers. A restarted warden is a new object, so late events of an old one can
+    never touch the new one's state."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, pidfd: int) -> None:
+        self.proc = proc
+        self.sock: socket.socket | None = sock
+        self.pidfd = pidfd
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[int] = loop.create_future()
+        self.hello.add_done_callback(_consume_exception)
+        self.exited = asyncio.Event()
+        self.pending: dict[int, tuple[asyncio.Future[int], ExitCallback]] = {}
+        self.on_exit: dict[int, ExitCallback] = {}
+        self._outbox: deque[_Outgoing] = deque()
+        self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
+        loop.add_reader(pidfd, self._on_process_exit)
+        loop.add_reader(sock, self._on_readable)
+
+    @property
+    def is_up(self) -> bool:
+        return self.hello.done() and not self.hello.exception() and not self.exited.is_set()
+
+    def stop(self, signum: int) -> None:
+        """SIGTERM makes the warden kill and reap every worker before it exits; SIGKILL is
+        for a warden that does not respond."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def close_control(self) -> None:
+        """EOF on its control socket: the warden kills and reaps everything, then exits."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- exit ---------------------------------------------------------------------------------
+
+    def _on_process_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        code = self.proc.wait()  # the pidfd said it has exited: this does not block
+        if self.sock is not None:
+            loop.remove_reader(self.sock)
+            loop.remove_writer(self.sock)
+            self.sock.close()
+            self.sock = None
+        for item in self._outbox:
+            _close_all(item.fds)
+        self._outbox.clear()
+        error = LaunchError(f"the warden process exited unexpectedly (return code {code})")
+        if not self.hello.done():
+            self.hello.set_exception(error)
+        pending, self.pending = self.pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        # The workers die with it (parent-death SIGKILL), but children they started would
+        # be orphaned to init: kill each worker's process group. (A pgid cannot be reused
+        # while any member lives; the window between the group emptying and a new
+        # process taking that number as its own group is the pid space wrapping around.)
+        # Children that left the group with setsid escape this; a cgroup would not.
+        for pid in self.on_exit:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        callbacks, self.on_exit = self.on_exit, {}
+        for callback in callbacks.values():
+            callback(None)
+        self.exited.set()
+
+    # -- control channel ---------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        while self.sock is not None:
+            try:
+                record = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                record = b""
+            if not record:
+                # EOF: the warden is going away; its pidfd reports the exit.
+                asyncio.get_running_loop().remove_reader(self.sock)
+                return
+            try:
+                msg = self._decoder.decode(record)
+            except ProtocolViolation:
+                self.stop(signal.SIGTERM)
+                return
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: FromWarden) -> None:
+        if isinstance(msg, WorkerExited):
+            callback = self.on_exit.pop(msg.pid, None)
+            if callback is not None:
+                callback(msg.returncode)
+        elif isinstance(msg, WorkerSpawned):
+            fut, on_exit = self.pending.pop(msg.id)
+            self.on_exit[msg.pid] = on_exit
+            if not fut.done():
+                fut.set_result(msg.pid)
+            # else: the caller gave up; the worker sees EOF on its pipes and exits.
+        elif isinstance(msg, SpawnFailed):
+            fut, _ = self.pending.pop(msg.id)
+            if not fut.done():
+                fut.set_exception(LaunchError(msg.message))
+        elif isinstance(msg, WardenHello) and not self.hello.done():
+            if msg.protocol_version != PROTOCOL_VERSION:
+                self.hello.set_exception(
+                    LaunchError(
+                        f"warden speaks protocol {msg.protocol_version}, "
+                        f"expected {PROTOCOL_VERSION} (mixed corral installs?)"
+                    )
+                )
+                self.stop(signal.SIGTERM)
+            else:
+                self.hello.set_result(msg.pid)
+
+    def send(self, msg: ToWarden, fds: tuple[int, ...] = ()) -> None:
+        """Queue a record (and fds to pass, which are closed once sent); never blocks."""
+        self._outbox.append(_Outgoing(encode_record(msg), fds))
+        self._flush()
+
+    def _flush(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        while self._outbox:
+            item = self._outbox[0]
+            anc = []
+            if item.fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", item.fds))]
+            try:
+                sock.sendmsg([item.data], anc)
+            except BlockingIOError:
+                loop.add_writer(sock, self._flush)
+                return
+            except OSError:
+                # Gone, or unusable: either way stop it; its exit fails whatever waits.
+                loop.remove_writer(sock)
+                self.stop(signal.SIGTERM)
+                return
+            self._outbox.popleft()
+            _close_all(item.fds)
+        loop.remove_writer(sock)
+
+
 class WardenLauncher:
-    """Launches workers through a warden subprocess.
+    """Launches workers through a warden subprocess (one at a time; restarted on demand).
 
     Args:
         exec_workers: True for a fresh interpreter per worker ("spawn"), False for a
@@ -97,40 +254,48 @@ class WardenLauncher:
         self._env = dict(env)
         self._start_timeout = start_timeout
         self._ids = itertools.count(1)
-        self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
-        self._pending: dict[int, tuple[asyncio.Future[int], ExitCallback]] = {}
-        self._on_exit: dict[int, ExitCallback] = {}
-        self._outbox: deque[_Outgoing] = deque()
-        self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pidfd = -1
-        self._hello: asyncio.Future[int] | None = None
-        self._starting: asyncio.Task[None] | None = None
-        self._exited: asyncio.Event | None = None
+        self._warden: _Warden | None = None
+        self._starting: asyncio.Task[_Warden] | None = None
         self._closed = False
-        self._up = False  # the warden said hello and has not exited since
 
     @property
     def warden_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._sock is not None else None
+        warden = self._warden
+        return warden.proc.pid if warden is not None and warden.is_up else None
 
-    # -- warden lifecycle --------------------------------------------------------------------
-
-    async def _ensure_started(self) -> None:
+    async def _ready_warden(self) -> _Warden:
         if self._closed:
             raise LaunchError("launcher is closed")
-        if self._up:
-            return
+        warden = self._warden
+        if warden is not None and warden.is_up:
+            return warden
         if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_task(self._start())
+            self._starting = asyncio.get_running_loop().create_task(self._replace(warden))
+        starting = self._starting
         try:
-            await asyncio.shield(self._starting)
+            return await asyncio.shield(starting)
         finally:
-            if self._starting is not None and self._starting.done():
+            if self._starting is starting and starting.done():
                 self._starting = None
 
-    async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _replace(self, old: _Warden | None) -> _Warden:
+        """Start a new warden once the old one (if any) has fully exited."""
+        if old is not None:
+            old.stop(signal.SIGTERM)
+            await old.exited.wait()
+        warden = self._warden = self._launch()
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                await asyncio.shield(warden.hello)
+        except TimeoutError:
+            warden.stop(signal.SIGKILL)  # it has no workers yet
+            raise LaunchError(
+                f"the warden did not start within {self._start_timeout}s "
+                "(is the machine overloaded?)"
+            ) from None
+        return warden
+
+    def _launch(self) -> _Warden:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
@@ -139,8 +304,9 @@ class WardenLauncher:
             argv = boot_argv(
                 sys.executable, _CORRAL_ROOT, "warden", str(theirs.fileno()), str(os.getpid())
             )
-            # One short fork/exec per supervisor life (the warden); workers never block here.
-            proc = subprocess.Popen(  # noqa: ASYNC220
+            # One short fork/exec per warden (normally once per supervisor); workers never
+            # block the loop.
+            proc = subprocess.Popen(
                 argv,
                 env=self._env,
                 stdin=subprocess.DEVNULL,
@@ -160,158 +326,15 @@ class WardenLauncher:
         except OSError as exc:
             ours.close()
             proc.kill()
-            proc.wait()  # it was just started and SIGKILLed: this returns at once
+            proc.wait()  # just started and SIGKILLed: returns at once
             raise LaunchError(f"could not watch the warden process: {exc}") from exc
         ours.setblocking(False)
-        self._sock = ours
-        self._proc = proc
-        self._exited = asyncio.Event()
-        self._pidfd = pidfd
-        self._hello = loop.create_future()
-        loop.add_reader(self._pidfd, self._on_warden_exit)
-        loop.add_reader(ours, self._on_readable)
-        try:
-            async with asyncio.timeout(self._start_timeout):
-                await asyncio.shield(self._hello)
-        except TimeoutError:
-            self._stop_warden(signal.SIGKILL)  # it has no workers yet
-            raise LaunchError(
-                f"the warden did not start within {self._start_timeout}s "
-                "(is the machine overloaded?)"
-            ) from None
-        self._up = True
-
-    def _stop_warden(self, signum: int) -> None:
-        """Signal the warden. SIGTERM makes it kill and reap every worker before it exits;
-        SIGKILL is for a warden that does not respond."""
-        self._up = False
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    def _on_warden_exit(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = -1
-        assert self._proc is not None
-        code = self._proc.wait()  # it has exited: this does not block
-        self._up = False
-        if self._sock is not None:
-            loop.remove_reader(self._sock)
-            loop.remove_writer(self._sock)
-            self._sock.close()
-            self._sock = None
-        for item in self._outbox:
-            _close_all(item.fds)
-        self._outbox.clear()
-        error = LaunchError(f"the warden process exited unexpectedly (return code {code})")
-        if self._hello is not None and not self._hello.done():
-            self._hello.set_exception(error)
-        pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-        # The workers die with it (parent-death SIGKILL), but children they started would
-        # be orphaned to init: kill each worker's process group. (A pgid cannot be reused
-        # while any member lives; the window between the group emptying and a new
-        # process taking that number as its own group is the pid space wrapping around.)
-        for pid in self._on_exit:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        callbacks, self._on_exit = self._on_exit, {}
-        for callback in callbacks.values():
-            callback(None)
-        assert self._exited is not None
-        self._exited.set()
-
-    # -- control channel ---------------------------------------------------------------------
-
-    def _on_readable(self) -> None:
-        assert self._sock is not None
-        while self._sock is not None:
-            try:
-                record = self._sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                record = b""
-            if not record:
-                # EOF: the warden is going away; its pidfd reports the exit.
-                asyncio.get_running_loop().remove_reader(self._sock)
-                return
-            try:
-                msg = self._decoder.decode(record)
-            except ProtocolViolation:
-                self._stop_warden(signal.SIGTERM)
-                return
-            self._dispatch(msg)
-
-    def _dispatch(self, msg: FromWarden) -> None:
-        if isinstance(msg, WorkerExited):
-            callback = self._on_exit.pop(msg.pid, None)
-            if callback is not None:
-                callback(msg.returncode)
-        elif isinstance(msg, WorkerSpawned):
-            fut, on_exit = self._pending.pop(msg.id)
-            self._on_exit[msg.pid] = on_exit
-            if not fut.done():
-                fut.set_result(msg.pid)
-            else:  # the caller gave up: the worker gets EOF on its pipes and exits
-                pass
-        elif isinstance(msg, SpawnFailed):
-            fut, _ = self._pending.pop(msg.id)
-            if not fut.done():
-                fut.set_exception(LaunchError(msg.message))
-        elif isinstance(msg, WardenHello):
-            assert self._hello is not None
-            if msg.protocol_version != PROTOCOL_VERSION:
-                self._hello.set_exception(
-                    LaunchError(
-                        f"warden speaks protocol {msg.protocol_version}, "
-                        f"expected {PROTOCOL_VERSION} "
-                        "(mixed corral installs?)"
-                    )
-                )
-                self._stop_warden(signal.SIGTERM)
-            elif not self._hello.done():
-                self._hello.set_result(msg.pid)
-
-    def _send(self, msg: ToWarden, fds: tuple[int, ...] = ()) -> None:
-        """Queue a record (and fds to pass, which we close once sent); never blocks."""
-        self._outbox.append(_Outgoing(encode_record(msg), fds))
-        self._flush()
-
-    def _flush(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        while self._outbox:
-            item = self._outbox[0]
-            anc = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", item.fds))]
-                if item.fds
-                else []
-            )
-            try:
-                sock.sendmsg([item.data], anc)
-            except BlockingIOError:
-                asyncio.get_running_loop().add_writer(sock, self._flush)
-                return
-            except OSError:
-                return  # the warden is gone; _on_warden_exit cleans up
-            self._outbox.popleft()
-            _close_all(item.fds)
-        asyncio.get_running_loop().remove_writer(sock)
+        return _Warden(proc, ours, pidfd)
 
     # -- Launcher ----------------------------------------------------------------------------
 
     async def spawn(self, on_exit: ExitCallback) -> SpawnedProcess:
-        await self._ensure_started()
+        warden = await self._ready_warden()
         made: list[int] = []
         try:
             for _ in range(3):
@@ -322,8 +345,8 @@ class WardenLauncher:
         to_r, to_w, from_r, from_w, log_r, log_w = made
         request_id = next(self._ids)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (fut, on_exit)
-        self._send(SpawnWorker(request_id, self._exec), (to_r, from_w, log_w))
+        warden.pending[request_id] = (fut, on_exit)
+        warden.send(SpawnWorker(request_id, self._exec), (to_r, from_w, log_w))
         try:
             pid = await fut
         except BaseException:
@@ -334,8 +357,9 @@ class WardenLauncher:
         return SpawnedProcess(pid, to_w, from_r, log_r)
 
     def signal(self, pid: int, signum: int) -> None:
-        if pid in self._on_exit:
-            self._send(KillWorker(pid, signum))
+        warden = self._warden
+        if warden is not None and pid in warden.on_exit:
+            warden.send(KillWorker(pid, signum))
 
     async def aclose(self) -> None:
         self._closed = True
@@ -344,16 +368,21 @@ class WardenLauncher:
                 await asyncio.shield(self._starting)
             except LaunchError:
                 pass
-        if self._sock is None or self._exited is None:
+        warden = self._warden
+        if warden is None:
             return
-        # EOF on its control socket makes the warden kill and reap everything, then exit.
-        self._sock.shutdown(socket.SHUT_RDWR)
+        warden.close_control()
         try:
             async with asyncio.timeout(5.0):
-                await self._exited.wait()
+                await warden.exited.wait()
         except TimeoutError:
-            self._stop_warden(signal.SIGKILL)
-            await self._exited.wait()
+            warden.stop(signal.SIGKILL)
+            await warden.exited.wait()
+
+
+def _consume_exception(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _close_all(fds: tuple[int, ...]) -> None:

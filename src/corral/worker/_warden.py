@@ -234,28 +234,29 @@ class Warden:
                     pass
 
     def _teardown(self, why: str) -> NoReturn:
-        try:
-            everyone = psutil.Process().children(recursive=True)
-        except psutil.Error:
-            everyone = []
-        for pid in self._workers:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in everyone:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-        # Everything left is SIGKILLed; reap until no child remains (bounded by the kill).
+        """Kill every descendant, reap them all, exit. Repeats until no child is left, so a
+        process forked after one round's snapshot is caught by the next."""
         while True:
+            for pid in self._workers:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             try:
-                os.waitpid(-1, 0)
+                everyone = psutil.Process().children(recursive=True)
+            except psutil.Error:
+                everyone = []
+            for proc in everyone:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    pass
+            try:
+                os.waitpid(-1, 0)  # one of the SIGKILLed children (they die promptly)
             except ChildProcessError:
-                break
+                break  # no children left at all
             except InterruptedError:
-                continue
+                pass
         os._exit(0)
 
 

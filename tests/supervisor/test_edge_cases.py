@@ -1,5 +1,10 @@
-"""Review findings: each xfail test demonstrates a bug (strict: it must keep failing until
-fixed); unmarked tests pin down tricky paths that work. Real processes throughout.
+"""Edge cases and regressions of the supervisor core, with real processes throughout.
+
+* ``xfail(strict=True)``: a known limitation still present; the test must keep
+  failing until it is fixed (then drop the marker).
+* Unmarked tests marked "# Regression:": they failed
+  before the fix they guard.
+* The other unmarked tests pin down tricky paths that work.
 
 Kernels used here live in this module (workers import it by name)."""
 
@@ -21,7 +26,7 @@ from corral.supervisor.handle import WorkerHandle
 from tests.helpers import pid_gone, wait_pid_gone
 from tests.kernels import Kernel
 
-HERE = "tests.supervisor.test_review_findings"
+HERE = "tests.supervisor.test_edge_cases"
 K = "tests.kernels:make"
 EVIL = f"{HERE}:make_evil"
 FAST: dict[str, Any] = {
@@ -61,6 +66,22 @@ class EvilKernel(Kernel):
     def status(self) -> Any:
         raise RuntimeError("a property that fails when looked up")
 
+    def start_nested_detached(self) -> int:
+        """worker -> A (own session, stays alive) -> G (A's plain child). Returns G's pid."""
+        import subprocess
+        import sys
+
+        code = (
+            "import subprocess, sys, time;"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']);"
+            "print(g.pid, flush=True); time.sleep(3600)"
+        )
+        self._a = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        assert self._a.stdout is not None
+        return int(self._a.stdout.readline())
+
     def close_requests(self) -> bool:
         os.close(3)  # the request pipe; fd 4 (replies) stays open, the process lives on
         return True
@@ -79,6 +100,14 @@ def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
     return handle
 
 
+async def _until(predicate: Any, seconds: float = 10.0) -> None:
+    """Turn the loop until ``predicate()`` holds (it reads corral's private state, for which
+    there is no event to wait on)."""
+    async with asyncio.timeout(seconds):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0)  # ok-sleep: one loop turn
+
+
 async def pid_of(sup: Supervisor, tenant: str) -> int:
     return int((await sup.call(tenant, "whoami"))["pid"])
 
@@ -86,12 +115,9 @@ async def pid_of(sup: Supervisor, tenant: str) -> int:
 # -- (a)/(d): a reply the supervisor cannot decode is never resolved ---------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: Result value with invalid UTF-8 raises UnicodeDecodeError (not caught in "
-    "handle._on_message) after _complete() popped the call: the caller hangs forever, its "
-    "timeout timer is cancelled, and the worker is not killed",
-    strict=True,
-)
+# Regression: Result value with invalid UTF-8 raises
+# UnicodeDecodeError (not caught in handle._on_message) after _complete() popped the call: the
+# caller hangs forever, its timeout timer is cancelled, and the worker is not killed
 async def test_undecodable_result_value_resolves_the_call_with_a_protocol_error() -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         handle: WorkerHandle | None = None
@@ -128,13 +154,10 @@ async def _expect_within(coro: Any, seconds: float) -> Any:
                 await task
 
 
-@pytest.mark.xfail(
-    reason="BUG: worker/_loop._send_failure encodes the kernel's message/traceback as-is; "
-    "a lone surrogate makes encode_frame raise UnicodeEncodeError inside the reader "
-    "callback, no reply is ever sent: the call hangs (timeout=None) or, with a timeout, "
-    "the healthy worker is killed and the caller gets CallTimeoutError",
-    strict=True,
-)
+# Regression: worker/_loop._send_failure encodes the kernel's
+# message/traceback as-is; a lone surrogate makes encode_frame raise UnicodeEncodeError inside the
+# reader callback, no reply is ever sent: the call hangs (timeout=None) or, with a timeout, the
+# healthy worker is killed and the caller gets CallTimeoutError
 @pytest.mark.parametrize("method", ["fail_surrogate", "async_fail_surrogate"])
 async def test_kernel_error_with_a_surrogate_in_its_message_is_reported(method: str) -> None:
     async with Supervisor(EVIL, **FAST) as sup:
@@ -142,13 +165,11 @@ async def test_kernel_error_with_a_surrogate_in_its_message_is_reported(method: 
             await _expect_within(sup.invoke("t", method, timeout=None), 5)
 
 
-@pytest.mark.xfail(
-    reason="BUG: worker/_loop: _await_reply/_dispatch catch Exception only and _lookup's "
-    "getattr() is unguarded: a CancelledError from the kernel (async or sync) or a property "
-    "that raises on lookup escapes without a reply (a sync escape also drops the rest of the "
-    "read batch): the call hangs (timeout=None) or its healthy worker is killed at the timeout",
-    strict=True,
-)
+# Regression: worker/_loop: _await_reply/_dispatch catch
+# Exception only and _lookup's getattr() is unguarded: a CancelledError from the kernel (async or
+# sync) or a property that raises on lookup escapes without a reply (a sync escape also drops the
+# rest of the read batch): the call hangs (timeout=None) or its healthy worker is killed at the
+# timeout
 @pytest.mark.parametrize("method", ["raise_cancelled", "raise_cancelled_sync", "status"])
 async def test_the_worker_replies_to_every_call(method: str) -> None:
     async with Supervisor(EVIL, **FAST) as sup:
@@ -156,12 +177,9 @@ async def test_the_worker_replies_to_every_call(method: str) -> None:
             await _expect_within(sup.invoke("t", method, timeout=None), 5)
 
 
-@pytest.mark.xfail(
-    reason="BUG: _PipeWriter swallows EPIPE (sets _broken) and never tells the handle: a "
-    "worker that closed its request pipe but lives on silently drops every later call "
-    "(hang with timeout=None; with a timeout the call times out instead of failing fast)",
-    strict=True,
-)
+# Regression: _PipeWriter swallows EPIPE (sets _broken) and never
+# tells the handle: a worker that closed its request pipe but lives on silently drops every later
+# call (hang with timeout=None; with a timeout the call times out instead of failing fast)
 async def test_worker_that_closes_its_request_pipe_fails_calls_fast() -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         assert await sup.call("t", "close_requests") is True
@@ -211,19 +229,20 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-@pytest.mark.xfail(
-    reason="BUG: WorkerHandle.start() lets non-LaunchError exceptions escape into the "
-    "supervisor's TaskGroup (process.py: socketpair/os.pipe/pidfd_open OSError e.g. EMFILE, "
-    "Popen ValueError for a NUL in env): the TaskGroup dies, the caller hangs in "
-    "_wait_ready forever, other tenants get RuntimeError and aclose() hangs",
-    strict=True,
-)
+# Regression: WorkerHandle.start() lets non-LaunchError
+# exceptions escape into the supervisor's TaskGroup (process.py: socketpair/os.pipe/pidfd_open
+# OSError e.g. EMFILE, Popen ValueError for a NUL in env): the TaskGroup dies, the caller hangs in
+# _wait_ready forever, other tenants get RuntimeError and aclose() hangs
 @pytest.mark.parametrize("trigger", ["nul-in-env", "emfile"])
 async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger: str) -> None:
     import resource
 
     env = {"BAD": "a\x00b"} if trigger == "nul-in-env" else {}
-    sup = Supervisor(K, env=env, memory_check_interval=3600, **FAST)
+    try:
+        sup = Supervisor(K, env=env, memory_check_interval=3600, **FAST)
+    except ValueError:
+        assert trigger == "nul-in-env"
+        return  # rejected at configuration time: as good as a StartError
     await sup.start()
     try:
         if trigger == "emfile":
@@ -232,9 +251,7 @@ async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger:
             resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # every new fd: EMFILE
             call = asyncio.ensure_future(sup.call("t", "echo", 1))
             try:
-                async with asyncio.timeout(5):
-                    while not (call.done() or (sup._runner and sup._runner.done())):
-                        await asyncio.sleep(0)
+                await _until(lambda: call.done() or (sup._runner and sup._runner.done()), 5)
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
@@ -263,12 +280,10 @@ def _queued_bytes(sock: Any) -> int:
     return buf[0]
 
 
-@pytest.mark.xfail(
-    reason="BUG: when WorkerSpawned and WorkerExited arrive in one read, handle._on_exit runs "
-    "before start() resumes; start() then registers the pipes of a DEAD handle (no state "
-    "check), writes Start, arms the start timer and never closes to_worker/from_worker",
-    strict=True,
-)
+# Regression: when WorkerSpawned and WorkerExited arrive in one
+# read, handle._on_exit runs before start() resumes; start() then registers the pipes of a DEAD
+# handle (no state check), writes Start, arms the start timer and never closes
+# to_worker/from_worker
 async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
     import time
 
@@ -278,15 +293,14 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
         await sup.call("warm", "echo", 1)
         launcher = sup._launcher
         assert isinstance(launcher, corral.supervisor.process.WardenLauncher)
-        assert launcher.warden_pid is not None and launcher._sock is not None
+        assert launcher.warden_pid is not None and launcher._warden is not None
         warden = psutil.Process(launcher.warden_pid)
         known = {c.pid for c in warden.children()}
         call = asyncio.ensure_future(sup.call("t", "echo", 1))
-        async with asyncio.timeout(5):
-            while not launcher._pending or launcher._outbox:
-                await asyncio.sleep(0)
+        warden_state = launcher._warden
+        await _until(lambda: warden_state.pending and not warden_state._outbox, 5)
         handle = handle_of(sup, "t")
-        (request_id,) = launcher._pending
+        (request_id,) = warden_state.pending
         # Block the event loop (on purpose) while the new worker dies and the warden reports
         # both its spawn and its exit: the supervisor then reads the two records in one go.
         deadline = time.monotonic() + 5
@@ -297,9 +311,9 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
         both = len(encode_record(WorkerSpawned(request_id, pid))) + len(
             encode_record(WorkerExited(pid, -signal.SIGKILL))
         )
-        while _queued_bytes(launcher._sock) < both:
+        while _queued_bytes(warden_state.sock) < both:
             assert time.monotonic() < deadline, "the warden did not report the exit"
-        if request_id not in launcher._pending:
+        if request_id not in warden_state.pending:
             pytest.skip("the loop read WorkerSpawned before we blocked it (race lost)")
         try:
             with pytest.raises(corral.StartError):
@@ -325,14 +339,26 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
 # -- (e): when the warden dies, the workers' own children outlive it -----------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: workers die with the warden (PDEATHSIG), but their children are orphaned to "
-    "init and nobody kills them (_on_warden_exit only reports None exits). Also hit when "
-    "WardenLauncher itself SIGKILLs the warden (aclose after 5s, start timeout, bad record)",
-    strict=True,
+@pytest.mark.parametrize(
+    "detach",
+    [
+        pytest.param(False, id="same-group"),
+        pytest.param(
+            True,
+            id="detached",
+            marks=pytest.mark.xfail(
+                reason="LIMITATION until workers get a cgroup: a worker's child in a session of its own is "
+                "reparented to init when the warden dies; killpg of the workers' groups does "
+                "not reach it",
+                strict=True,
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("detach", [False, True])
 async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None:
+    """Once neither kind was killed: workers die with the warden (PDEATHSIG) but
+    nothing killed their children, which were orphaned to init. Now the launcher killpg()s
+    each worker's group in _on_warden_exit, which covers only the same-group case."""
     child: int | None = None
     try:
         async with Supervisor(K, **FAST) as sup:
@@ -354,41 +380,34 @@ async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None
 # -- (c): a cancelled start() leaves its runner behind -------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: Supervisor.start() sets RUNNING only after 'await started': if start() is "
-    "cancelled there, state stays NEW, aclose() returns at once and the runner task (with "
-    "its TTL sweeper and memory sampler) runs on forever",
-    strict=True,
-)
 async def test_cancelled_start_then_aclose_leaves_no_background_tasks() -> None:
     sup = Supervisor(K, **FAST)
     starting = asyncio.ensure_future(sup.start())
-    await asyncio.sleep(0)  # start() now waits for its runner
-    starting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await starting
-    await sup.aclose()
-    await asyncio.sleep(0)
-    left = [
-        t for t in asyncio.all_tasks() if t.get_name().startswith("corral-") and not t.done()
-    ]
+    await asyncio.sleep(0)  # start() has created its runner and waits for it
+    starting.cancel()  # e.g. the server's startup was cancelled
     try:
-        assert not left
+        async with asyncio.timeout(10):
+            await sup.aclose()  # inline, in this very step: before the runner has run at all
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await asyncio.sleep(0)
     finally:
+        left = [
+            t for t in asyncio.all_tasks() if t.get_name().startswith("corral-") and not t.done()
+        ]
         for task in left:
             task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.gather(*left, starting, return_exceptions=True)
+    assert not left
 
 
 # -- (a): max_frame_bytes above 64 MiB is accepted but the worker still caps at 64 MiB ----------
 
 
-@pytest.mark.xfail(
-    reason="BUG: worker/_loop.read_start builds FrameDecoder(ToWorker) with the default 64 MiB "
-    "cap and WorkerLoop keeps it: with max_frame_bytes > 64 MiB a large (valid) call makes "
-    "the worker exit 2 ('bad frame from supervisor') and the caller sees WorkerCrashedError",
-    strict=True,
-)
+# Regression: worker/_loop.read_start builds
+# FrameDecoder(ToWorker) with the default 64 MiB cap and WorkerLoop keeps it: with max_frame_bytes
+# > 64 MiB a large (valid) call makes the worker exit 2 ('bad frame from supervisor') and the
+# caller sees WorkerCrashedError
 async def test_max_frame_bytes_above_the_default_is_honoured_by_the_worker() -> None:
     from corral.ipc import DEFAULT_MAX_FRAME_BYTES
 
@@ -412,20 +431,18 @@ class _FlakyProbe:
         return {}
 
 
-@pytest.mark.xfail(
-    reason="BUG: Supervisor._sample_memory does not catch the probe's exceptions (ProbeThread "
-    "hands them to the awaiting task 'which decides'): one failed sample kills the TaskGroup; "
-    "from then on calls for new tenants raise RuntimeError('TaskGroup ... is finished')",
-    strict=True,
-)
+# Regression: Supervisor._sample_memory does not catch the
+# probe's exceptions (ProbeThread hands them to the awaiting task 'which decides'): one failed
+# sample kills the TaskGroup; from then on calls for new tenants raise RuntimeError('TaskGroup ...
+# is finished')
 async def test_a_failing_memory_sample_does_not_take_down_the_supervisor() -> None:
     sup = Supervisor(K, probe=_FlakyProbe(), memory_check_interval=0.01, **FAST)
     await sup.start()
     try:
         await sup.call("t", "echo", 1)
-        async with asyncio.timeout(5):
-            while sup._probe._probe.calls < 2 and not (sup._runner and sup._runner.done()):  # type: ignore[attr-defined]
-                await asyncio.sleep(0)
+        probe = sup._probe._probe
+        assert isinstance(probe, _FlakyProbe)
+        await _until(lambda: probe.calls >= 2 or (sup._runner and sup._runner.done()), 5)
         try:
             assert await _expect_within(sup.call("u", "echo", 2), 5) == 2
         except RuntimeError as exc:
@@ -448,11 +465,14 @@ async def test_evict_while_starting_fails_the_waiters_and_leaves_nothing(when: s
     async with Supervisor(factory, **FAST) as sup:
         await sup.call("warm", "echo", 1) if when == "before-pid" else None
         calls = [asyncio.ensure_future(sup.call("t", "echo", 1)) for _ in range(3)]
+
+        def reached() -> bool:
+            h = sup._table.peek("t")
+            return h is not None and (h.pid is None) == (when == "before-pid")
+
         async with asyncio.timeout(10):
-            while (handle := sup._table.peek("t")) is None or (
-                (handle.pid is None) != (when == "before-pid")
-            ):
-                await asyncio.sleep(0)
+            await _until(reached)
+            handle = handle_of(sup, "t")
             assert handle.state.value == "starting"
             assert await sup.evict("t") is True
             results = await asyncio.gather(*calls, return_exceptions=True)
@@ -467,8 +487,8 @@ async def test_aclose_while_a_worker_starts_fails_waiters_with_closed_error() ->
     await sup.start()
     call = asyncio.ensure_future(sup.call("t", "echo", 1))
     async with asyncio.timeout(10):
-        while (handle := sup._table.peek("t")) is None or handle.pid is None:
-            await asyncio.sleep(0)
+        await _until(lambda: (h := sup._table.peek("t")) is not None and h.pid is not None)
+        handle = handle_of(sup, "t")
         await sup.aclose()
         with pytest.raises(corral.SupervisorClosedError):
             await call
@@ -558,12 +578,9 @@ print("main returned", flush=True)
 """
 
 
-@pytest.mark.xfail(
-    reason="BUG: memory.ProbeThread starts a non-daemon thread that only aclose() stops: if "
-    "aclose() never runs or never reaches it (forgotten, TaskGroup crashed, aclose hung), the "
-    "host process hangs forever at interpreter exit",
-    strict=True,
-)
+# Regression: memory.ProbeThread starts a non-daemon thread that
+# only aclose() stops: if aclose() never runs or never reaches it (forgotten, TaskGroup crashed,
+# aclose hung), the host process hangs forever at interpreter exit
 def test_host_that_never_closed_the_supervisor_can_still_exit() -> None:
     import subprocess
     import sys
@@ -587,3 +604,81 @@ def test_host_that_never_closed_the_supervisor_can_still_exit() -> None:
         if host.poll() is None:
             host.kill()
             host.communicate()
+
+
+# -- (e)/(c): the warden's orphan sweep is one level deep ----------------------------------------
+
+
+# Regression: after a worker exits, _warden._reap kills its
+# process group and then only the warden's *direct* non-worker children (_kill_orphans, not
+# recursive): a detached child A is killed but A's own child G is reparented to the warden
+# afterwards and lives on after evict() returned / the crash was reported, alongside the tenant's
+# next worker
+@pytest.mark.parametrize("how", ["evict", "crash"])
+async def test_a_detached_grandchild_under_a_live_child_is_reaped(how: str) -> None:
+    grandchild: int | None = None
+    try:
+        async with Supervisor(EVIL, **FAST) as sup:
+            grandchild = await sup.call("t", "start_nested_detached")
+            assert not pid_gone(grandchild)
+            if how == "evict":
+                await sup.evict("t")
+            else:
+                with pytest.raises(corral.WorkerCrashedError):
+                    await sup.call("t", "crash")
+            await wait_pid_gone(grandchild, timeout=3)
+    finally:
+        if grandchild is not None and not pid_gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+# -- (d): restarting the warden while the old one is still exiting ------------------------------
+
+_HOST_WARDEN_RESTART = """
+import asyncio, corral
+import corral.supervisor.process as process
+
+# As if the warden came from another corral install: every warden is refused after its
+# hello and sent SIGTERM; the next call starts a new warden while the old one tears down.
+# (A warden start timeout does the same with SIGKILL; that variant hangs about half the time.)
+process.PROTOCOL_VERSION = 99
+
+async def main():
+    sup = corral.Supervisor("tests.kernels:make")
+    await sup.start()
+    for i in range(3):
+        try:
+            await sup.call("t", "echo", i)
+        except corral.CorralError as exc:
+            print(type(exc).__name__, flush=True)
+    await sup.aclose()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_warden_restart_while_the_old_warden_exits_does_not_freeze_the_loop() -> None:
+    """A warden that is replaced (here: it speaks the wrong protocol version) must finish
+    exiting before its successor starts, and its exit must only touch its own state:
+    once, the old warden's exit closed the new one's pidfd and waited on the live new
+    process, blocking the event loop forever."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    host = subprocess.Popen(
+        [sys.executable, "-c", _HOST_WARDEN_RESTART],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        out, _ = host.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        host.kill()
+        out, _ = host.communicate()
+        pytest.fail(f"the host's event loop froze; it printed {out!r}")
+    assert out.split() == ["StartError"] * 3 + ["closed"], out
