@@ -347,7 +347,8 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
             True,
             id="detached",
             marks=pytest.mark.xfail(
-                reason="LIMITATION until workers get a cgroup: a worker's child in a session of its own is "
+                reason="LIMITATION until workers get a cgroup: a worker's child in a session "
+                "of its own is "
                 "reparented to init when the warden dies; killpg of the workers' groups does "
                 "not reach it",
                 strict=True,
