@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import psutil
 import pytest
 import pytest_asyncio
+from blockbuster import blockbuster_ctx
 
 _LEAK_DEADLINE = 10.0
 
@@ -40,8 +41,15 @@ def no_leftovers() -> Iterator[None]:
 
 @pytest_asyncio.fixture(autouse=True)
 async def no_pending_tasks() -> AsyncIterator[None]:
-    """A test (and the supervisors it closed) must leave no task running on its loop."""
-    yield
+    """A test (and the supervisors it closed) must leave no task running on its loop, and
+    corral's code must make no blocking call on the event loop while it runs."""
+    with blockbuster_ctx(["corral"]) as bb:
+        # The warden's one fork/exec per supervisor reads the exec status pipe (deliberate).
+        bb.functions["os.read"].can_block_in("corral/supervisor/process.py", "_launch")
+        # A callable factory imports dill once, in the (sync) constructor.
+        for function in bb.functions.values():
+            function.can_block_in("corral/supervisor/_api.py", "_serialise_factory")
+        yield
     current = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     assert not pending, f"test left tasks running: {pending}"

@@ -487,3 +487,14 @@ def test_bad_factories_are_rejected() -> None:
         Supervisor("not a factory")
     with pytest.raises(TypeError, match="import string or a callable"):
         Supervisor(42)  # type: ignore[arg-type]
+
+
+async def test_corral_installs_no_signal_handlers_in_the_host() -> None:
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in watched}
+    async with Supervisor(K, **FAST) as sup:
+        await sup.call("t", "echo", 1)
+        with pytest.raises(corral.WorkerCrashedError):
+            await sup.call("t", "crash")
+        assert {s: signal.getsignal(s) for s in watched} == before
+    assert {s: signal.getsignal(s) for s in watched} == before

@@ -90,14 +90,14 @@ class ProbeThread:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     async def aclose(self) -> None:
-        """Stop the thread; it has exited when this returns."""
+        """Stop the thread; it has finished its last statement when this returns."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         done: asyncio.Future[dict[int, int]] = asyncio.get_running_loop().create_future()
         self._requests.put((None, done))
-        await done
-        thread.join()  # it resolved ``done`` as its last act: this returns at once
+        await done  # the thread resolved this as its last act and is exiting (no join: that
+        # would block the loop, however briefly)
 
 
 def _set_result(fut: asyncio.Future[dict[int, int]], value: dict[int, int]) -> None:
