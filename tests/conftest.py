@@ -48,7 +48,7 @@ async def no_pending_tasks() -> AsyncIterator[None]:
         bb.functions["os.read"].can_block_in("corral/supervisor/process.py", "_launch")
         # A callable factory imports dill once, in the (sync) constructor.
         for function in bb.functions.values():
-            function.can_block_in("corral/supervisor/_api.py", "_serialise_factory")
+            function.can_block_in("corral/supervisor/config.py", "serialise_factory")
         yield
     current = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]

@@ -498,3 +498,18 @@ async def test_corral_installs_no_signal_handlers_in_the_host() -> None:
             await sup.call("t", "crash")
         assert {s: signal.getsignal(s) for s in watched} == before
     assert {s: signal.getsignal(s) for s in watched} == before
+
+
+async def test_a_flood_of_worker_output_is_bounded_and_the_worker_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="corral.worker")
+    async with Supervisor(K, **FAST) as sup:
+        assert await sup.call("t", "print_lines", 20_000) == 20_000
+        pid = await pid_of(sup, "t")
+        await sup.evict("t")  # closing the log pipe logs what is left and the dropped count
+        assert pid_gone(pid)
+    lines = [r for r in caplog.records if r.name == "corral.worker" and "line " in r.getMessage()]
+    dropped = [r for r in caplog.records if "output lines dropped" in r.getMessage()]
+    assert 0 < len(lines) < 20_000
+    assert dropped and all(getattr(r, "tenant", None) == "t" for r in dropped)

@@ -4,8 +4,9 @@ probe, and the public :class:`Supervisor` / :class:`SyncSupervisor`.
 Imports ``corral.ipc``; never ``corral.worker`` (that runs in other processes).
 """
 
-from corral.supervisor._api import DEFAULT_ENV_ALLOWLIST, Supervisor, SupervisorStats
+from corral.supervisor._api import Supervisor, SupervisorStats
 from corral.supervisor._sync import SyncSupervisor
+from corral.supervisor.config import DEFAULT_ENV_ALLOWLIST
 from corral.supervisor.handle import WorkerInfo
 from corral.supervisor.lifecycle import Rung, StopReason, StopReport, WorkerState
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
-import re
 import sys
 import time
 from collections import Counter
@@ -37,20 +35,26 @@ from corral.errors import (
 )
 from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
 from corral.supervisor.backoff import BackoffPolicy, RestartTracker
+from corral.supervisor.config import (
+    DEFAULT_ENV_ALLOWLIST,
+    Factory,
+    check_count,
+    check_seconds,
+    check_tenant,
+    serialise_factory,
+    worker_environment,
+)
 from corral.supervisor.handle import HandleOptions, WorkerHandle, WorkerInfo
 from corral.supervisor.lifecycle import StopReason, StopReport, WorkerState
 from corral.supervisor.memory import ProbeThread, ProcessProbe, PsutilProbe
 from corral.supervisor.process import Launcher, WardenLauncher
 from corral.supervisor.table import WorkerTable
 
-__all__ = ["DEFAULT_ENV_ALLOWLIST", "Supervisor", "SupervisorStats"]
+__all__ = ["Supervisor", "SupervisorStats"]
 
 log = logging.getLogger("corral")
 
-DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-"""Host environment variables a worker sees by default (everything else is dropped at exec)."""
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 # Failures that count towards a tenant's restart intensity.
 _FAILURES = frozenset(
     {
@@ -64,8 +68,6 @@ _FAILURES = frozenset(
 )
 _SWEEP_MAX_WAIT = 30.0  # the sweeper also prunes backoff records; it wakes at least this often
 _FRAME_OVERHEAD = 64  # bytes of Call envelope around the encoded arguments, generously
-
-Factory = str | Callable[[str], Any]
 
 
 class _State(enum.Enum):
@@ -146,11 +148,10 @@ class Supervisor:
         probe: ProcessProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
-        _check_seconds("idle_ttl", idle_ttl, allow_none=True, allow_zero=True)
-        _check_seconds("call_timeout", call_timeout, allow_none=True)
-        _check_seconds("drain_timeout", drain_timeout, allow_none=True, allow_zero=True)
+        check_count("max_workers", max_workers, minimum=1)
+        check_seconds("idle_ttl", idle_ttl, allow_none=True, allow_zero=True)
+        check_seconds("call_timeout", call_timeout, allow_none=True)
+        check_seconds("drain_timeout", drain_timeout, allow_none=True, allow_zero=True)
         for name, value in (
             ("start_timeout", start_timeout),
             ("shutdown_timeout", shutdown_timeout),
@@ -158,8 +159,8 @@ class Supervisor:
             ("kill_timeout", kill_timeout),
             ("memory_check_interval", memory_check_interval),
         ):
-            _check_seconds(name, value)
-        _check_seconds("pool_timeout", pool_timeout, allow_zero=True)
+            check_seconds(name, value)
+        check_seconds("pool_timeout", pool_timeout, allow_zero=True)
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(
                 f"start_method must be 'forkserver' or 'spawn', got {start_method!r} "
@@ -167,12 +168,8 @@ class Supervisor:
             )
         if not 1024 <= max_frame_bytes <= 2**32 - 1:
             raise ValueError(f"max_frame_bytes must be in 1024..{2**32 - 1}, got {max_frame_bytes}")
-        factory_ref, factory_blob = _serialise_factory(factory)
-        worker_env = {k: os.environ[k] for k in env_allowlist if k in os.environ}
-        worker_env.update(env or {})
-        for key, setting in worker_env.items():
-            if not key or "=" in key or "\0" in key or "\0" in str(setting):
-                raise ValueError(f"env: {key!r} is not a valid environment variable")
+        factory_ref, factory_blob = serialise_factory(factory)
+        worker_env = worker_environment(env_allowlist, env)
         self._start_msg = Start(
             tenant="",
             factory=factory_ref,
@@ -339,8 +336,8 @@ class Supervisor:
         (seconds, or None for no limit)."""
         timeout_s = self._call_timeout if timeout == "default" else timeout
         if timeout_s is not None:
-            _check_seconds("timeout", timeout_s)
-        _check_tenant(tenant)
+            check_seconds("timeout", timeout_s)
+        check_tenant(tenant)
         if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
             raise InvalidCallError(f"method must be a public identifier, got {method!r}")
         try:
@@ -366,7 +363,7 @@ class Supervisor:
         Raises:
             StartError, BackoffError, CapacityError, SupervisorClosedError: as for :meth:`call`.
         """
-        _check_tenant(tenant)
+        check_tenant(tenant)
         return (await self._acquire(tenant)).info()
 
     async def evict(self, tenant: str) -> bool:
@@ -377,7 +374,7 @@ class Supervisor:
 
         **Cancellation:** the stop goes on; only the wait is abandoned.
         """
-        _check_tenant(tenant)
+        check_tenant(tenant)
         handle = self._table.peek(tenant)
         if handle is None:
             return False
@@ -576,40 +573,3 @@ class Supervisor:
                     if h.pid is not None:
                         h.rss = sample.get(h.pid, h.rss)
             await asyncio.sleep(self._memory_interval)
-
-
-def _check_seconds(
-    name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
-) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"{name} must be a number of seconds, got None")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _check_tenant(tenant: object) -> None:
-    if not isinstance(tenant, str) or not tenant:
-        raise ValueError(f"tenant must be a non-empty str, got {tenant!r}")
-
-
-def _serialise_factory(factory: Factory) -> tuple[str | None, bytes | None]:
-    if isinstance(factory, str):
-        if not _FACTORY_RE.match(factory):
-            raise ValueError(f"factory must look like 'package.module:callable', got {factory!r}")
-        return factory, None
-    if not callable(factory):
-        raise TypeError(
-            f"factory must be an import string or a callable, got {type(factory).__name__}"
-        )
-    import dill  # trusted direction only: supervisor -> worker
-
-    try:
-        return None, bytes(dill.dumps(factory, recurse=True))
-    except Exception as exc:
-        raise TypeError(
-            f"factory {factory!r} cannot be carried to the worker by dill: {exc}"
-        ) from exc

@@ -14,7 +14,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
 from corral.errors import SupervisorClosedError
-from corral.supervisor._api import Factory, Supervisor, SupervisorStats
+from corral.supervisor._api import Supervisor, SupervisorStats
+from corral.supervisor.config import Factory
 from corral.supervisor.handle import WorkerInfo
 
 __all__ = ["SyncSupervisor"]

@@ -50,17 +50,14 @@ from corral.ipc import (
     encode_frame,
 )
 from corral.supervisor.lifecycle import Event, Rung, StopReason, StopReport, WorkerState, transition
+from corral.supervisor.pipes import LogSink, PipeWriter
 from corral.supervisor.process import Launcher, LaunchError
 
 __all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
 
 log = logging.getLogger("corral")
-worker_log = logging.getLogger("corral.worker")
 
 _READ_CHUNK = 256 * 1024
-_LOG_LINE_MAX = 4096
-_LOG_LINES_PER_SECOND = 200.0
-_LOG_BURST = 1000.0
 
 S = WorkerState
 
@@ -99,125 +96,6 @@ class _Pending(NamedTuple):
     future: asyncio.Future[Any]
     timer: asyncio.TimerHandle | None
     method: str
-
-
-class _PipeWriter:
-    """Non-blocking writes to a pipe: direct when possible, else buffered until writable."""
-
-    def __init__(
-        self, fd: int, loop: asyncio.AbstractEventLoop, on_broken: Callable[[], None]
-    ) -> None:
-        self._fd = fd
-        self._loop = loop
-        self._on_broken = on_broken  # called once if the worker closed its end
-        self._buf = bytearray()
-        self._broken = False
-
-    def write(self, data: bytes | bytearray) -> None:
-        if self._broken or self._fd < 0:
-            return
-        if not self._buf:
-            try:
-                n = os.write(self._fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:  # EPIPE: the worker closed its end (or is gone)
-                self._break()
-                return
-            if n == len(data):
-                return
-            self._buf += memoryview(data)[n:]
-            self._loop.add_writer(self._fd, self._flush)
-        else:
-            self._buf += data
-
-    def _flush(self) -> None:
-        try:
-            n = os.write(self._fd, self._buf)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._break()
-            return
-        del self._buf[:n]
-        if not self._buf:
-            self._loop.remove_writer(self._fd)
-
-    def _break(self) -> None:
-        self._broken = True
-        self._buf.clear()
-        self._loop.remove_writer(self._fd)
-        self._on_broken()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_writer(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-        self._buf.clear()
-
-
-class _LogSink:
-    """Drains a worker's stdout/stderr into logging, line by line, bounded in
-    line length and rate (a flooding kernel loses lines, not the supervisor)."""
-
-    def __init__(self, fd: int, tenant: str, pid: int, loop: asyncio.AbstractEventLoop) -> None:
-        self._fd = fd
-        self._tenant = tenant
-        self._pid = pid
-        self._loop = loop
-        self._partial = b""
-        self._tokens = _LOG_BURST
-        self._stamp = time.monotonic()
-        self._dropped = 0
-        loop.add_reader(fd, self._on_readable)
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > _LOG_LINE_MAX:
-            lines.append(self._partial)
-            self._partial = b""
-        for line in lines:
-            self._emit(line)
-
-    def _emit(self, line: bytes) -> None:
-        now = time.monotonic()
-        self._tokens = min(_LOG_BURST, self._tokens + (now - self._stamp) * _LOG_LINES_PER_SECOND)
-        self._stamp = now
-        if self._tokens < 1:
-            self._dropped += 1
-            return
-        self._tokens -= 1
-        text = line[:_LOG_LINE_MAX].decode("utf-8", "replace")
-        extra = {"tenant": self._tenant, "pid": self._pid}
-        if self._dropped:
-            worker_log.warning(
-                "[%s] %d output lines dropped (rate limit)",
-                self._tenant,
-                self._dropped,
-                extra=extra,
-            )
-            self._dropped = 0
-        worker_log.info("[%s] %s", self._tenant, text, extra=extra)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            if self._partial:
-                self._emit(self._partial)
-                self._partial = b""
 
 
 class WorkerHandle:
@@ -259,9 +137,9 @@ class WorkerHandle:
         self._decoder: FrameDecoder[FromWorker] = FrameDecoder(
             FromWorker, max_frame_bytes=options.max_frame_bytes
         )
-        self._writer: _PipeWriter | None = None
+        self._writer: PipeWriter | None = None
         self._reader_fd = -1
-        self._log: _LogSink | None = None
+        self._log: LogSink | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._ready.add_done_callback(_consume_exception)
         self._dead = asyncio.Event()
@@ -334,10 +212,10 @@ class WorkerHandle:
             for fd in (proc.to_worker, proc.from_worker, proc.log):
                 os.close(fd)
             return
-        self._writer = _PipeWriter(proc.to_worker, self._loop, self._on_eof)
+        self._writer = PipeWriter(proc.to_worker, self._loop, self._on_eof)
         self._reader_fd = proc.from_worker
         self._loop.add_reader(proc.from_worker, self._on_readable)
-        self._log = _LogSink(proc.log, self.tenant, proc.pid, self._loop)
+        self._log = LogSink(proc.log, self.tenant, proc.pid, self._loop)
         if self.state is S.STOPPING:  # evicted (or closed) while the launcher worked
             self._begin_stop(Rung.KILL)
             return
@@ -718,8 +596,6 @@ class WorkerHandle:
         if self._writer is not None:
             self._writer.close()
         if self._log is not None:
-            # Drain what is already in the pipe so the last words of a crash are logged.
-            self._log._on_readable()
             self._log.close()
 
 

@@ -1,0 +1,89 @@
+"""Checking a Supervisor's options before anything starts.
+
+Covers: numbers of seconds and counts, tenant keys, the factory (an import
+string checked for shape, or a callable serialised with dill here, so that an
+unpicklable factory fails at construction, not at the first call), and the
+workers' environment (allowlist plus extras, validated). Not here: what the
+options do (see :mod:`corral.supervisor._api`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_ENV_ALLOWLIST",
+    "Factory",
+    "check_count",
+    "check_seconds",
+    "check_tenant",
+    "serialise_factory",
+    "worker_environment",
+]
+
+DEFAULT_ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+"""Host environment variables a worker sees by default (everything else is dropped at exec)."""
+
+Factory = str | Callable[[str], Any]
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_seconds(
+    name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
+) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be a number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_tenant(tenant: object) -> None:
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"tenant must be a non-empty str, got {tenant!r}")
+
+
+def serialise_factory(factory: Factory) -> tuple[str | None, bytes | None]:
+    if isinstance(factory, str):
+        if not _FACTORY_RE.match(factory):
+            raise ValueError(f"factory must look like 'package.module:callable', got {factory!r}")
+        return factory, None
+    if not callable(factory):
+        raise TypeError(
+            f"factory must be an import string or a callable, got {type(factory).__name__}"
+        )
+    import dill  # trusted direction only: supervisor -> worker
+
+    try:
+        return None, bytes(dill.dumps(factory, recurse=True))
+    except Exception as exc:
+        raise TypeError(
+            f"factory {factory!r} cannot be carried to the worker by dill: {exc}"
+        ) from exc
+
+
+def worker_environment(
+    allowlist: tuple[str, ...], extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """The complete environment of the warden and every worker: the allowlisted host
+    variables plus ``extra``. Raises ValueError for a name or value exec would refuse."""
+    env = {k: os.environ[k] for k in allowlist if k in os.environ}
+    env.update(extra or {})
+    for key, setting in env.items():
+        if not isinstance(key, str) or not isinstance(setting, str):
+            raise ValueError(f"env: names and values must be str, got {key!r}={setting!r}")
+        if not key or "=" in key or "\0" in key or "\0" in setting:
+            raise ValueError(f"env: {key!r} is not a valid environment variable")
+    return env

@@ -1,0 +1,169 @@
+"""Non-blocking pipe I/O for one worker, on the supervisor's event loop.
+
+:class:`PipeWriter` writes request frames (directly when the pipe has room,
+else buffered until it is writable) and reports a broken pipe once.
+:class:`LogSink` drains a worker's stdout/stderr into the ``corral.worker``
+logger, bounded in line length and rate. Neither starts a task or a thread:
+both are ``add_writer``/``add_reader`` callbacks. Reading the reply pipe is the
+handle's own job (see :mod:`corral.supervisor.handle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+__all__ = ["LogSink", "PipeWriter"]
+
+worker_log = logging.getLogger("corral.worker")
+
+_LOG_LINE_MAX = 4096
+_LOG_LINES_PER_SECOND = 200.0
+_LOG_BURST = 1000.0
+
+
+class PipeWriter:
+    """Non-blocking writes to a pipe: direct when possible, else buffered until writable."""
+
+    def __init__(
+        self, fd: int, loop: asyncio.AbstractEventLoop, on_broken: Callable[[], None]
+    ) -> None:
+        self._fd = fd
+        self._loop = loop
+        self._on_broken = on_broken  # called once if the worker closed its end
+        self._buf = bytearray()
+        self._broken = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self._broken or self._fd < 0:
+            return
+        if not self._buf:
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:  # EPIPE: the worker closed its end (or is gone)
+                self._break()
+                return
+            if n == len(data):
+                return
+            self._buf += memoryview(data)[n:]
+            self._loop.add_writer(self._fd, self._flush)
+        else:
+            self._buf += data
+
+    def _flush(self) -> None:
+        try:
+            n = os.write(self._fd, self._buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._break()
+            return
+        del self._buf[:n]
+        if not self._buf:
+            self._loop.remove_writer(self._fd)
+
+    def _break(self) -> None:
+        self._broken = True
+        self._buf.clear()
+        self._loop.remove_writer(self._fd)
+        self._on_broken()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_writer(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._buf.clear()
+
+
+class LogSink:
+    """Drains a worker's stdout/stderr into logging, line by line, bounded in
+    line length and rate (a flooding kernel loses lines, not the supervisor)."""
+
+    def __init__(self, fd: int, tenant: str, pid: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._fd = fd
+        self._tenant = tenant
+        self._pid = pid
+        self._loop = loop
+        self._partial = b""
+        self._tokens = _LOG_BURST
+        self._stamp = time.monotonic()
+        self._dropped = 0
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._release()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _LOG_LINE_MAX:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        now = time.monotonic()
+        self._tokens = min(_LOG_BURST, self._tokens + (now - self._stamp) * _LOG_LINES_PER_SECOND)
+        self._stamp = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return
+        self._tokens -= 1
+        text = line[:_LOG_LINE_MAX].decode("utf-8", "replace")
+        extra = {"tenant": self._tenant, "pid": self._pid}
+        if self._dropped:
+            worker_log.warning(
+                "[%s] %d output lines dropped (rate limit)",
+                self._tenant,
+                self._dropped,
+                extra=extra,
+            )
+            self._dropped = 0
+        worker_log.info("[%s] %s", self._tenant, text, extra=extra)
+
+    def close(self) -> None:
+        """Log what is already in the pipe (the last words of a crash), then close it."""
+        for _ in range(16):  # bounded: a flooding grandchild could keep it full forever
+            if self._fd < 0:
+                return
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError:  # BlockingIOError: nothing more for now
+                break
+            if not data:
+                break
+            self._feed(data)
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+            if self._dropped:
+                worker_log.warning(
+                    "[%s] %d output lines dropped (rate limit)",
+                    self._tenant,
+                    self._dropped,
+                    extra={"tenant": self._tenant, "pid": self._pid},
+                )
+                self._dropped = 0
