@@ -513,3 +513,27 @@ async def test_a_flood_of_worker_output_is_bounded_and_the_worker_keeps_serving(
     dropped = [r for r in caplog.records if "output lines dropped" in r.getMessage()]
     assert 0 < len(lines) < 20_000
     assert dropped and all(getattr(r, "tenant", None) == "t" for r in dropped)
+
+
+async def test_structs_and_dataclasses_travel_as_maps_and_rss_is_sampled() -> None:
+    import dataclasses
+
+    import msgspec
+
+    class Point(msgspec.Struct):
+        x: int
+        y: int
+
+    @dataclasses.dataclass
+    class Box:
+        name: str
+        size: tuple[int, int]
+
+    async with Supervisor(K, memory_check_interval=0.05, **FAST) as sup:
+        assert await sup.call("t", "echo", Point(1, 2)) == {"x": 1, "y": 2}
+        assert await sup.call("t", "echo", Box("b", (3, 4))) == {"name": "b", "size": [3, 4]}
+        async with asyncio.timeout(10):
+            while sup.stats().workers[0].rss is None:  # noqa: ASYNC110 (sampler has no event)
+                await asyncio.sleep(0.05)  # ok-sleep: waiting for the periodic sampler
+        rss = sup.stats().workers[0].rss
+        assert rss is not None and 1 << 20 < rss < 1 << 30
