@@ -52,7 +52,7 @@ def assert_demo_passed(result: subprocess.CompletedProcess[str]) -> None:
         "corral: worker stopped (idle_ttl, ask)",
         "worker output: [bob] notebook for bob closing with 1 notes",
         "corral: worker stopped (evicted, ask)",
-        "stops by reason: call_timeout=1, crashed=1, evicted=1, idle_ttl=1, lru=1",
+        "stops by reason: crashed=1, evicted=1, idle_ttl=1, lru=1, timeout=1",
         "All 8 steps behaved as expected",
     ):
         assert line in out, f"missing {line!r} in:\n{out}"

@@ -26,6 +26,8 @@ __all__ = [
     "CorralError",
     "InvalidCallError",
     "KernelError",
+    "MemoryLimitError",
+    "MemoryPressureError",
     "ProtocolError",
     "StartError",
     "SupervisorClosedError",
@@ -129,6 +131,26 @@ class WorkerStoppedError(WorkerError):
     def __init__(self, message: str, *, tenant: str, pid: int | None, reason: str) -> None:
         self.reason = reason
         super().__init__(message, tenant=tenant, pid=pid)
+
+
+class MemoryLimitError(WorkerError):
+    """The worker hit its memory limit during the call: the OS stopped it at
+    ``worker_memory_hard_limit`` (killed in its cgroup, or ``MemoryError`` under an
+    rlimit). The worker is gone or being replaced. ``limit`` is in bytes."""
+
+    def __init__(self, message: str, *, tenant: str, pid: int | None, limit: int | None) -> None:
+        self.limit = limit
+        super().__init__(message, tenant=tenant, pid=pid)
+
+
+class MemoryPressureError(CorralError):
+    """The host (or corral's workers together) are short of memory: no new worker is
+    started until memory is back above the threshold. Try again later."""
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        self.reason = reason  # "host_pressure" or "total_memory"
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class CallTimeoutError(WorkerError, TimeoutError):

@@ -69,16 +69,21 @@ SAMPLES: dict[Any, list[Any]] = {
         *(CallFailed(id=9, kind=kind, error=ERROR) for kind in typing.get_args(ErrorKind)),
     ],
     ToWarden: [
-        SpawnWorker(id=1, exec=True),
-        SpawnWorker(id=2, exec=False),
+        SpawnWorker(id=1, exec=True, memory_limit=None, memory_method="rlimit"),
+        SpawnWorker(id=2, exec=False, memory_limit=256 << 20, memory_method="cgroup"),
         KillWorker(pid=4242, signal=9),
     ],
     FromWarden: [
-        WardenHello(protocol_version=PROTOCOL_VERSION, pid=100),
+        WardenHello(
+            protocol_version=PROTOCOL_VERSION,
+            pid=100,
+            memory_cgroups=True,
+            memory_cgroups_detail="cgroup v1 memory",
+        ),
         WorkerSpawned(id=1, pid=4242),
         SpawnFailed(id=2, message="fork: Resource temporarily unavailable"),
-        WorkerExited(pid=4242, returncode=-9),
-        WorkerExited(pid=4243, returncode=0),
+        WorkerExited(pid=4242, returncode=-9, oom_killed=True),
+        WorkerExited(pid=4243, returncode=0, oom_killed=False),
     ],
 }
 UNIONS = {
@@ -184,8 +189,11 @@ def test_unknown_tag_is_a_violation(union: Any) -> None:
         (ToWorker, Hello(protocol_version=1, pid=1)),
         (FromWorker, Call(id=1, method="m", args=raw(None))),
         (ToWarden, WorkerSpawned(id=1, pid=2)),
-        (FromWarden, SpawnWorker(id=1, exec=True)),
-        (FromWorker, WardenHello(protocol_version=1, pid=1)),
+        (FromWarden, SpawnWorker(id=1, exec=True, memory_limit=None, memory_method="rlimit")),
+        (
+            FromWorker,
+            WardenHello(protocol_version=1, pid=1, memory_cgroups=False, memory_cgroups_detail=""),
+        ),
     ],
     ids=lambda v: getattr(v, "__name__", type(v).__name__),
 )

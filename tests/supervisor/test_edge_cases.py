@@ -23,6 +23,7 @@ import pytest
 import corral
 from corral import Supervisor
 from corral.supervisor.handle import WorkerHandle
+from corral.supervisor.memory import MemorySample
 from tests.helpers import pid_gone, wait_pid_gone
 from tests.kernels import Kernel
 
@@ -309,7 +310,7 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
         (pid,) = new
         os.kill(pid, signal.SIGKILL)
         both = len(encode_record(WorkerSpawned(request_id, pid))) + len(
-            encode_record(WorkerExited(pid, -signal.SIGKILL))
+            encode_record(WorkerExited(pid, -signal.SIGKILL, False))
         )
         while _queued_bytes(warden_state.sock) < both:
             assert time.monotonic() < deadline, "the warden did not report the exit"
@@ -425,11 +426,11 @@ class _FlakyProbe:
     def __init__(self) -> None:
         self.calls = 0
 
-    def rss(self, pids: Any) -> dict[int, int]:
+    def sample(self, roots: Any) -> MemorySample:
         self.calls += 1
         if self.calls == 1:
             raise OSError("transient /proc failure")
-        return {}
+        return MemorySample({}, 1 << 34, 1 << 34)
 
 
 # Regression: Supervisor._sample_memory does not catch the

@@ -292,7 +292,7 @@ async def test_timeout_kills_the_worker_while_other_tenants_carry_on(start_metho
         assert isinstance(err.value, TimeoutError)
         await wait_pid_gone(pid)
         assert await pid_of(sup, "t") != pid
-        assert sup.stats().stops == {"call_timeout": 1}
+        assert sup.stats().stops == {"timeout": 1}
 
 
 async def test_per_call_timeout_overrides_the_default() -> None:

@@ -390,7 +390,7 @@ async def _stats(t: _Tour) -> None:
     t.screen.say(
         "stops by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.stops.items()))
     )
-    expected = {"lru": 1, "crashed": 1, "call_timeout": 1, "idle_ttl": 1, "evicted": 1}
+    expected = {"lru": 1, "crashed": 1, "timeout": 1, "idle_ttl": 1, "evicted": 1}
     _expect(stats.stops == expected, f"stops should be {expected}, got {stats.stops}")
     _expect(
         stats.starts == 6, f"six workers were started (a, b, c, d, c, a), stats says {stats.starts}"

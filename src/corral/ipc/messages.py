@@ -129,10 +129,15 @@ class SpawnWorker(_Msg, frozen=True, tag="spawn"):
     """Start a worker on the three fds sent with this message (in, out, log).
 
     ``exec`` selects a fresh interpreter (fork + exec) over a plain fork of the warden.
+    ``memory_limit`` (bytes) is enforced by the OS: a memory cgroup of its own when the
+    warden has them and ``memory_method`` allows (``"cgroup"``), else ``RLIMIT_DATA``
+    (``"rlimit"``).
     """
 
     id: int
     exec: bool
+    memory_limit: int | None
+    memory_method: Literal["cgroup", "rlimit"]
 
 
 class KillWorker(_Msg, frozen=True, tag="kill"):
@@ -148,6 +153,8 @@ ToWarden = SpawnWorker | KillWorker
 class WardenHello(_Msg, frozen=True, tag="warden_hello"):
     protocol_version: int
     pid: int
+    memory_cgroups: bool  # per-worker memory cgroups are available
+    memory_cgroups_detail: str  # what is in force, or why cgroups are not
 
 
 class WorkerSpawned(_Msg, frozen=True, tag="spawned"):
@@ -161,10 +168,12 @@ class SpawnFailed(_Msg, frozen=True, tag="spawn_failed"):
 
 
 class WorkerExited(_Msg, frozen=True, tag="exited"):
-    """The warden reaped worker ``pid``; ``returncode`` < 0 is a signal number."""
+    """The warden reaped worker ``pid``; ``returncode`` < 0 is a signal number;
+    ``oom_killed``: the OOM killer acted in the worker's memory cgroup."""
 
     pid: int
     returncode: int
+    oom_killed: bool
 
 
 FromWarden = WardenHello | WorkerSpawned | SpawnFailed | WorkerExited

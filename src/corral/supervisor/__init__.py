@@ -4,7 +4,7 @@ probe, and the public :class:`Supervisor` / :class:`SyncSupervisor`.
 Imports ``corral.ipc``; never ``corral.worker`` (that runs in other processes).
 """
 
-from corral.supervisor._api import Supervisor, SupervisorStats
+from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
 from corral.supervisor._sync import SyncSupervisor
 from corral.supervisor.config import DEFAULT_ENV_ALLOWLIST
 from corral.supervisor.handle import WorkerInfo
@@ -18,6 +18,7 @@ __all__ = [
     "Supervisor",
     "SupervisorStats",
     "SyncSupervisor",
+    "WorkerEvent",
     "WorkerInfo",
     "WorkerState",
 ]

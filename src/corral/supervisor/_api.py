@@ -31,6 +31,8 @@ from corral.errors import (
     BackoffError,
     CapacityError,
     InvalidCallError,
+    MemoryPressureError,
+    StartError,
     SupervisorClosedError,
 )
 from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
@@ -39,6 +41,7 @@ from corral.supervisor.config import (
     DEFAULT_ENV_ALLOWLIST,
     Factory,
     check_count,
+    check_memory,
     check_seconds,
     check_tenant,
     serialise_factory,
@@ -46,11 +49,17 @@ from corral.supervisor.config import (
 )
 from corral.supervisor.handle import HandleOptions, WorkerHandle, WorkerInfo
 from corral.supervisor.lifecycle import StopReason, StopReport, WorkerState
-from corral.supervisor.memory import ProbeThread, ProcessProbe, PsutilProbe
+from corral.supervisor.memory import (
+    MemoryPolicy,
+    MemorySample,
+    ProbeThread,
+    ProcessProbe,
+    ProcTreeProbe,
+)
 from corral.supervisor.process import Launcher, WardenLauncher
 from corral.supervisor.table import WorkerTable
 
-__all__ = ["Supervisor", "SupervisorStats"]
+__all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]
 
 log = logging.getLogger("corral")
 
@@ -77,6 +86,21 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+class WorkerEvent(msgspec.Struct, frozen=True):
+    """A lifecycle event, given to the ``on_event`` hook.
+
+    ``kind`` is ``"ready"`` (the kernel is loaded) or ``"stopped"`` (the process is
+    gone; ``reason``, ``rung`` and ``returncode`` say why and how).
+    """
+
+    kind: str
+    tenant: str
+    pid: int | None
+    reason: str | None = None  # a StopReason value, e.g. "memory_limit"
+    rung: str | None = None  # a Rung value, e.g. "kill"
+    returncode: int | None = None
+
+
 class SupervisorStats(msgspec.Struct, frozen=True):
     """A snapshot of the supervisor (``Supervisor.stats()``)."""
 
@@ -86,6 +110,9 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     starts: int  # workers started (spawn requested)
     stops: dict[str, int]  # StopReason value -> count
     tenants_in_backoff: int
+    memory_enforcement: str  # how worker_memory_hard_limit is enforced here, or "none"
+    memory_baseline: int | None  # bytes a fresh worker weighed at start (with limits set)
+    memory_pressure: str | None  # what the pressure is, while it lasts
 
 
 class Supervisor:
@@ -116,7 +143,21 @@ class Supervisor:
         backoff_base / backoff_max: first and largest backoff, seconds (doubling).
         env: extra environment variables for workers (on top of ``env_allowlist``).
         env_allowlist: names copied from the host's environment into the workers'.
-        memory_check_interval: seconds between RSS samples for ``stats()``.
+        worker_memory_limit: bytes (soft): a worker whose process tree's RSS is above
+            this at a sample is replaced once its calls in flight finish.
+        worker_memory_hard_limit: bytes (hard): enforced by the OS, so that a worker can
+            never exceed it, not even between samples: a memory cgroup of its own where
+            corral can make one (root), else ``RLIMIT_DATA`` (see ``memory_method``).
+        min_available_memory: bytes, or a fraction of total RAM (0 < x < 1): while the
+            host has less available, idle workers are stopped one at a time (least
+            recently used first) and no new worker starts (``MemoryPressureError``).
+        max_total_memory: bytes for all workers' trees together; same response.
+        memory_method: how the hard limit is enforced: ``"auto"`` (cgroup if possible,
+            else rlimit, with a warning), ``"cgroup"`` (refuse to start without one) or
+            ``"rlimit"``.
+        memory_check_interval: seconds between memory samples.
+        on_event: called (on the event loop) with a :class:`WorkerEvent` when a worker
+            becomes ready and when it is gone, with the reason. Must not block.
         launcher: where workers run (default: a local warden); a seam for other backends.
         probe: how memory is read (default: psutil).
         clock: monotonic seconds, for the table and backoff (tests inject a fake).
@@ -143,12 +184,25 @@ class Supervisor:
         backoff_max: float = 60.0,
         env: Mapping[str, str] | None = None,
         env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST,
+        worker_memory_limit: int | None = None,
+        worker_memory_hard_limit: int | None = None,
+        min_available_memory: float | None = None,
+        max_total_memory: int | None = None,
+        memory_method: Literal["auto", "cgroup", "rlimit"] = "auto",
         memory_check_interval: float = 1.0,
+        on_event: Callable[[WorkerEvent], None] | None = None,
         launcher: Launcher | None = None,
         probe: ProcessProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_count("max_workers", max_workers, minimum=1)
+        check_memory(
+            worker_memory_limit, worker_memory_hard_limit, min_available_memory, max_total_memory
+        )
+        if memory_method not in ("auto", "cgroup", "rlimit"):
+            raise ValueError(
+                f"memory_method must be 'auto', 'cgroup' or 'rlimit', got {memory_method!r}"
+            )
         check_seconds("idle_ttl", idle_ttl, allow_none=True, allow_zero=True)
         check_seconds("call_timeout", call_timeout, allow_none=True)
         check_seconds("drain_timeout", drain_timeout, allow_none=True, allow_zero=True)
@@ -190,11 +244,24 @@ class Supervisor:
             kill_timeout=kill_timeout,
             drain_timeout=drain_timeout,
             max_frame_bytes=max_frame_bytes,
+            memory_hard_limit=worker_memory_hard_limit,
         )
         self._launcher: Launcher = launcher or WardenLauncher(
-            exec_workers=start_method == "spawn", env=worker_env, start_timeout=start_timeout
+            exec_workers=start_method == "spawn",
+            env=worker_env,
+            start_timeout=start_timeout,
+            memory_method=memory_method,
         )
-        self._probe = ProbeThread(probe or PsutilProbe())
+        self._probe = ProbeThread(probe or ProcTreeProbe())
+        self._memory = MemoryPolicy(
+            soft_limit=worker_memory_limit,
+            min_available=min_available_memory,
+            max_total=max_total_memory,
+        )
+        self._hard_limit = worker_memory_hard_limit
+        self._memory_baseline: int | None = None
+        self._pressure_detail = ""
+        self._on_event = on_event
         self._clock = clock
         self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
         self._restarts = RestartTracker(
@@ -225,6 +292,8 @@ class Supervisor:
             if self._state is _State.RUNNING:
                 return
             raise SupervisorClosedError("this supervisor has been closed; create a new one")
+        if self._memory.soft_limit is not None or self._hard_limit is not None:
+            await self._check_memory_baseline()
         loop = asyncio.get_running_loop()
         self._stop_runner = asyncio.Event()
         self._room = asyncio.Event()
@@ -236,6 +305,50 @@ class Supervisor:
         # (it waits for ``started`` first, as does the first worker start).
         self._state = _State.RUNNING
         await asyncio.shield(started)
+
+    async def _check_memory_baseline(self) -> None:
+        """Start the warden now, measure what a fresh worker weighs (a forked worker starts
+        as a copy of it) and refuse limits at or below that: they would recycle every
+        worker as soon as it starts. Also says how the hard limit is enforced here."""
+        start = getattr(self._launcher, "start", None)
+        try:
+            if start is not None:
+                await start()
+            warden = getattr(self._launcher, "warden_pid", None)
+            if warden is not None:
+                sample = await self._probe.sample([warden])
+                self._memory_baseline = sample.trees.get(warden)
+        except Exception as exc:
+            await self._launcher.aclose()
+            await self._probe.aclose()
+            self._state = _State.CLOSED
+            raise StartError(
+                f"memory limits cannot be applied: {exc}", tenant="", pid=None
+            ) from exc
+        base = self._memory_baseline
+        for name, limit, factor in (
+            ("worker_memory_limit", self._memory.soft_limit, 1.25),
+            ("worker_memory_hard_limit", self._hard_limit, 1.5),
+        ):
+            if limit is not None and base is not None and limit <= base * factor:
+                await self._launcher.aclose()
+                await self._probe.aclose()
+                self._state = _State.CLOSED
+                raise ValueError(
+                    f"{name}={limit} bytes ({limit / 2**20:.0f} MiB) is at or below a fresh "
+                    f"worker's baseline ({base / 2**20:.0f} MiB measured now, x{factor} "
+                    "headroom): every worker would be stopped as soon as it started"
+                )
+        enforcement = self._launcher.memory_enforcement
+        if self._hard_limit is not None:
+            if enforcement.startswith("rlimit"):
+                log.warning(
+                    "worker_memory_hard_limit enforced by %s; a kernel sees MemoryError and "
+                    "its children are limited one by one, not together",
+                    enforcement,
+                )
+            else:
+                log.info("worker_memory_hard_limit enforced by %s", enforcement)
 
     async def _run(self, started: asyncio.Future[None]) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -412,6 +525,11 @@ class Supervisor:
             starts=self._starts,
             stops=dict(self._stops),
             tenants_in_backoff=self._restarts.in_backoff(),
+            memory_enforcement=(
+                self._launcher.memory_enforcement if self._hard_limit is not None else "none"
+            ),
+            memory_baseline=self._memory_baseline,
+            memory_pressure=self._pressure_detail or None,
         )
 
     # -- acquiring a worker ------------------------------------------------------------------
@@ -442,6 +560,12 @@ class Supervisor:
             if backoff is not None:
                 left, level, last = backoff
                 raise BackoffError(tenant, left, level, last)
+            if self._memory.pressure is not None:
+                raise MemoryPressureError(
+                    f"no new worker for {tenant!r} while memory is short: {self._pressure_detail}",
+                    reason=self._memory.pressure.value,
+                    retry_after=self._memory_interval,
+                )
             if self._table.has_room():
                 return await self._start_worker(tenant)
             victim = self._table.lru_victim()
@@ -514,10 +638,33 @@ class Supervisor:
         if self._table.peek(handle.tenant) is handle:
             self._table.mark_busy(handle.tenant)
 
+    def worker_ready(self, handle: WorkerHandle) -> None:
+        self._emit(WorkerEvent("ready", handle.tenant, handle.pid))
+
+    def _emit(self, event: WorkerEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            # The hook is the host's code at a boundary; a broken hook must not break
+            # the worker's bookkeeping (this runs inside the handle's callbacks).
+            log.exception("on_event hook raised", extra={"tenant": event.tenant})
+
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None:
         if self._table.peek(handle.tenant) is handle:
             self._table.remove(handle.tenant)
         self._stops[report.reason.value] += 1
+        self._emit(
+            WorkerEvent(
+                "stopped",
+                handle.tenant,
+                handle.pid,
+                report.reason.value,
+                report.rung.value,
+                report.returncode,
+            )
+        )
         if report.reason in _FAILURES:
             delay = self._restarts.record_failure(
                 handle.tenant, f"{report.reason.value} (return code {report.returncode})"
@@ -559,17 +706,58 @@ class Supervisor:
                 pass
 
     async def _sample_memory(self) -> None:
+        """Sample every worker's tree and the host, then act: recycle workers over the soft
+        limit; under pressure, stop one worker (idle LRU first, else drain the least
+        recently used busy one), wait until it is reaped, and look again at once."""
         while True:
-            handles = [h for h in self._table.handles() if h.pid is not None]
-            if handles:
-                try:
-                    sample = await self._probe.rss([h.pid for h in handles if h.pid is not None])
-                except Exception:
-                    # The probe is replaceable code at a boundary and the sample only feeds
-                    # stats(): a failing probe must not take the supervisor down with it.
-                    log.warning("memory probe failed; rss not updated", exc_info=True)
-                    sample = {}
-                for h in handles:
-                    if h.pid is not None:
-                        h.rss = sample.get(h.pid, h.rss)
+            victim = await self._memory_round()
+            if victim is not None:
+                await victim.wait_dead()
+                continue
             await asyncio.sleep(self._memory_interval)
+
+    async def _memory_round(self) -> WorkerHandle | None:
+        handles = [h for h in self._table.handles() if h.pid is not None]
+        if not handles and not self._memory.watches_pressure:
+            return None
+        try:
+            sample: MemorySample = await self._probe.sample([h.pid for h in handles if h.pid])
+        except Exception:
+            # The probe is replaceable code at a boundary: a failing probe must not take the
+            # supervisor down with it (the OS-enforced hard limit still holds).
+            log.warning("memory probe failed; limits not checked this round", exc_info=True)
+            return None
+        by_pid = {h.pid: h for h in handles}
+        for h in handles:
+            if h.pid is not None:
+                h.rss = sample.trees.get(h.pid, h.rss)
+        for pid in self._memory.over_soft_limit(sample):
+            over = by_pid.get(pid)
+            if over is not None and over.is_serving:
+                log.warning(
+                    "worker uses %d MiB, over worker_memory_limit: replacing it",
+                    sample.trees[pid] // 2**20,
+                    extra={"tenant": over.tenant, "pid": pid, "reason": "memory_limit"},
+                )
+                over.evict(StopReason.MEMORY_LIMIT)
+        was = self._memory.pressure
+        reason = self._memory.update_pressure(sample)
+        self._pressure_detail = self._memory.describe(sample) if reason is not None else ""
+        if reason is None:
+            if was is not None:
+                log.info("memory pressure is over")
+            return None
+        if was is None:
+            log.warning(
+                "memory pressure: %s; stopping workers one at a time",
+                self._pressure_detail,
+                extra={"reason": reason.value},
+            )
+        idle = self._table.lru_victim()
+        victim: WorkerHandle | None = self._table.peek(idle) if idle is not None else None
+        if victim is None:  # nobody idle: drain the least recently used busy worker
+            victim = next((h for h in self._table.handles() if h.state is WorkerState.BUSY), None)
+        if victim is None:
+            return None
+        victim.evict(reason)
+        return victim

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
     "Factory",
     "check_count",
+    "check_memory",
     "check_seconds",
     "check_tenant",
     "serialise_factory",
@@ -72,6 +73,31 @@ def serialise_factory(factory: Factory) -> tuple[str | None, bytes | None]:
         raise TypeError(
             f"factory {factory!r} cannot be carried to the worker by dill: {exc}"
         ) from exc
+
+
+def check_memory(soft: object, hard: object, min_available: object, max_total: object) -> None:
+    """Memory options: byte counts >= 1 MiB, ``min_available`` also a fraction in (0, 1),
+    and a soft limit below the hard one (else it could never act first)."""
+    for name, value in (
+        ("worker_memory_limit", soft),
+        ("worker_memory_hard_limit", hard),
+        ("max_total_memory", max_total),
+    ):
+        if value is not None:
+            check_count(name, value, minimum=2**20)
+    if min_available is not None:
+        fraction = isinstance(min_available, float) and 0 < min_available < 1
+        if not fraction:
+            check_count(
+                "min_available_memory (bytes, or a fraction 0 < x < 1)",
+                min_available,
+                minimum=2**20,
+            )
+    if isinstance(soft, int) and isinstance(hard, int) and soft >= hard:
+        raise ValueError(
+            f"worker_memory_limit ({soft}) must be below worker_memory_hard_limit ({hard}): "
+            "the soft limit recycles a worker before the OS has to stop it"
+        )
 
 
 def worker_environment(

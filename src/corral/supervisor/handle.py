@@ -28,6 +28,7 @@ from corral.errors import (
     CallTimeoutError,
     InvalidCallError,
     KernelError,
+    MemoryLimitError,
     ProtocolError,
     StartError,
     WorkerCrashedError,
@@ -70,9 +71,11 @@ class HandleOptions(NamedTuple):
     kill_timeout: float
     drain_timeout: float | None
     max_frame_bytes: int
+    memory_hard_limit: int | None  # bytes, enforced by the OS
 
 
 class HandleListener(Protocol):
+    def worker_ready(self, handle: WorkerHandle) -> None: ...
     def worker_idle(self, handle: WorkerHandle) -> None: ...
     def worker_busy(self, handle: WorkerHandle) -> None: ...
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None: ...
@@ -197,13 +200,13 @@ class WorkerHandle:
         """Launch the process and send ``Start``; READY comes with the worker's ``Hello``.
         Runs as a task in the supervisor's TaskGroup; never raises."""
         try:
-            proc = await self._launcher.spawn(self._on_exit)
+            proc = await self._launcher.spawn(self._on_exit, self._opts.memory_hard_limit)
         except LaunchError as exc:
             self._start_error = StartError(
                 f"could not start a worker for {self.tenant!r}: {exc}", tenant=self.tenant, pid=None
             )
             self.stop_reason = StopReason.LAUNCH_FAILED
-            self._on_exit(None)
+            self._on_exit(None, False)
             return
         self.pid = proc.pid
         if self.state is S.DEAD:
@@ -339,7 +342,23 @@ class WorkerHandle:
                 return
             err = msg.error
             error: Exception
-            if msg.kind == "kernel":
+            if (
+                msg.kind == "kernel"
+                and err.type_name == "builtins.MemoryError"
+                and self._opts.memory_hard_limit is not None
+            ):
+                # Under an rlimit the limit shows up as MemoryError: the worker may be in no
+                # state to go on (half-built objects), so it is replaced after draining.
+                error = MemoryLimitError(
+                    f"{self.tenant!r}.{pending.method}: worker pid {self.pid} ran out of memory "
+                    f"at worker_memory_hard_limit ({_mib(self._opts.memory_hard_limit)}); "
+                    "it is being replaced",
+                    tenant=self.tenant,
+                    pid=self.pid,
+                    limit=self._opts.memory_hard_limit,
+                )
+                self.evict(StopReason.MEMORY_HARD_LIMIT)
+            elif msg.kind == "kernel":
                 error = KernelError(
                     tenant=self.tenant,
                     pid=self.pid,
@@ -364,6 +383,7 @@ class WorkerHandle:
             transition(self, Event.HELLO_RECEIVED)
             self._ready.set_result(None)
             log.info("worker ready", extra={"tenant": self.tenant, "pid": self.pid})
+            self._listener.worker_ready(self)
             self._listener.worker_idle(self)
         elif isinstance(msg, StartFailed) and self.state is S.STARTING:
             e = msg.error
@@ -501,10 +521,12 @@ class WorkerHandle:
 
     # -- death -------------------------------------------------------------------------------
 
-    def _on_exit(self, returncode: int | None) -> None:
+    def _on_exit(self, returncode: int | None, oom_killed: bool) -> None:
         """The launcher reaped the process (or lost it). Resolves everything left."""
         if self.state is S.DEAD:
             return
+        if oom_killed and self.stop_reason in (None, StopReason.MEMORY_LIMIT):
+            self.stop_reason = StopReason.MEMORY_HARD_LIMIT
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -517,7 +539,12 @@ class WorkerHandle:
             self._rung = Rung.NONE  # it went by itself; a kill we sent after its EOF did nothing
         self.report = StopReport(reason=reason, rung=self._rung, returncode=returncode)
         transition(self, Event.PROCESS_EXITED)
-        if returncode is None and self.pid is not None:
+        if reason is StopReason.MEMORY_HARD_LIMIT and oom_killed:
+            status = (
+                "killed by the OS for exceeding worker_memory_hard_limit "
+                f"({_mib(self._opts.memory_hard_limit)})"
+            )
+        elif returncode is None and self.pid is not None:
             status = "its warden process died"
         elif returncode == -signal.SIGKILL and self._eof_killed:
             status = "it closed its pipe to the supervisor and was killed"
@@ -574,6 +601,13 @@ class WorkerHandle:
             )
         if reason is StopReason.PROTOCOL_ERROR:
             return self._protocol_error(method, self._detail)
+        if reason is StopReason.MEMORY_HARD_LIMIT:
+            return MemoryLimitError(
+                f"{where} hit its memory limit: {status}",
+                tenant=self.tenant,
+                pid=self.pid,
+                limit=self._opts.memory_hard_limit,
+            )
         return WorkerStoppedError(
             f"{where} was stopped while the call was in flight ({reason.value})",
             tenant=self.tenant,
@@ -597,6 +631,10 @@ class WorkerHandle:
             self._writer.close()
         if self._log is not None:
             self._log.close()
+
+
+def _mib(n: int | None) -> str:
+    return "no limit" if n is None else f"{n / 2**20:.0f} MiB"
 
 
 def _resolve(pending: _Pending, *, result: Any = None, error: BaseException | None = None) -> None:

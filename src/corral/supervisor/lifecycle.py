@@ -57,15 +57,18 @@ class StopReason(enum.Enum):
     IDLE_TTL = "idle_ttl"
     EVICTED = "evicted"  # Supervisor.evict()
     CLOSED = "closed"  # Supervisor.aclose()
-    CALL_TIMEOUT = "call_timeout"
+    CALL_TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"  # over worker_memory_limit (sampled): recycled after draining
+    MEMORY_HARD_LIMIT = "memory_hard_limit"  # the OS stopped it at worker_memory_hard_limit
+    HOST_PRESSURE = "host_pressure"  # available memory below min_available_memory
+    TOTAL_MEMORY = "total_memory"  # all workers together above max_total_memory
     START_FAILED = "start_failed"
     START_TIMEOUT = "start_timeout"
     PROTOCOL_ERROR = "protocol_error"
     PIPE_CLOSED = "pipe_closed"  # the worker closed its end of the pipe
     CRASHED = "crashed"  # it died without being asked
-    LAUNCH_FAILED = (
-        "launch_failed"  # corral could not start a process (fds, warden): not the tenant's fault
-    )
+    # corral could not start a process (no fds, no warden): not the tenant's fault
+    LAUNCH_FAILED = "launch_failed"
     WARDEN_DIED = "warden_died"  # its parent, the warden, died: not the tenant's fault
 
 

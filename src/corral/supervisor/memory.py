@@ -1,56 +1,161 @@
-"""Reading worker memory off the event loop.
+"""Measuring worker memory off the event loop, and the policy that acts on it.
 
-psutil reads ``/proc``, which is a blocking call; the supervisor reaches it only
-through a :class:`ProcessProbe`, run on one dedicated thread (:class:`ProbeThread`)
-that the supervisor owns and joins on close. Policies that act on the samples
-(limits, host pressure) live with the supervisor; this module only measures.
+What is measured, and why:
 
-What is measured: the RSS of the worker's main process. A reused pid is never
-misread: samples are keyed by pid and a process whose create time differs from
-the one first seen is reported as gone.
+* **Per worker: the resident set (RSS) of its whole process tree**, i.e. the worker
+  and every descendant, summed. One sweep reads ``/proc/<pid>/stat`` once per
+  process on the host (parent pid and RSS sit in the same line), builds the tree
+  and sums each worker's subtree: linear in the number of processes, no per-worker
+  rescans. USS/PSS would need ``smaps`` (milliseconds per process) and are not
+  worth it for limits: RSS over-counts only pages shared with the warden at fork
+  time (the interpreter and corral, a few MiB, the same for every worker), which
+  the baseline check at start accounts for.
+* **The host: available memory** as the kernel reports it (``MemAvailable``,
+  through psutil), which counts reclaimable cache as available.
+
+The probe is reached only through :class:`ProcessProbe`, run on one dedicated
+thread (:class:`ProbeThread`), so ``/proc`` is never read on the event loop.
+:class:`MemoryPolicy` is pure: it turns a sample into decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import psutil
 
-__all__ = ["ProbeThread", "ProcessProbe", "PsutilProbe"]
+from corral.supervisor.lifecycle import StopReason
+
+__all__ = [
+    "MemoryPolicy",
+    "MemorySample",
+    "ProbeThread",
+    "ProcTreeProbe",
+    "ProcessProbe",
+]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class MemorySample(NamedTuple):
+    trees: dict[int, int]  # root pid -> RSS of its whole tree, bytes (missing: gone)
+    available: int  # host memory available, bytes
+    total: int  # host memory, bytes
 
 
 class ProcessProbe(Protocol):
-    def rss(self, pids: Sequence[int]) -> dict[int, int]:
-        """Resident set size in bytes of each live pid (missing: gone). May block."""
+    def sample(self, roots: Sequence[int]) -> MemorySample:
+        """Measure the trees rooted at ``roots`` and the host. May block."""
         ...
 
 
-class PsutilProbe:
-    def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
+class ProcTreeProbe:
+    """Reads ``/proc`` directly (the same files psutil reads), one pass per sample."""
 
-    def rss(self, pids: Sequence[int]) -> dict[int, int]:
-        out: dict[int, int] = {}
-        live = set(pids)
-        for pid in list(self._procs):
-            if pid not in live:
-                del self._procs[pid]
-        for pid in pids:
-            proc = self._procs.get(pid)
+    def sample(self, roots: Sequence[int]) -> MemorySample:
+        children: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
             try:
-                if proc is None:
-                    proc = self._procs[pid] = psutil.Process(pid)
-                elif not proc.is_running():  # compares create time: catches pid reuse
-                    del self._procs[pid]
-                    continue
-                out[pid] = proc.memory_info().rss
-            except psutil.Error:
-                self._procs.pop(pid, None)
-        return out
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    line = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            # "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+            fields = line[line.rfind(b")") + 2 :].split()
+            pid = int(name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            rss[pid] = int(fields[21]) * _PAGE
+        trees: dict[int, int] = {}
+        for root in roots:
+            if root not in rss:
+                continue
+            total, stack = 0, [root]
+            while stack:
+                pid = stack.pop()
+                total += rss.get(pid, 0)
+                stack.extend(children.get(pid, ()))
+            trees[root] = total
+        vm = psutil.virtual_memory()
+        return MemorySample(trees, int(vm.available), int(vm.total))
+
+
+class MemoryPolicy:
+    """Decides what memory samples mean. Pure: no I/O, no clock.
+
+    Args:
+        soft_limit: bytes per worker tree; above it the worker is recycled.
+        min_available: bytes of host memory that must stay available, or a fraction
+            (0 < x < 1) of the host's total.
+        max_total: bytes for all worker trees together.
+        hysteresis: pressure, once on, lasts until the margin is this fraction clear
+            of the threshold (so that stopping one worker does not flip it off and on).
+    """
+
+    def __init__(
+        self,
+        *,
+        soft_limit: int | None,
+        min_available: float | None,
+        max_total: int | None,
+        hysteresis: float = 0.05,
+    ) -> None:
+        self.soft_limit = soft_limit
+        self.min_available = min_available
+        self.max_total = max_total
+        self.hysteresis = hysteresis
+        self.pressure: StopReason | None = None  # HOST_PRESSURE / TOTAL_MEMORY while it lasts
+
+    @property
+    def watches_pressure(self) -> bool:
+        return self.min_available is not None or self.max_total is not None
+
+    def available_floor(self, total: int) -> int | None:
+        if self.min_available is None:
+            return None
+        if self.min_available < 1:
+            return int(self.min_available * total)
+        return int(self.min_available)
+
+    def over_soft_limit(self, sample: MemorySample) -> list[int]:
+        """Root pids whose tree is above the soft limit."""
+        if self.soft_limit is None:
+            return []
+        return [pid for pid, size in sample.trees.items() if size > self.soft_limit]
+
+    def update_pressure(self, sample: MemorySample) -> StopReason | None:
+        """Whether corral is under memory pressure now (with hysteresis), and which kind."""
+        floor = self.available_floor(sample.total)
+        used = sum(sample.trees.values())
+        slack = 1.0 + self.hysteresis if self.pressure is not None else 1.0
+        if floor is not None and sample.available < floor * slack:
+            self.pressure = StopReason.HOST_PRESSURE
+        elif self.max_total is not None and used * slack > self.max_total:
+            self.pressure = StopReason.TOTAL_MEMORY
+        else:
+            self.pressure = None
+        return self.pressure
+
+    def describe(self, sample: MemorySample) -> str:
+        floor = self.available_floor(sample.total)
+        used = sum(sample.trees.values())
+        if self.pressure is StopReason.HOST_PRESSURE and floor is not None:
+            return f"host memory available {_mib(sample.available)} is below {_mib(floor)}"
+        if self.pressure is StopReason.TOTAL_MEMORY and self.max_total is not None:
+            limit = _mib(self.max_total)
+            return f"workers use {_mib(used)} together, over max_total_memory {limit}"
+        return "no memory pressure"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 class ProbeThread:
@@ -58,32 +163,34 @@ class ProbeThread:
 
     def __init__(self, probe: ProcessProbe) -> None:
         self._probe = probe
-        # (pids, future); pids None asks the thread to finish and resolve the future last.
+        # (roots, future); roots None asks the thread to finish and resolve the future last.
         self._requests: queue.SimpleQueue[
-            tuple[Sequence[int] | None, asyncio.Future[dict[int, int]]]
+            tuple[Sequence[int] | None, asyncio.Future[MemorySample | None]]
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    async def rss(self, pids: Sequence[int]) -> dict[int, int]:
+    async def sample(self, roots: Sequence[int]) -> MemorySample:
         loop = asyncio.get_running_loop()
         if self._thread is None:
             # daemon: if the host never calls aclose(), this thread must not keep it alive
             # at exit. It holds nothing that needs a clean end.
             self._thread = threading.Thread(target=self._run, name="corral-probe", daemon=True)
             self._thread.start()
-        fut: asyncio.Future[dict[int, int]] = loop.create_future()
-        self._requests.put((pids, fut))
-        return await fut
+        fut: asyncio.Future[MemorySample | None] = loop.create_future()
+        self._requests.put((roots, fut))
+        result = await fut
+        assert result is not None
+        return result
 
     def _run(self) -> None:
         while True:
-            pids, fut = self._requests.get()
+            roots, fut = self._requests.get()
             loop = fut.get_loop()
-            if pids is None:
-                loop.call_soon_threadsafe(_set_result, fut, {})
+            if roots is None:
+                loop.call_soon_threadsafe(_set_result, fut, None)
                 return
             try:
-                result = self._probe.rss(pids)
+                result = self._probe.sample(roots)
             except Exception as exc:  # handed to the awaiting task, which decides
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:
@@ -94,17 +201,17 @@ class ProbeThread:
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        done: asyncio.Future[dict[int, int]] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[MemorySample | None] = asyncio.get_running_loop().create_future()
         self._requests.put((None, done))
         await done  # the thread resolved this as its last act and is exiting (no join: that
         # would block the loop, however briefly)
 
 
-def _set_result(fut: asyncio.Future[dict[int, int]], value: dict[int, int]) -> None:
+def _set_result(fut: asyncio.Future[MemorySample | None], value: MemorySample | None) -> None:
     if not fut.done():
         fut.set_result(value)
 
 
-def _set_exception(fut: asyncio.Future[dict[int, int]], exc: BaseException) -> None:
+def _set_exception(fut: asyncio.Future[MemorySample | None], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from corral.ipc import (
     PROTOCOL_VERSION,
@@ -44,8 +44,9 @@ from corral.ipc.launch import boot_argv
 
 __all__ = ["ExitCallback", "LaunchError", "Launcher", "SpawnedProcess", "WardenLauncher"]
 
-ExitCallback = Callable[[int | None], None]
-"""Called once with the waitpid-style return code (None: unknown, the warden died)."""
+ExitCallback = Callable[[int | None, bool], None]
+"""Called once with the waitpid-style return code (None: unknown, the warden died) and
+whether the OS's memory limit (the OOM killer in the worker's cgroup) ended it."""
 
 # The directory that holds the corral package (src/ or site-packages).
 _CORRAL_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,8 +64,14 @@ class SpawnedProcess(NamedTuple):
 
 
 class Launcher(Protocol):
-    async def spawn(self, on_exit: ExitCallback) -> SpawnedProcess:
-        """Start a worker. ``on_exit`` is called exactly once when it has been reaped."""
+    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+        """Start a worker. ``on_exit`` is called exactly once when it has been reaped.
+        ``memory_limit`` (bytes) is a hard limit the OS enforces."""
+        ...
+
+    @property
+    def memory_enforcement(self) -> str:
+        """How ``memory_limit`` is enforced, in words (known once a worker was started)."""
         ...
 
     def signal(self, pid: int, signum: int) -> None:
@@ -100,6 +107,8 @@ class _Warden:
         self.on_exit: dict[int, ExitCallback] = {}
         self._outbox: deque[_Outgoing] = deque()
         self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
+        self.memory_cgroups = False
+        self.memory_cgroups_detail = "unknown until the warden starts"
         loop.add_reader(pidfd, self._on_process_exit)
         loop.add_reader(sock, self._on_readable)
 
@@ -158,7 +167,7 @@ class _Warden:
                 pass
         callbacks, self.on_exit = self.on_exit, {}
         for callback in callbacks.values():
-            callback(None)
+            callback(None, False)
         self.exited.set()
 
     # -- control channel ---------------------------------------------------------------------
@@ -186,7 +195,7 @@ class _Warden:
         if isinstance(msg, WorkerExited):
             callback = self.on_exit.pop(msg.pid, None)
             if callback is not None:
-                callback(msg.returncode)
+                callback(msg.returncode, msg.oom_killed)
         elif isinstance(msg, WorkerSpawned):
             fut, on_exit = self.pending.pop(msg.id)
             self.on_exit[msg.pid] = on_exit
@@ -207,6 +216,8 @@ class _Warden:
                 )
                 self.stop(signal.SIGTERM)
             else:
+                self.memory_cgroups = msg.memory_cgroups
+                self.memory_cgroups_detail = msg.memory_cgroups_detail
                 self.hello.set_result(msg.pid)
 
     def send(self, msg: ToWarden, fds: tuple[int, ...] = ()) -> None:
@@ -247,10 +258,21 @@ class WardenLauncher:
             fork of the warden's preloaded interpreter ("forkserver").
         env: the complete environment of the warden and every worker (set at exec).
         start_timeout: seconds the warden may take to say hello.
+        memory_method: how hard memory limits are enforced: ``"cgroup"`` (required),
+            ``"rlimit"`` (never cgroups) or ``"auto"`` (cgroups where the host allows,
+            else rlimit).
     """
 
-    def __init__(self, *, exec_workers: bool, env: Mapping[str, str], start_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        exec_workers: bool,
+        env: Mapping[str, str],
+        start_timeout: float,
+        memory_method: Literal["auto", "cgroup", "rlimit"] = "auto",
+    ) -> None:
         self._exec = exec_workers
+        self._memory_method = memory_method
         self._env = dict(env)
         self._start_timeout = start_timeout
         self._ids = itertools.count(1)
@@ -262,6 +284,31 @@ class WardenLauncher:
     def warden_pid(self) -> int | None:
         warden = self._warden
         return warden.proc.pid if warden is not None and warden.is_up else None
+
+    @property
+    def memory_enforcement(self) -> str:
+        warden = self._warden
+        if self._memory_method == "rlimit":
+            return "rlimit (RLIMIT_DATA): memory_method='rlimit'"
+        if warden is None or not warden.hello.done():
+            return "unknown until the first worker starts"
+        if warden.memory_cgroups:
+            return warden.memory_cgroups_detail
+        return f"rlimit (RLIMIT_DATA): {warden.memory_cgroups_detail}"
+
+    async def start(self) -> None:
+        """Start the warden now rather than with the first worker.
+
+        Raises:
+            LaunchError: it could not start, or ``memory_method="cgroup"`` and the host
+                has no usable memory cgroup.
+        """
+        warden = await self._ready_warden()
+        if self._memory_method == "cgroup" and not warden.memory_cgroups:
+            raise LaunchError(
+                "memory_method='cgroup' but no memory cgroup can be used: "
+                + warden.memory_cgroups_detail
+            )
 
     async def _ready_warden(self) -> _Warden:
         if self._closed:
@@ -304,6 +351,8 @@ class WardenLauncher:
             argv = boot_argv(
                 sys.executable, _CORRAL_ROOT, "warden", str(theirs.fileno()), str(os.getpid())
             )
+            if self._memory_method != "rlimit":
+                argv.append("cgroups")
             # One short fork/exec per warden (normally once per supervisor); workers never
             # block the loop.
             proc = subprocess.Popen(
@@ -333,8 +382,17 @@ class WardenLauncher:
 
     # -- Launcher ----------------------------------------------------------------------------
 
-    async def spawn(self, on_exit: ExitCallback) -> SpawnedProcess:
+    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
         warden = await self._ready_warden()
+        method: Literal["cgroup", "rlimit"] = "rlimit"
+        if memory_limit is not None and self._memory_method != "rlimit":
+            if warden.memory_cgroups:
+                method = "cgroup"
+            elif self._memory_method == "cgroup":
+                raise LaunchError(
+                    "memory_method='cgroup' but no memory cgroup can be used: "
+                    + warden.memory_cgroups_detail
+                )
         made: list[int] = []
         try:
             for _ in range(3):
@@ -346,7 +404,8 @@ class WardenLauncher:
         request_id = next(self._ids)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         warden.pending[request_id] = (fut, on_exit)
-        warden.send(SpawnWorker(request_id, self._exec), (to_r, from_w, log_w))
+        spawn = SpawnWorker(request_id, self._exec, memory_limit, method)
+        warden.send(spawn, (to_r, from_w, log_w))
         try:
             pid = await fut
         except BaseException:

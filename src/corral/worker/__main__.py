@@ -19,13 +19,15 @@ def main(argv: list[str] | None = None) -> None:
 
         fd_in, fd_out = int(args[1]), int(args[2])
         _loop.run_and_exit(lambda: _loop.run_worker(fd_in, fd_out))
-    if len(args) == 3 and args[0] == "warden":
+    if len(args) in (3, 4) and args[0] == "warden":
         from corral.worker import _warden
 
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        _warden.main(int(args[1]), int(args[2]), sys.executable, root)
+        want_cgroups = len(args) == 4 and args[3] == "cgroups"
+        _warden.main(int(args[1]), int(args[2]), sys.executable, root, want_cgroups)
     print(
-        "usage: python -m corral.worker (worker FD_IN FD_OUT | warden CONTROL_FD HOST_PID)",
+        "usage: python -m corral.worker "
+        "(worker FD_IN FD_OUT | warden CONTROL_FD HOST_PID [cgroups])",
         file=sys.stderr,
     )
     sys.exit(2)

@@ -33,6 +33,25 @@ def set_child_subreaper() -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+M_ARENA_MAX = -8
+
+
+def limit_data_segment(limit: int) -> None:
+    """A hard memory limit without cgroups: ``RLIMIT_DATA`` (heap and private mappings,
+    thread stacks included; a kernel sees ``MemoryError``). Unlike ``RLIMIT_AS`` it does
+    not count reserved-but-untouched address space, so threads keep working; fewer
+    glibc malloc arenas (each reserves 64 MiB per thread) keep that true for threaded
+    kernels."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    os.environ["MALLOC_ARENA_MAX"] = "2"  # for an exec'd interpreter
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mallopt(M_ARENA_MAX, 2)  # for this (forked) one
+
+
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write every byte to a blocking fd (a pipe write may be partial)."""
     view = memoryview(data)

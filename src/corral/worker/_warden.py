@@ -46,7 +46,8 @@ from corral.ipc import (
 )
 from corral.ipc.launch import boot_argv
 from corral.worker import _loop
-from corral.worker._os import set_child_subreaper, set_parent_death_signal
+from corral.worker._cgroup import MemoryCgroups, detect
+from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
 
 WORKER_FD_IN = 3
 WORKER_FD_OUT = 4
@@ -55,8 +56,17 @@ _FDS_PER_SPAWN = 3
 
 
 class Warden:
-    def __init__(self, control: socket.socket, python: str, corral_root: str) -> None:
+    def __init__(
+        self,
+        control: socket.socket,
+        python: str,
+        corral_root: str,
+        cgroups: MemoryCgroups | None,
+        cgroups_detail: str,
+    ) -> None:
         self._ctl = control
+        self._cgroups = cgroups
+        self._cgroups_detail = cgroups_detail
         self._python = python
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
@@ -76,7 +86,11 @@ class Warden:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._sel.register(self._ctl, selectors.EVENT_READ, "ctl")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._send(WardenHello(PROTOCOL_VERSION, os.getpid()))
+        self._send(
+            WardenHello(
+                PROTOCOL_VERSION, os.getpid(), self._cgroups is not None, self._cgroups_detail
+            )
+        )
         while True:
             for key, _ in self._sel.select():
                 if key.data == "ctl":
@@ -135,21 +149,34 @@ class Warden:
                 os.close(fd)
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
+        leaf = None
         try:
+            if msg.memory_limit is not None and msg.memory_method == "cgroup":
+                if self._cgroups is None:
+                    raise OSError(f"no memory cgroups: {self._cgroups_detail}")
+                leaf = self._cgroups.new_leaf(msg.memory_limit)
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            self._send(SpawnFailed(msg.id, f"fork failed: {exc}"))
+            self._send(SpawnFailed(msg.id, f"could not start a worker: {exc}"))
             return
         if pid == 0:
-            _loop.run_and_exit(lambda: self._child(fds, msg.exec))
+            _loop.run_and_exit(lambda: self._child(fds, msg, leaf))
         for fd in fds:
             os.close(fd)
         self._workers.add(pid)
+        if leaf is not None and self._cgroups is not None:
+            self._cgroups.adopt(pid, leaf)
         self._send(WorkerSpawned(msg.id, pid))
 
-    def _child(self, fds: list[int], exec_fresh: bool) -> int:
+    def _child(self, fds: list[int], msg: SpawnWorker, leaf: str | None) -> int:
+        # First of all, before any other code runs: the memory limit.
+        if leaf is not None:
+            MemoryCgroups.join(leaf)
+        elif msg.memory_limit is not None:
+            limit_data_segment(msg.memory_limit)
+        exec_fresh = msg.exec
         warden_pid = os.getppid()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
@@ -213,11 +240,14 @@ class Warden:
                 except ProcessLookupError:
                     pass
                 self._kill_orphans()
-                self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
+                oom = self._cgroups.release(pid) if self._cgroups is not None else False
+                self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
             else:
                 # An orphan we adopted has died. Its own children (say, a daemon that
                 # double-forked) were reparented to us as it died: sweep again.
                 self._kill_orphans()
+                if self._cgroups is not None:
+                    self._cgroups.sweep()
 
     def _kill_orphans(self) -> None:
         """Children that are not workers were reparented to us: a worker's escaped
@@ -257,6 +287,8 @@ class Warden:
                 break  # no children left at all
             except InterruptedError:
                 pass
+        if self._cgroups is not None:
+            self._cgroups.remove_all()
         os._exit(0)
 
 
@@ -267,10 +299,13 @@ def _max_fd() -> int:
         return 65536
 
 
-def main(control_fd: int, host_pid: int, python: str, corral_root: str) -> NoReturn:
-    """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID``."""
+def main(
+    control_fd: int, host_pid: int, python: str, corral_root: str, want_cgroups: bool
+) -> NoReturn:
+    """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID [cgroups]``."""
     set_parent_death_signal(signal.SIGTERM, host_pid)
     set_child_subreaper()
+    cgroups, detail = detect(os.getpid()) if want_cgroups else (None, "not requested")
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
     import gc
@@ -278,4 +313,4 @@ def main(control_fd: int, host_pid: int, python: str, corral_root: str) -> NoRet
     gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
-    Warden(control, python, corral_root).serve()
+    Warden(control, python, corral_root, cgroups, detail).serve()
