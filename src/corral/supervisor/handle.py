@@ -527,6 +527,7 @@ class WorkerHandle:
             return
         if oom_killed and self.stop_reason in (None, StopReason.MEMORY_LIMIT):
             self.stop_reason = StopReason.MEMORY_HARD_LIMIT
+            self._rung = Rung.NONE  # the OS stopped it; a kill we sent after EOF did nothing
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
