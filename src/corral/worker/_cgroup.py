@@ -111,12 +111,35 @@ def detect(warden_pid: int) -> tuple[MemoryCgroups | None, str]:
     if own is None or not os.path.isdir(_V1_ROOT):
         return None, "no cgroup v1 memory controller on this host (cgroup v2 is not used yet)"
     parent = os.path.join(_V1_ROOT, own.lstrip("/"))
+    _remove_stale(parent)
     base = os.path.join(parent, f"corral-{warden_pid}")
     try:
         os.mkdir(base)
     except OSError as exc:
         return None, f"cannot create a memory cgroup under {parent}: {exc.strerror} (not root?)"
     return MemoryCgroups(base), f"cgroup v1 memory ({base})"
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove what a warden that was killed (and so could not clean up) left behind:
+    ``corral-<pid>`` directories whose warden is gone and whose leaves are empty."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("corral-") or not name[7:].isdigit():
+            continue
+        if os.path.exists(f"/proc/{name[7:]}"):
+            continue  # that warden is alive (another supervisor on this host)
+        base = os.path.join(parent, name)
+        try:
+            for leaf in os.listdir(base):
+                if os.path.isdir(os.path.join(base, leaf)):
+                    os.rmdir(os.path.join(base, leaf))
+            os.rmdir(base)
+        except OSError:
+            pass  # still populated, or not ours to remove
 
 
 def _write(path: str, text: str) -> None:
