@@ -170,3 +170,81 @@ async def async_factory(tenant: str) -> Kernel:
 
 def exits_in_factory(tenant: str) -> Kernel:
     os._exit(7)
+
+
+_HOARD: list[bytearray] = []
+
+
+def hog(self: Kernel, megabytes: int, keep: bool = True) -> int:
+    """Allocate and touch ``megabytes`` MiB (kept alive across calls unless ``keep`` is False)."""
+    block = bytearray(megabytes * 1024 * 1024)  # zero-filled: every page touched
+    if keep:
+        _HOARD.append(block)
+    return sum(len(b) for b in _HOARD)
+
+
+Kernel.hog = hog  # type: ignore[attr-defined]
+
+
+_BOMB_CAP_MB = 4096  # a bomb stops here even if no limit stops it first: 4 GiB of a 24 GiB host
+
+
+def bomb(self: Kernel, step_mb: int = 8, cap_mb: int = _BOMB_CAP_MB) -> int:
+    """Allocate and touch memory in a tight loop until something stops it, or ``cap_mb``
+    (at most 4 GiB) is reached; returns the MiB allocated. Nothing is kept after the call."""
+    blocks: list[bytearray] = []
+    cap_mb = min(cap_mb, _BOMB_CAP_MB)
+    while len(blocks) * step_mb < cap_mb:
+        blocks.append(bytearray(step_mb * 1024 * 1024))  # zero-filled: every page touched
+    return len(blocks) * step_mb
+
+
+def many_threads(self: Kernel, n: int = 50) -> dict[str, Any]:
+    """Start ``n`` threads that are all alive at once (each does a little work, then waits
+    for the rest), join them, and say how many started and finished (and why one could not
+    start)."""
+    import threading
+
+    go = threading.Event()
+    done: list[int] = []
+
+    def work(i: int) -> None:
+        total = sum(range(10_000 + i))
+        go.wait(30)
+        done.append(total)
+
+    threads: list[threading.Thread] = []
+    error = None
+    for i in range(n):
+        thread = threading.Thread(target=work, args=(i,))
+        try:
+            thread.start()
+        except Exception as exc:  # "can't start new thread" under a memory limit
+            error = f"{type(exc).__name__}: {exc}"
+            break
+        threads.append(thread)
+    go.set()
+    for thread in threads:
+        thread.join(30)
+    return {"started": len(threads), "finished": len(done), "error": error}
+
+
+Kernel.bomb = bomb  # type: ignore[attr-defined]
+Kernel.many_threads = many_threads  # type: ignore[attr-defined]
+
+
+async def hold_until_signal(self: Kernel, name: str, signum: int = signal.SIGUSR1) -> str:
+    """Announce 'entered' (see ``wait_entered``), then wait until the worker receives
+    ``signum``: a gate the test can open while the supervisor accepts no calls for it."""
+    loop = asyncio.get_running_loop()
+    opened = asyncio.Event()
+    loop.add_signal_handler(signum, opened.set)
+    try:
+        self._gate(self.entered, name).set()
+        await opened.wait()
+    finally:
+        loop.remove_signal_handler(signum)
+    return f"released {name}"
+
+
+Kernel.hold_until_signal = hold_until_signal  # type: ignore[attr-defined]

@@ -261,6 +261,7 @@ class Supervisor:
         self._hard_limit = worker_memory_hard_limit
         self._memory_baseline: int | None = None
         self._pressure_detail = ""
+        self._pressure_victim: WorkerHandle | None = None  # stopped for pressure, maybe draining
         self._on_event = on_event
         self._clock = clock
         self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
@@ -305,6 +306,8 @@ class Supervisor:
         # (it waits for ``started`` first, as does the first worker start).
         self._state = _State.RUNNING
         await asyncio.shield(started)
+        if self._memory.watches_pressure:
+            await self._memory_round()  # know the pressure before the first call can start one
 
     async def _check_memory_baseline(self) -> None:
         """Start the warden now, measure what a fresh worker weighs (a forked worker starts
@@ -708,12 +711,17 @@ class Supervisor:
     async def _sample_memory(self) -> None:
         """Sample every worker's tree and the host, then act: recycle workers over the soft
         limit; under pressure, stop one worker (idle LRU first, else drain the least
-        recently used busy one), wait until it is reaped, and look again at once."""
+        recently used busy one) and sample again as soon as it is reaped. Sampling never
+        pauses longer than one interval, also while a victim drains."""
         while True:
             victim = await self._memory_round()
             if victim is not None:
-                await victim.wait_dead()
-                continue
+                try:
+                    async with asyncio.timeout(self._memory_interval):
+                        await victim.wait_dead()
+                    continue  # reaped: look again at once
+                except TimeoutError:
+                    continue  # still draining: sample again (it stays the one victim)
             await asyncio.sleep(self._memory_interval)
 
     async def _memory_round(self) -> WorkerHandle | None:
@@ -760,4 +768,5 @@ class Supervisor:
         if victim is None:
             return None
         victim.evict(reason)
+        self._pressure_victim = victim
         return victim

@@ -16,6 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 3 and args[0] == "worker":
         from corral.worker import _loop
+        from corral.worker._os import THREAD_STACK_ENV
+
+        stack = os.environ.pop(THREAD_STACK_ENV, None)
+        if stack is not None:  # set by the memory rlimit: see _os.limit_data_segment
+            import threading
+
+            threading.stack_size(int(stack))
 
         fd_in, fd_out = int(args[1]), int(args[2])
         _loop.run_and_exit(lambda: _loop.run_worker(fd_in, fd_out))

@@ -36,15 +36,22 @@ def set_child_subreaper() -> None:
 M_ARENA_MAX = -8
 
 
+THREAD_STACK_BYTES = 1024 * 1024
+THREAD_STACK_ENV = "CORRAL_THREAD_STACK_SIZE"
+
+
 def limit_data_segment(limit: int) -> None:
-    """A hard memory limit without cgroups: ``RLIMIT_DATA`` (heap and private mappings,
-    thread stacks included; a kernel sees ``MemoryError``). Unlike ``RLIMIT_AS`` it does
-    not count reserved-but-untouched address space, so threads keep working; fewer
-    glibc malloc arenas (each reserves 64 MiB per thread) keep that true for threaded
-    kernels."""
+    """A hard memory limit without cgroups: ``RLIMIT_DATA`` (heap and private mappings;
+    a kernel sees ``MemoryError``). It counts every thread's stack *reservation* (8 MiB
+    each by default, touched or not) and glibc's per-thread malloc arenas (64 MiB each),
+    which would leave room for only a few dozen threads. So threads started from Python
+    get 1 MiB stacks (plenty for Python code) and glibc at most 2 arenas."""
     import resource
+    import threading
 
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    threading.stack_size(THREAD_STACK_BYTES)  # this (forked) interpreter
+    os.environ[THREAD_STACK_ENV] = str(THREAD_STACK_BYTES)  # an exec'd one: see __main__
     os.environ["MALLOC_ARENA_MAX"] = "2"  # for an exec'd interpreter
     global _libc
     if _libc is None:
