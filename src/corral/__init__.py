@@ -25,6 +25,7 @@ from corral.errors import (
 )
 from corral.supervisor import (
     Rung,
+    Sandbox,
     StopReason,
     StopReport,
     Supervisor,
@@ -48,6 +49,7 @@ __all__ = [
     "MemoryPressureError",
     "ProtocolError",
     "Rung",
+    "Sandbox",
     "StartError",
     "StopReason",
     "StopReport",

@@ -20,6 +20,7 @@ from corral.ipc.messages import (
     KillWorker,
     RemoteError,
     Result,
+    SandboxSpec,
     Shutdown,
     SpawnFailed,
     SpawnWorker,
@@ -30,6 +31,15 @@ from corral.ipc.messages import (
     WardenHello,
     WorkerExited,
     WorkerSpawned,
+)
+
+SANDBOX = SandboxSpec(
+    rlimits=[("core", 0)],
+    scratch=True,
+    no_new_privs=True,
+    landlock=False,
+    seccomp=True,
+    read_paths=["/usr"],
 )
 
 
@@ -69,8 +79,10 @@ SAMPLES: dict[Any, list[Any]] = {
         *(CallFailed(id=9, kind=kind, error=ERROR) for kind in typing.get_args(ErrorKind)),
     ],
     ToWarden: [
-        SpawnWorker(id=1, exec=True, memory_limit=None, memory_method="rlimit"),
-        SpawnWorker(id=2, exec=False, memory_limit=256 << 20, memory_method="cgroup"),
+        SpawnWorker(id=1, exec=True, memory_limit=None, memory_method="rlimit", sandbox=SANDBOX),
+        SpawnWorker(
+            id=2, exec=False, memory_limit=256 << 20, memory_method="cgroup", sandbox=SANDBOX
+        ),
         KillWorker(pid=4242, signal=9),
     ],
     FromWarden: [
@@ -79,6 +91,7 @@ SAMPLES: dict[Any, list[Any]] = {
             pid=100,
             memory_cgroups=True,
             memory_cgroups_detail="cgroup v1 memory",
+            sandbox_layers={"landlock": "available (ABI 7)"},
         ),
         WorkerSpawned(id=1, pid=4242),
         SpawnFailed(id=2, message="fork: Resource temporarily unavailable"),
@@ -189,10 +202,21 @@ def test_unknown_tag_is_a_violation(union: Any) -> None:
         (ToWorker, Hello(protocol_version=1, pid=1)),
         (FromWorker, Call(id=1, method="m", args=raw(None))),
         (ToWarden, WorkerSpawned(id=1, pid=2)),
-        (FromWarden, SpawnWorker(id=1, exec=True, memory_limit=None, memory_method="rlimit")),
+        (
+            FromWarden,
+            SpawnWorker(
+                id=1, exec=True, memory_limit=None, memory_method="rlimit", sandbox=SANDBOX
+            ),
+        ),
         (
             FromWorker,
-            WardenHello(protocol_version=1, pid=1, memory_cgroups=False, memory_cgroups_detail=""),
+            WardenHello(
+                protocol_version=1,
+                pid=1,
+                memory_cgroups=False,
+                memory_cgroups_detail="",
+                sandbox_layers={},
+            ),
         ),
     ],
     ids=lambda v: getattr(v, "__name__", type(v).__name__),

@@ -428,7 +428,9 @@ async def test_worker_environment_is_an_allowlist_set_at_exec(
             env = await sup.call("t", "env")
             assert "CORRAL_TEST_SECRET" not in env
             assert env["EXTRA"] == "1"
-            assert set(env) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "EXTRA"}
+            # HOME and TMPDIR point into the worker's scratch dir (set for a fresh interpreter)
+            allowed = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "EXTRA", "HOME", "TMPDIR"}
+            assert set(env) <= allowed
             fds = await sup.call("t", "open_fds")
             assert fds[:5] == [0, 1, 2, 3, 4]
             info = await sup.call("t", "whoami")

@@ -30,6 +30,7 @@ __all__ = [
     "KillWorker",
     "RemoteError",
     "Result",
+    "SandboxSpec",
     "Shutdown",
     "SpawnFailed",
     "SpawnWorker",
@@ -125,6 +126,17 @@ FromWorker = Hello | StartFailed | Result | CallFailed
 # --- warden channel -------------------------------------------------------------------------
 
 
+class SandboxSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """The unprivileged sandbox layers a worker applies before its kernel loads."""
+
+    rlimits: list[tuple[str, int]]  # ("core" | "cpu" | "nofile" | "fsize", limit)
+    scratch: bool  # a fresh private directory as cwd, HOME and TMPDIR, removed afterwards
+    no_new_privs: bool
+    landlock: bool
+    seccomp: bool
+    read_paths: list[str]  # readable (and executable) under Landlock
+
+
 class SpawnWorker(_Msg, frozen=True, tag="spawn"):
     """Start a worker on the three fds sent with this message (in, out, log).
 
@@ -138,6 +150,7 @@ class SpawnWorker(_Msg, frozen=True, tag="spawn"):
     exec: bool
     memory_limit: int | None
     memory_method: Literal["cgroup", "rlimit"]
+    sandbox: SandboxSpec
 
 
 class KillWorker(_Msg, frozen=True, tag="kill"):
@@ -155,6 +168,7 @@ class WardenHello(_Msg, frozen=True, tag="warden_hello"):
     pid: int
     memory_cgroups: bool  # per-worker memory cgroups are available
     memory_cgroups_detail: str  # what is in force, or why cgroups are not
+    sandbox_layers: dict[str, str]  # layer -> "available ..." or "unavailable: why"
 
 
 class WorkerSpawned(_Msg, frozen=True, tag="spawned"):

@@ -9,10 +9,13 @@ from corral.supervisor._sync import SyncSupervisor
 from corral.supervisor.config import DEFAULT_ENV_ALLOWLIST
 from corral.supervisor.handle import WorkerInfo
 from corral.supervisor.lifecycle import Rung, StopReason, StopReport, WorkerState
+from corral.supervisor.sandbox import Sandbox, SandboxUnavailableError
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
     "Rung",
+    "Sandbox",
+    "SandboxUnavailableError",
     "StopReason",
     "StopReport",
     "Supervisor",

@@ -57,6 +57,7 @@ from corral.supervisor.memory import (
     ProcTreeProbe,
 )
 from corral.supervisor.process import Launcher, WardenLauncher
+from corral.supervisor.sandbox import Sandbox
 from corral.supervisor.table import WorkerTable
 
 __all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]
@@ -113,6 +114,7 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     memory_enforcement: str  # how worker_memory_hard_limit is enforced here, or "none"
     memory_baseline: int | None  # bytes a fresh worker weighed at start (with limits set)
     memory_pressure: str | None  # what the pressure is, while it lasts
+    sandbox: dict[str, str]  # layer -> "on ...", "off" or "unavailable: why" (after start)
 
 
 class Supervisor:
@@ -158,6 +160,8 @@ class Supervisor:
         memory_check_interval: seconds between memory samples.
         on_event: called (on the event loop) with a :class:`WorkerEvent` when a worker
             becomes ready and when it is gone, with the reason. Must not block.
+        sandbox: isolation for the kernels (default ``Sandbox.default()``: every layer that
+            needs no privileges, where the host has it); see :class:`Sandbox`.
         launcher: where workers run (default: a local warden); a seam for other backends.
         probe: how memory is read (default: psutil).
         clock: monotonic seconds, for the table and backoff (tests inject a fake).
@@ -191,6 +195,7 @@ class Supervisor:
         memory_method: Literal["auto", "cgroup", "rlimit"] = "auto",
         memory_check_interval: float = 1.0,
         on_event: Callable[[WorkerEvent], None] | None = None,
+        sandbox: Sandbox | None = None,
         launcher: Launcher | None = None,
         probe: ProcessProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -246,11 +251,14 @@ class Supervisor:
             max_frame_bytes=max_frame_bytes,
             memory_hard_limit=worker_memory_hard_limit,
         )
+        self._sandbox = sandbox if sandbox is not None else Sandbox.default()
+        self._sandbox.validate()
         self._launcher: Launcher = launcher or WardenLauncher(
             exec_workers=start_method == "spawn",
             env=worker_env,
             start_timeout=start_timeout,
             memory_method=memory_method,
+            sandbox=self._sandbox,
         )
         self._probe = ProbeThread(probe or ProcTreeProbe())
         self._memory = MemoryPolicy(
@@ -295,6 +303,8 @@ class Supervisor:
             raise SupervisorClosedError("this supervisor has been closed; create a new one")
         if self._memory.soft_limit is not None or self._hard_limit is not None:
             await self._check_memory_baseline()
+        elif not self._sandbox.best_effort:
+            await self._start_launcher()  # a required sandbox layer missing fails here
         loop = asyncio.get_running_loop()
         self._stop_runner = asyncio.Event()
         self._room = asyncio.Event()
@@ -308,6 +318,18 @@ class Supervisor:
         await asyncio.shield(started)
         if self._memory.watches_pressure:
             await self._memory_round()  # know the pressure before the first call can start one
+
+    async def _start_launcher(self) -> None:
+        start = getattr(self._launcher, "start", None)
+        if start is None:
+            return
+        try:
+            await start()
+        except Exception as exc:
+            await self._launcher.aclose()
+            await self._probe.aclose()
+            self._state = _State.CLOSED
+            raise StartError(f"cannot start: {exc}", tenant="", pid=None) from exc
 
     async def _check_memory_baseline(self) -> None:
         """Start the warden now, measure what a fresh worker weighs (a forked worker starts
@@ -533,6 +555,7 @@ class Supervisor:
             ),
             memory_baseline=self._memory_baseline,
             memory_pressure=self._pressure_detail or None,
+            sandbox=self._launcher.sandbox_report,
         )
 
     # -- acquiring a worker ------------------------------------------------------------------

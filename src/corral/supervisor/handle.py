@@ -208,6 +208,16 @@ class WorkerHandle:
             self.stop_reason = StopReason.LAUNCH_FAILED
             self._on_exit(None, False)
             return
+        except BaseException as exc:
+            # A bug (or cancellation): waiters must not hang on it; then let it propagate.
+            self._start_error = StartError(
+                f"internal error while starting a worker for {self.tenant!r}: {exc!r}",
+                tenant=self.tenant,
+                pid=None,
+            )
+            self.stop_reason = StopReason.LAUNCH_FAILED
+            self._on_exit(None, False)
+            raise
         self.pid = proc.pid
         if self.state is S.DEAD:
             # It was reaped before we got here (the warden's spawn and exit reports came

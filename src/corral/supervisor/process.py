@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import asyncio
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from corral.ipc import (
     KillWorker,
     ProtocolViolation,
     RecordDecoder,
+    SandboxSpec,
     SpawnFailed,
     SpawnWorker,
     ToWarden,
@@ -41,8 +43,11 @@ from corral.ipc import (
     encode_record,
 )
 from corral.ipc.launch import boot_argv
+from corral.supervisor.sandbox import Sandbox, SandboxUnavailableError
 
 __all__ = ["ExitCallback", "LaunchError", "Launcher", "SpawnedProcess", "WardenLauncher"]
+
+log = logging.getLogger("corral")
 
 ExitCallback = Callable[[int | None, bool], None]
 """Called once with the waitpid-style return code (None: unknown, the warden died) and
@@ -72,6 +77,11 @@ class Launcher(Protocol):
     @property
     def memory_enforcement(self) -> str:
         """How ``memory_limit`` is enforced, in words (known once a worker was started)."""
+        ...
+
+    @property
+    def sandbox_report(self) -> dict[str, str]:
+        """Sandbox layer -> what is in force ("on ...", "off", "unavailable: why")."""
         ...
 
     def signal(self, pid: int, signum: int) -> None:
@@ -109,6 +119,7 @@ class _Warden:
         self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
         self.memory_cgroups = False
         self.memory_cgroups_detail = "unknown until the warden starts"
+        self.sandbox_layers: dict[str, str] = {}
         loop.add_reader(pidfd, self._on_process_exit)
         loop.add_reader(sock, self._on_readable)
 
@@ -218,6 +229,7 @@ class _Warden:
             else:
                 self.memory_cgroups = msg.memory_cgroups
                 self.memory_cgroups_detail = msg.memory_cgroups_detail
+                self.sandbox_layers = dict(msg.sandbox_layers)
                 self.hello.set_result(msg.pid)
 
     def send(self, msg: ToWarden, fds: tuple[int, ...] = ()) -> None:
@@ -270,8 +282,12 @@ class WardenLauncher:
         env: Mapping[str, str],
         start_timeout: float,
         memory_method: Literal["auto", "cgroup", "rlimit"] = "auto",
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._exec = exec_workers
+        self._sandbox = sandbox if sandbox is not None else Sandbox.none()
+        self._sandbox_spec: SandboxSpec | None = None
+        self._sandbox_report: dict[str, str] = {}
         self._memory_method = memory_method
         self._env = dict(env)
         self._start_timeout = start_timeout
@@ -295,6 +311,10 @@ class WardenLauncher:
         if warden.memory_cgroups:
             return warden.memory_cgroups_detail
         return f"rlimit (RLIMIT_DATA): {warden.memory_cgroups_detail}"
+
+    @property
+    def sandbox_report(self) -> dict[str, str]:
+        return dict(self._sandbox_report)
 
     async def start(self) -> None:
         """Start the warden now rather than with the first worker.
@@ -340,6 +360,19 @@ class WardenLauncher:
                 f"the warden did not start within {self._start_timeout}s "
                 "(is the machine overloaded?)"
             ) from None
+        try:
+            self._sandbox_spec, self._sandbox_report = self._sandbox.resolve(warden.sandbox_layers)
+        except SandboxUnavailableError as exc:
+            warden.stop(signal.SIGTERM)
+            raise LaunchError(str(exc)) from exc
+        for layer, status in self._sandbox_report.items():
+            if status.startswith("unavailable"):
+                log.warning(
+                    "sandbox layer %s %s (best effort: running without it)",
+                    layer,
+                    status,
+                    extra={"layer": layer},
+                )
         return warden
 
     def _launch(self) -> _Warden:
@@ -404,7 +437,8 @@ class WardenLauncher:
         request_id = next(self._ids)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         warden.pending[request_id] = (fut, on_exit)
-        spawn = SpawnWorker(request_id, self._exec, memory_limit, method)
+        assert self._sandbox_spec is not None  # resolved when the warden said hello
+        spawn = SpawnWorker(request_id, self._exec, memory_limit, method, self._sandbox_spec)
         warden.send(spawn, (to_r, from_w, log_w))
         try:
             pid = await fut

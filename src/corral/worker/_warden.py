@@ -24,9 +24,11 @@ import array
 import fcntl
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import NoReturn
 
 import psutil
@@ -45,7 +47,7 @@ from corral.ipc import (
     encode_record,
 )
 from corral.ipc.launch import boot_argv
-from corral.worker import _loop
+from corral.worker import _loop, _sandbox
 from corral.worker._cgroup import MemoryCgroups, detect
 from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
 
@@ -71,6 +73,7 @@ class Warden:
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
         self._workers: set[int] = set()
+        self._scratch: dict[int, str] = {}  # worker pid -> its scratch directory
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
 
@@ -88,7 +91,11 @@ class Warden:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._send(
             WardenHello(
-                PROTOCOL_VERSION, os.getpid(), self._cgroups is not None, self._cgroups_detail
+                PROTOCOL_VERSION,
+                os.getpid(),
+                self._cgroups is not None,
+                self._cgroups_detail,
+                _sandbox.detect(),
             )
         )
         while True:
@@ -149,28 +156,36 @@ class Warden:
                 os.close(fd)
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
-        leaf = None
+        leaf = scratch = None
         try:
             if msg.memory_limit is not None and msg.memory_method == "cgroup":
                 if self._cgroups is None:
                     raise OSError(f"no memory cgroups: {self._cgroups_detail}")
                 leaf = self._cgroups.new_leaf(msg.memory_limit)
+            if msg.sandbox.scratch:
+                scratch = tempfile.mkdtemp(prefix="corral-worker-")
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             self._send(SpawnFailed(msg.id, f"could not start a worker: {exc}"))
             return
         if pid == 0:
-            _loop.run_and_exit(lambda: self._child(fds, msg, leaf))
+            _loop.run_and_exit(lambda: self._child(fds, msg, leaf, scratch))
         for fd in fds:
             os.close(fd)
         self._workers.add(pid)
+        if scratch is not None:
+            self._scratch[pid] = scratch
         if leaf is not None and self._cgroups is not None:
             self._cgroups.adopt(pid, leaf)
         self._send(WorkerSpawned(msg.id, pid))
 
-    def _child(self, fds: list[int], msg: SpawnWorker, leaf: str | None) -> int:
+    def _child(
+        self, fds: list[int], msg: SpawnWorker, leaf: str | None, scratch: str | None
+    ) -> int:
         # First of all, before any other code runs: the memory limit.
         if leaf is not None:
             MemoryCgroups.join(leaf)
@@ -194,6 +209,8 @@ class Warden:
         for target, src in zip(targets, sources, strict=True):
             os.dup2(src, target, inheritable=exec_fresh)
         os.closerange(WORKER_FD_OUT + 1, _max_fd())
+        # The unprivileged layers, last: rlimits, scratch dir, no-new-privs, Landlock, seccomp.
+        _sandbox.apply(msg.sandbox, scratch)
         if exec_fresh:
             argv = boot_argv(
                 self._python, self._corral_root, "worker", str(WORKER_FD_IN), str(WORKER_FD_OUT)
@@ -241,6 +258,9 @@ class Warden:
                     pass
                 self._kill_orphans()
                 oom = self._cgroups.release(pid) if self._cgroups is not None else False
+                scratch = self._scratch.pop(pid, None)
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
             else:
                 # An orphan we adopted has died. Its own children (say, a daemon that
@@ -289,6 +309,8 @@ class Warden:
                 pass
         if self._cgroups is not None:
             self._cgroups.remove_all()
+        for scratch in self._scratch.values():
+            shutil.rmtree(scratch, ignore_errors=True)
         os._exit(0)
 
 

@@ -1,0 +1,187 @@
+"""What isolation a worker gets: :class:`Sandbox` and its presets.
+
+The layers a worker can get, from cheapest to strongest:
+
+* always (part of how corral starts workers): environment allowlist set at exec,
+  only the protocol fds open, stdio captured, a session of its own, a parent-death
+  signal, and a memory cgroup or rlimit when memory limits are set;
+* ``Sandbox.default()`` adds what needs no privileges: a private scratch directory
+  as cwd (removed afterwards), resource limits (no core dumps, open files, file
+  size), no-new-privs, Landlock (filesystem read-only outside the scratch dir, no
+  TCP, signals and abstract unix sockets scoped to the worker) where the kernel has
+  it, and a seccomp deny-list (no network or unix sockets, no ptrace, mount,
+  namespaces, bpf, io_uring, keyrings, ...), applied last;
+* ``Sandbox.strict()`` also requires what needs root: a dedicated uid per worker,
+  a cgroup per worker for the whole tree, and PID/network/mount namespaces. corral
+  does not provide those yet, so ``strict()`` refuses to start, naming them, unless
+  ``best_effort=True`` is given explicitly.
+
+:meth:`Sandbox.resolve` turns a sandbox and what the host supports (reported by
+the warden) into the spec a worker applies and a per-layer report for
+``stats().sandbox``; a required layer that is missing is an error, never a silent
+downgrade.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import msgspec
+
+from corral.ipc import SandboxSpec
+
+__all__ = ["Sandbox", "SandboxUnavailableError"]
+
+_NOT_YET = "unavailable: not implemented in corral yet"
+# Layers only strict() asks for, which corral cannot provide yet.
+_ROOT_LAYERS = ("dedicated_uid", "cgroup_tree", "namespaces")
+
+
+class SandboxUnavailableError(Exception):
+    """A layer the sandbox requires is not available on this host."""
+
+
+class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
+    """Isolation for tenant kernels. Use a preset and adjust with ``msgspec.structs.replace``.
+
+    Attributes:
+        scratch_dir: a fresh private directory as the worker's cwd, HOME and TMPDIR.
+        rlimits: hard resource limits by name ("core", "cpu", "nofile", "fsize"). "cpu"
+            counts a worker's whole life, so it is off by default (call timeouts bound
+            each call).
+        no_new_privs: setuid binaries gain nothing.
+        landlock: filesystem, TCP and signal/abstract-socket scoping (kernel >= 5.13).
+        seccomp: the syscall deny-list.
+        extra_read_paths: more paths the kernel may read under Landlock.
+        dedicated_uid, cgroup_tree, namespaces: root-only layers (``strict()``).
+        best_effort: apply what the host supports and report the rest, instead of
+            refusing to start.
+    """
+
+    scratch_dir: bool = True
+    rlimits: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"core": 0, "nofile": 1024, "fsize": 1 << 30}
+    )
+    no_new_privs: bool = True
+    landlock: bool = True
+    seccomp: bool = True
+    extra_read_paths: tuple[str, ...] = ()
+    dedicated_uid: bool = False
+    cgroup_tree: bool = False
+    namespaces: bool = False
+    best_effort: bool = False
+
+    @classmethod
+    def none(cls) -> Sandbox:
+        """No isolation beyond the process boundary (trusted code)."""
+        return cls(scratch_dir=False, rlimits={}, no_new_privs=False, landlock=False, seccomp=False)
+
+    @classmethod
+    def default(cls) -> Sandbox:
+        """Every layer that needs no privileges, where the host supports it."""
+        return cls(best_effort=True)
+
+    @classmethod
+    def strict(cls) -> Sandbox:
+        """``default()`` plus the root-only layers, all required."""
+        return cls(dedicated_uid=True, cgroup_tree=True, namespaces=True)
+
+    def requested(self) -> dict[str, bool]:
+        return {
+            "scratch_dir": self.scratch_dir,
+            "rlimits": bool(self.rlimits),
+            "no_new_privs": self.no_new_privs,
+            "landlock": self.landlock,
+            "seccomp": self.seccomp,
+            "dedicated_uid": self.dedicated_uid,
+            "cgroup_tree": self.cgroup_tree,
+            "namespaces": self.namespaces,
+        }
+
+    def validate(self) -> None:
+        """Raises ValueError for an unknown rlimit name or a negative limit."""
+        for name, limit in self.rlimits.items():
+            if name not in ("core", "cpu", "nofile", "fsize"):
+                raise ValueError(f"Sandbox.rlimits: unknown limit {name!r}")
+            if not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"Sandbox.rlimits[{name!r}] must be an int >= 0, got {limit!r}")
+        if self.rlimits.get("nofile", 64) < 64:
+            raise ValueError("Sandbox.rlimits['nofile'] below 64 leaves a worker no room to run")
+
+    def resolve(self, host: dict[str, str]) -> tuple[SandboxSpec, dict[str, str]]:
+        """The spec workers apply and a report per layer ("on", "off", "unavailable: why").
+
+        Args:
+            host: what the warden detected, layer -> "available ..." or "unavailable: why".
+
+        Raises:
+            SandboxUnavailableError: a requested layer is unavailable and not best_effort.
+        """
+        detected = {
+            "scratch_dir": "available",
+            "rlimits": "available",
+            "no_new_privs": "available",
+            **host,
+            **{layer: _NOT_YET for layer in _ROOT_LAYERS},
+        }
+        report: dict[str, str] = {}
+        missing = []
+        granted: dict[str, bool] = {}
+        for layer, wanted in self.requested().items():
+            status = detected.get(layer, "unavailable: unknown layer")
+            available = status.startswith("available")
+            granted[layer] = wanted and available
+            if not wanted:
+                report[layer] = "off"
+            elif available:
+                report[layer] = "on" + status.removeprefix("available")
+            else:
+                report[layer] = status
+                missing.append(f"{layer} ({status.removeprefix('unavailable: ')})")
+        if missing and not self.best_effort:
+            raise SandboxUnavailableError(
+                "the sandbox requires layers this host cannot provide: "
+                + ", ".join(missing)
+                + " (use best_effort=True to run with what is available)"
+            )
+        spec = SandboxSpec(
+            rlimits=sorted(self.rlimits.items()) if granted["rlimits"] else [],
+            scratch=granted["scratch_dir"],
+            no_new_privs=granted["no_new_privs"],
+            landlock=granted["landlock"],
+            seccomp=granted["seccomp"],
+            read_paths=_read_paths(self.extra_read_paths) if granted["landlock"] else [],
+        )
+        return spec, report
+
+
+def _read_paths(extra: tuple[str, ...]) -> list[str]:
+    """What a Python worker must be able to read (and execute) to run at all: the
+    interpreter and its libraries, every import path, the C libraries, ``/proc``."""
+    candidates = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(sys.executable),
+        *sys.path,
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/bin",
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        "/etc/os-release",
+        "/proc",
+        "/dev/urandom",
+        "/dev/random",
+        "/sys/devices/system/cpu",
+        *extra,
+    ]
+    # No filesystem calls here (this may run on the event loop): the worker opens each
+    # path with O_PATH, which follows symlinks, and skips the ones that do not exist.
+    out: list[str] = []
+    for path in candidates:
+        if path and path not in out:
+            out.append(path)
+    return out
