@@ -320,35 +320,36 @@ class Supervisor:
             await self._memory_round()  # know the pressure before the first call can start one
 
     async def _start_launcher(self) -> None:
+        """Start the launcher (the warden) now. Raises StartError, closed, if it fails."""
         start = getattr(self._launcher, "start", None)
         if start is None:
             return
         try:
             await start()
         except Exception as exc:
-            await self._launcher.aclose()
-            await self._probe.aclose()
-            self._state = _State.CLOSED
+            await self._abort_start()
             raise StartError(f"cannot start: {exc}", tenant="", pid=None) from exc
+
+    async def _abort_start(self) -> None:
+        """start() failed before the runner existed: release what it started."""
+        await self._launcher.aclose()
+        await self._probe.aclose()
+        self._state = _State.CLOSED
 
     async def _check_memory_baseline(self) -> None:
         """Start the warden now, measure what a fresh worker weighs (a forked worker starts
         as a copy of it) and refuse limits at or below that: they would recycle every
         worker as soon as it starts. Also says how the hard limit is enforced here."""
-        start = getattr(self._launcher, "start", None)
+        await self._start_launcher()
+        warden = getattr(self._launcher, "warden_pid", None)
         try:
-            if start is not None:
-                await start()
-            warden = getattr(self._launcher, "warden_pid", None)
             if warden is not None:
                 sample = await self._probe.sample([warden])
                 self._memory_baseline = sample.trees.get(warden)
         except Exception as exc:
-            await self._launcher.aclose()
-            await self._probe.aclose()
-            self._state = _State.CLOSED
+            await self._abort_start()
             raise StartError(
-                f"memory limits cannot be applied: {exc}", tenant="", pid=None
+                f"cannot measure a worker's baseline: {exc}", tenant="", pid=None
             ) from exc
         base = self._memory_baseline
         for name, limit, factor in (
@@ -356,9 +357,7 @@ class Supervisor:
             ("worker_memory_hard_limit", self._hard_limit, 1.5),
         ):
             if limit is not None and base is not None and limit <= base * factor:
-                await self._launcher.aclose()
-                await self._probe.aclose()
-                self._state = _State.CLOSED
+                await self._abort_start()
                 raise ValueError(
                     f"{name}={limit} bytes ({limit / 2**20:.0f} MiB) is at or below a fresh "
                     f"worker's baseline ({base / 2**20:.0f} MiB measured now, x{factor} "

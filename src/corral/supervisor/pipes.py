@@ -126,16 +126,20 @@ class LogSink:
             return
         self._tokens -= 1
         text = line[:_LOG_LINE_MAX].decode("utf-8", "replace")
-        extra = {"tenant": self._tenant, "pid": self._pid}
+        self._report_dropped()
+        worker_log.info(
+            "[%s] %s", self._tenant, text, extra={"tenant": self._tenant, "pid": self._pid}
+        )
+
+    def _report_dropped(self) -> None:
         if self._dropped:
             worker_log.warning(
                 "[%s] %d output lines dropped (rate limit)",
                 self._tenant,
                 self._dropped,
-                extra=extra,
+                extra={"tenant": self._tenant, "pid": self._pid},
             )
             self._dropped = 0
-        worker_log.info("[%s] %s", self._tenant, text, extra=extra)
 
     def close(self) -> None:
         """Log what is already in the pipe (the last words of a crash), then close it."""
@@ -159,11 +163,4 @@ class LogSink:
             if self._partial:
                 self._emit(self._partial)
                 self._partial = b""
-            if self._dropped:
-                worker_log.warning(
-                    "[%s] %d output lines dropped (rate limit)",
-                    self._tenant,
-                    self._dropped,
-                    extra={"tenant": self._tenant, "pid": self._pid},
-                )
-                self._dropped = 0
+            self._report_dropped()
