@@ -269,3 +269,135 @@ def _write_file(self: Kernel, path: str, size: int) -> int:
 Kernel.connect_tcp = _connect_tcp  # type: ignore[attr-defined]
 Kernel.read_file = _read_file  # type: ignore[attr-defined]
 Kernel.write_file = _write_file  # type: ignore[attr-defined]
+
+
+# -- hostile probes for the sandbox tests (tests/supervisor/test_sandbox.py) ---------------------
+
+
+def _connect_unix(self: Kernel, address: str) -> str:
+    """Connect to a unix socket; an address starting with NUL is abstract."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        sock.connect(address)
+        return "connected"
+
+
+def _netlink_socket(self: Kernel) -> str:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0):  # NETLINK_ROUTE
+        return "opened"
+
+
+def _sandbox_facts(self: Kernel) -> dict[str, Any]:
+    """Where the worker runs and what it runs under."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "cwd": os.getcwd(),
+        "home": os.environ.get("HOME"),
+        "tmpdir": os.environ.get("TMPDIR"),
+        "no_new_privs": status.get("NoNewPrivs"),
+        "seccomp": status.get("Seccomp"),
+        "core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "fsize": list(resource.getrlimit(resource.RLIMIT_FSIZE)),
+    }
+
+
+def _parse_xml(self: Kernel, text: str) -> dict[str, Any]:
+    """Import a stdlib package the worker has not loaded yet, and use it."""
+    was_loaded = "xml.dom.minidom" in sys.modules
+    import xml.dom.minidom
+
+    root = xml.dom.minidom.parseString(text).documentElement
+    assert root is not None
+    return {"was_loaded": was_loaded, "root": root.tagName}
+
+
+def _make_temp(self: Kernel) -> str:
+    """Create (and remove again) a file where ``tempfile`` puts them; return its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    os.unlink(path)
+    return path
+
+
+def _open_until_emfile(self: Kernel, cap: int = 4096) -> int:
+    """Open /dev/null until the fd limit stops it (the error propagates) or ``cap`` is
+    reached; every fd opened is closed before returning either way."""
+    fds: list[int] = []
+    try:
+        while len(fds) < cap:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+        return len(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _send_signal(self: Kernel, pid: int, signum: int) -> bool:
+    os.kill(pid, signum)
+    return True
+
+
+# Raw syscalls with arguments that do nothing harmful when nothing blocks them (a bad pid,
+# NULL pointers, unshare(0)), so that the unsandboxed control run cannot hurt the host.
+_SYSCALLS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "ptrace": (101, (16, -1, 0, 0)),  # PTRACE_ATTACH to no such pid
+    "process_vm_readv": (310, (-1, 0, 0, 0, 0, 0)),
+    "unshare": (272, (0,)),  # a no-op when allowed
+    "setns": (308, (-1, 0)),
+    "mount": (165, (0, 0, 0, 0, 0)),  # NULL target
+    "bpf": (321, (0xFFFF, 0, 0)),  # no such command
+    "perf_event_open": (298, (0, 0, -1, -1, 0)),  # NULL attr
+    "keyctl": (250, (0xFFFF, 0, 0, 0, 0)),  # no such operation
+    "userfaultfd": (323, (0,)),
+    "io_uring_setup": (425, (0, 0)),  # 0 entries, NULL params
+    "x32_getpid": (0x40000000 | 39, ()),  # the x32 numbering
+}
+_RETURNS_FD = {"userfaultfd", "io_uring_setup", "bpf", "perf_event_open"}
+
+
+def _raw_syscall(self: Kernel, name: str) -> int:
+    """Make syscall ``name`` through libc; return its errno (0 if it succeeded)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    nr, args = _SYSCALLS[name]
+    ctypes.set_errno(0)
+    result = libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    err = ctypes.get_errno()
+    if result >= 0:
+        if name in _RETURNS_FD:
+            os.close(result)
+        return 0
+    return err
+
+
+def _i386_getpid(self: Kernel) -> int:
+    """getpid through the i386 ABI (``int 0x80``) from x86_64 code: machine code in an
+    executable mapping, called through ctypes."""
+    import ctypes
+    import mmap
+
+    code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    code.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")  # mov eax, 20; int 0x80; ret
+    function = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+    return int(function())
+
+
+Kernel.connect_unix = _connect_unix  # type: ignore[attr-defined]
+Kernel.netlink_socket = _netlink_socket  # type: ignore[attr-defined]
+Kernel.sandbox_facts = _sandbox_facts  # type: ignore[attr-defined]
+Kernel.parse_xml = _parse_xml  # type: ignore[attr-defined]
+Kernel.make_temp = _make_temp  # type: ignore[attr-defined]
+Kernel.open_until_emfile = _open_until_emfile  # type: ignore[attr-defined]
+Kernel.send_signal = _send_signal  # type: ignore[attr-defined]
+Kernel.raw_syscall = _raw_syscall  # type: ignore[attr-defined]
+Kernel.i386_getpid = _i386_getpid  # type: ignore[attr-defined]

@@ -292,7 +292,7 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the background tasks. The warden process starts with the first worker.
+        """Start the warden process and the background tasks.
 
         Raises:
             SupervisorClosedError: already closing or closed.
@@ -301,10 +301,12 @@ class Supervisor:
             if self._state is _State.RUNNING:
                 return
             raise SupervisorClosedError("this supervisor has been closed; create a new one")
+        # The warden starts now, not with the first worker: a required sandbox layer or a
+        # memory limit the host cannot honour fails here, and stats() can say what is in
+        # force from the start.
+        await self._start_launcher()
         if self._memory.soft_limit is not None or self._hard_limit is not None:
             await self._check_memory_baseline()
-        elif not self._sandbox.best_effort:
-            await self._start_launcher()  # a required sandbox layer missing fails here
         loop = asyncio.get_running_loop()
         self._stop_runner = asyncio.Event()
         self._room = asyncio.Event()
@@ -329,6 +331,9 @@ class Supervisor:
         except Exception as exc:
             await self._abort_start()
             raise StartError(f"cannot start: {exc}", tenant="", pid=None) from exc
+        except BaseException:  # cancelled: still leave nothing running
+            await asyncio.shield(self._abort_start())
+            raise
 
     async def _abort_start(self) -> None:
         """start() failed before the runner existed: release what it started."""
@@ -340,7 +345,6 @@ class Supervisor:
         """Start the warden now, measure what a fresh worker weighs (a forked worker starts
         as a copy of it) and refuse limits at or below that: they would recycle every
         worker as soon as it starts. Also says how the hard limit is enforced here."""
-        await self._start_launcher()
         warden = getattr(self._launcher, "warden_pid", None)
         try:
             if warden is not None:
@@ -392,10 +396,9 @@ class Supervisor:
 
         **Cancellation:** the shutdown goes on in the background; call again to wait for it.
         """
-        if self._state is _State.NEW:
+        if self._state is _State.NEW or self._closed is None:  # never started, or start failed
             self._state = _State.CLOSED
             return
-        assert self._closed is not None
         if self._state is not _State.RUNNING:
             await self._closed.wait()
             return

@@ -163,7 +163,7 @@ class Warden:
                     raise OSError(f"no memory cgroups: {self._cgroups_detail}")
                 leaf = self._cgroups.new_leaf(msg.memory_limit)
             if msg.sandbox.scratch:
-                scratch = tempfile.mkdtemp(prefix="corral-worker-")
+                scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
@@ -211,6 +211,7 @@ class Warden:
         os.closerange(WORKER_FD_OUT + 1, _max_fd())
         # The unprivileged layers, last: rlimits, scratch dir, no-new-privs, Landlock, seccomp.
         _sandbox.apply(msg.sandbox, scratch)
+        tempfile.tempdir = None  # the warden's cached /tmp: let tempfile follow TMPDIR
         if exec_fresh:
             argv = boot_argv(
                 self._python, self._corral_root, "worker", str(WORKER_FD_IN), str(WORKER_FD_OUT)
@@ -314,6 +315,25 @@ class Warden:
         os._exit(0)
 
 
+_SCRATCH_PREFIX = "corral-scratch-"
+
+
+def _remove_stale_scratch() -> None:
+    """Remove scratch directories left by wardens that were killed (and so could not
+    clean up): ``corral-scratch-<warden pid>-*`` whose warden is gone."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_SCRATCH_PREFIX):
+            continue
+        owner = name[len(_SCRATCH_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def _max_fd() -> int:
     try:
         return os.sysconf("SC_OPEN_MAX")
@@ -328,6 +348,7 @@ def main(
     set_parent_death_signal(signal.SIGTERM, host_pid)
     set_child_subreaper()
     cgroups, detail = detect(os.getpid()) if want_cgroups else (None, "not requested")
+    _remove_stale_scratch()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
     import gc
