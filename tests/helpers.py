@@ -75,3 +75,28 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def run_host(code: str, timeout: float) -> tuple[str, int | None]:
+    """Run ``code`` as a separate host process (with this checkout importable) and return
+    its stdout and return code; the return code is None if it did not finish in time
+    (it is then killed)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    host = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        out, _ = host.communicate(timeout=timeout)
+        return out, host.returncode
+    except subprocess.TimeoutExpired:
+        host.kill()
+        out, _ = host.communicate()
+        return out, None

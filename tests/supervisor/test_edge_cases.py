@@ -24,7 +24,7 @@ import corral
 from corral import Supervisor
 from corral.supervisor.handle import WorkerHandle
 from corral.supervisor.memory import MemorySample
-from tests.helpers import pid_gone, wait_pid_gone
+from tests.helpers import pid_gone, run_host, wait_pid_gone
 from tests.kernels import Kernel
 
 HERE = "tests.supervisor.test_edge_cases"
@@ -39,6 +39,9 @@ FAST: dict[str, Any] = {
 
 
 # -- kernels (run in the worker) ---------------------------------------------------------------
+
+
+_FOREVER = "import time; time.sleep(3600)"  # ok-sleep: the workload of a test process
 
 
 class EvilKernel(Kernel):
@@ -74,8 +77,8 @@ class EvilKernel(Kernel):
 
         code = (
             "import subprocess, sys, time;"
-            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']);"
-            "print(g.pid, flush=True); time.sleep(3600)"
+            f"g = subprocess.Popen([sys.executable, '-c', {_FOREVER!r}]);"
+            f"print(g.pid, flush=True); {_FOREVER}"
         )
         self._a = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -319,8 +322,8 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
         try:
             with pytest.raises(corral.StartError):
                 await _expect_within(call, 5)
-            for _ in range(3):
-                await asyncio.sleep(0)  # let start() resume after the exit was reported
+            for _ in range(3):  # let start() resume after the exit was reported
+                await asyncio.sleep(0)  # ok-sleep: one loop turn
             assert handle.state.value == "dead"
             assert handle._reader_fd == -1, "from_worker pipe left open"
             assert handle._writer is None or handle._writer._fd == -1, "to_worker left open"
@@ -385,14 +388,15 @@ async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None
 async def test_cancelled_start_then_aclose_leaves_no_background_tasks() -> None:
     sup = Supervisor(K, **FAST)
     starting = asyncio.ensure_future(sup.start())
-    await asyncio.sleep(0)  # start() has created its runner and waits for it
+    # start() has created its runner and waits for it:
+    await asyncio.sleep(0)  # ok-sleep: one loop turn
     starting.cancel()  # e.g. the server's startup was cancelled
     try:
         async with asyncio.timeout(10):
             await sup.aclose()  # inline, in this very step: before the runner has run at all
         with contextlib.suppress(asyncio.CancelledError):
             await starting
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ok-sleep: one loop turn
     finally:
         left = [
             t for t in asyncio.all_tasks() if t.get_name().startswith("corral-") and not t.done()
@@ -533,7 +537,7 @@ async def test_racing_calls_evicts_ttl_and_close_resolve_and_never_overlap_worke
                     live = []
                 if len(live) > 1:
                     overlap.append(live)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # ok-sleep: one loop turn
 
     async def caller(i: int) -> Any:
         if i % 5 == 0:
@@ -550,7 +554,7 @@ async def test_racing_calls_evicts_ttl_and_close_resolve_and_never_overlap_worke
                 for i, r in enumerate(results):
                     assert r == i or isinstance(r, bool | corral.CorralError), (i, r)
             tail = [asyncio.ensure_future(caller(i)) for i in range(1, 20)]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # ok-sleep: one loop turn
             await sup.aclose()
             for r in await asyncio.gather(*tail, return_exceptions=True):
                 assert isinstance(r, int | bool | corral.CorralError), r
@@ -584,28 +588,9 @@ print("main returned", flush=True)
 # only aclose() stops: if aclose() never runs or never reaches it (forgotten, TaskGroup crashed,
 # aclose hung), the host process hangs forever at interpreter exit
 def test_host_that_never_closed_the_supervisor_can_still_exit() -> None:
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    host = subprocess.Popen(
-        [sys.executable, "-c", _HOST_WITHOUT_ACLOSE],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": root},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        out, _ = host.communicate(timeout=8)
-        assert "main returned" in out
-        assert host.returncode == 0
-    except subprocess.TimeoutExpired:
-        pytest.fail("the host hung at exit (the corral-probe thread is still running)")
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.communicate()
+    out, code = run_host(_HOST_WITHOUT_ACLOSE, timeout=8)
+    assert code is not None, "the host hung at exit (the corral-probe thread is still running)"
+    assert "main returned" in out and code == 0
 
 
 # -- (e)/(c): the warden's orphan sweep is one level deep ----------------------------------------
@@ -665,22 +650,6 @@ def test_a_warden_restart_while_the_old_warden_exits_does_not_freeze_the_loop() 
     exiting before its successor starts, and its exit must only touch its own state:
     once, the old warden's exit closed the new one's pidfd and waited on the live new
     process, blocking the event loop forever."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    host = subprocess.Popen(
-        [sys.executable, "-c", _HOST_WARDEN_RESTART],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": root},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        out, _ = host.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        host.kill()
-        out, _ = host.communicate()
-        pytest.fail(f"the host's event loop froze; it printed {out!r}")
+    out, code = run_host(_HOST_WARDEN_RESTART, timeout=10)
+    assert code is not None, f"the host's event loop froze; it printed {out!r}"
     assert out.split() == ["LaunchError"] * 3 + ["closed"], out
