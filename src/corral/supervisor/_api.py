@@ -236,7 +236,6 @@ class Supervisor:
             sys_path=[p for p in sys.path if p],
             max_frame_bytes=max_frame_bytes,
         )
-        self._factory_name = factory_ref or getattr(factory, "__qualname__", repr(factory))
         self._call_timeout = call_timeout
         self._pool_timeout = pool_timeout
         self._max_frame = max_frame_bytes
