@@ -307,7 +307,7 @@ class WardenLauncher:
         if self._memory_method == "rlimit":
             return "rlimit (RLIMIT_DATA): memory_method='rlimit'"
         if warden is None or not warden.hello.done():
-            return "unknown until the first worker starts"
+            return "unknown until the warden starts"
         if warden.memory_cgroups:
             return warden.memory_cgroups_detail
         return f"rlimit (RLIMIT_DATA): {warden.memory_cgroups_detail}"
