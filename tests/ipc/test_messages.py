@@ -40,6 +40,7 @@ SANDBOX = SandboxSpec(
     landlock=False,
     seccomp=True,
     read_paths=["/usr"],
+    max_processes=64,
 )
 
 

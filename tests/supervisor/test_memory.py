@@ -699,12 +699,13 @@ async def test_the_probe_sums_a_workers_whole_tree_and_omits_gone_pids() -> None
         assert psutil.Process(child).ppid() == pid
         timed = _TimedProbe()
         probe = ProbeThread(timed)
+        # Measured before the sample: the child may still be starting (its RSS only grows).
+        own = psutil.Process(pid).memory_info().rss
+        child_rss = psutil.Process(child).memory_info().rss
         try:
             sample = await probe.sample([pid])
         finally:
             await probe.aclose()
-        own = psutil.Process(pid).memory_info().rss
-        child_rss = psutil.Process(child).memory_info().rss
         assert sample.trees[pid] > own
         assert sample.trees[pid] >= own + child_rss // 2  # the child's memory is in the sum
         assert 0 < sample.available <= sample.total == psutil.virtual_memory().total

@@ -33,7 +33,7 @@ import pytest
 import corral
 import tests.kernels
 from corral import Sandbox, Supervisor
-from tests.helpers import wait_pid_gone
+from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"
 FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
@@ -41,6 +41,7 @@ StartMethod = Literal["forkserver", "spawn"]
 SANDBOXES = {"default": Sandbox.default(), "none": Sandbox.none()}
 DENY_LAYERS = ("scratch_dir", "rlimits", "no_new_privs", "landlock", "seccomp")
 ROOT_LAYERS = ("dedicated_uid", "cgroup_tree", "namespaces")
+NOT_YET = ("dedicated_uid", "namespaces")  # cgroup_tree is provided (as root, cgroup v1)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -415,7 +416,8 @@ async def test_strict_refuses_to_start_and_leaves_no_process() -> None:
     with pytest.raises(corral.StartError) as err:
         await sup.start()
     message = str(err.value)
-    assert all(layer in message for layer in ROOT_LAYERS), message
+    assert all(layer in message for layer in NOT_YET), message
+    assert "cgroup_tree" not in message
     assert "best_effort=True" in message
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert sup.stats().state == "closed"
@@ -441,9 +443,10 @@ async def test_strict_best_effort_starts_and_reports_what_is_missing(
             facts = await sup.call("t", "sandbox_facts")
             report = sup.stats().sandbox
     assert facts["no_new_privs"] == "1" and facts["seccomp"] == "2"  # the rest still applies
-    for layer in ROOT_LAYERS:
+    for layer in NOT_YET:
         assert report[layer].startswith("unavailable: "), report
         assert any(layer in r.getMessage() for r in caplog.records), layer
+    assert report["cgroup_tree"].startswith("on (cgroup v1 pids"), report
     assert all(report[layer].startswith("on") for layer in DENY_LAYERS)
 
 
@@ -508,3 +511,16 @@ async def test_measure_the_cost_of_the_default_sandbox() -> None:
         f"\ncold start median: none {c['none']:.2f} ms, default {c['default']:.2f} ms "
         f"(x{c['default'] / c['none']:.2f})"
     )
+
+
+async def test_cgroup_tree_bounds_threads_and_kills_a_setsid_daemon() -> None:
+    tree = msgspec.structs.replace(Sandbox.default(), cgroup_tree=True, max_processes=32)
+    async with supervisor(tree) as sup:
+        assert sup.stats().sandbox["cgroup_tree"].startswith("on (cgroup v1 pids")
+        daemon = await sup.call("t", "start_child", True)  # double fork into its own session
+        assert not pid_gone(daemon)
+        await sup.evict("t")
+        assert pid_gone(daemon)  # killed with the worker's tree, before evict() returned
+        outcome = await sup.call("u", "many_threads", 100)
+        assert 20 <= outcome["started"] < 32 and "can't start new thread" in outcome["error"]
+        assert await sup.call("u", "echo", 1) == 1  # the worker is fine after the bomb

@@ -135,6 +135,8 @@ class SandboxSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     landlock: bool
     seccomp: bool
     read_paths: list[str]  # readable (and executable) under Landlock
+    max_processes: int | None  # a pids cgroup for the worker's tree: bounds forks and threads,
+    # and lets the warden kill the whole tree (setsid'd descendants too)
 
 
 class SpawnWorker(_Msg, frozen=True, tag="spawn"):

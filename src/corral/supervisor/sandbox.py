@@ -11,10 +11,10 @@ The layers a worker can get, from cheapest to strongest:
   TCP, signals and abstract unix sockets scoped to the worker) where the kernel has
   it, and a seccomp deny-list (no network or unix sockets, no ptrace, mount,
   namespaces, bpf, io_uring, keyrings, ...), applied last;
-* ``Sandbox.strict()`` also requires what needs root: a dedicated uid per worker,
-  a cgroup per worker for the whole tree, and PID/network/mount namespaces. corral
-  does not provide those yet, so ``strict()`` refuses to start, naming them, unless
-  ``best_effort=True`` is given explicitly.
+* ``Sandbox.strict()`` also requires what needs root: a cgroup per worker for the
+  whole tree (pids limit, whole-tree kill; provided), a dedicated uid per worker and
+  PID/network/mount namespaces (not provided yet), so ``strict()`` refuses to start,
+  naming the missing ones, unless ``best_effort=True`` is given explicitly.
 
 :meth:`Sandbox.resolve` turns a sandbox and what the host supports (reported by
 the warden) into the spec a worker applies and a per-layer report for
@@ -34,8 +34,8 @@ from corral.ipc import SandboxSpec
 __all__ = ["Sandbox", "SandboxUnavailableError"]
 
 _NOT_YET = "unavailable: not implemented in corral yet"
-# Layers only strict() asks for, which corral cannot provide yet.
-_ROOT_LAYERS = ("dedicated_uid", "cgroup_tree", "namespaces")
+# Root-only layers strict() asks for, which corral cannot provide yet.
+_NOT_YET_LAYERS = ("dedicated_uid", "namespaces")
 
 
 class SandboxUnavailableError(Exception):
@@ -55,6 +55,10 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
         seccomp: the syscall deny-list.
         extra_read_paths: more paths the kernel may read under Landlock.
         dedicated_uid, cgroup_tree, namespaces: root-only layers (``strict()``).
+            ``cgroup_tree``: a pids cgroup per worker (at most ``max_processes``
+            processes and threads in its tree; the whole tree, setsid'd descendants
+            included, is killed when the worker stops). corral provides this one
+            (as root, cgroup v1); the other two not yet.
         best_effort: apply what the host supports and report the rest, instead of
             refusing to start.
     """
@@ -69,6 +73,7 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
     extra_read_paths: tuple[str, ...] = ()
     dedicated_uid: bool = False
     cgroup_tree: bool = False
+    max_processes: int = 256
     namespaces: bool = False
     best_effort: bool = False
 
@@ -106,6 +111,10 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"Sandbox.rlimits: unknown limit {name!r}")
             if not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"Sandbox.rlimits[{name!r}] must be an int >= 0, got {limit!r}")
+        if not isinstance(self.max_processes, int) or self.max_processes < 8:
+            raise ValueError(
+                f"Sandbox.max_processes must be an int >= 8, got {self.max_processes!r}"
+            )
         if self.rlimits.get("nofile", 64) < 64:
             raise ValueError("Sandbox.rlimits['nofile'] below 64 leaves a worker no room to run")
 
@@ -123,7 +132,7 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             "rlimits": "available",
             "no_new_privs": "available",
             **host,
-            **{layer: _NOT_YET for layer in _ROOT_LAYERS},
+            **{layer: _NOT_YET for layer in _NOT_YET_LAYERS},
         }
         report: dict[str, str] = {}
         missing = []
@@ -152,6 +161,7 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             landlock=granted["landlock"],
             seccomp=granted["seccomp"],
             read_paths=_read_paths(self.extra_read_paths) if granted["landlock"] else [],
+            max_processes=self.max_processes if granted["cgroup_tree"] else None,
         )
         return spec, report
 

@@ -17,26 +17,25 @@ and the supervisor falls back to ``RLIMIT_DATA``.
 from __future__ import annotations
 
 import os
+import signal
 
-__all__ = ["MemoryCgroups", "detect"]
-
-_V1_ROOT = "/sys/fs/cgroup/memory"
+__all__ = ["Cgroups", "detect", "memory_settings", "oom_killed"]
 
 
-def _own_v1_path() -> str | None:
+def _own_v1_path(controller: str) -> str | None:
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
                 _num, controllers, path = line.rstrip("\n").split(":", 2)
-                if "memory" in controllers.split(","):
+                if controller in controllers.split(","):
                     return path
     except OSError:
         return None
     return None
 
 
-class MemoryCgroups:
-    """The warden's own cgroup directory and its per-worker leaves (v1 memory)."""
+class Cgroups:
+    """The warden's own directory under one v1 controller and its per-worker leaves."""
 
     def __init__(self, base: str) -> None:
         self.base = base  # e.g. /sys/fs/cgroup/memory/<own>/corral-1234
@@ -44,16 +43,17 @@ class MemoryCgroups:
         self._stale: list[str] = []  # leaves to remove once their last process is gone
         self._next = 0
 
-    def new_leaf(self, limit: int) -> str:
-        """Create a leaf with a hard limit (memory and memory+swap) and return its path."""
+    def new_leaf(self, settings: dict[str, str]) -> str:
+        """Create a leaf, write ``settings`` (file -> value; a file that does not exist is
+        skipped, e.g. memsw without swap accounting), and return its path."""
         self._next += 1
         leaf = os.path.join(self.base, f"w{self._next}")
         os.mkdir(leaf)
         try:
-            _write(os.path.join(leaf, "memory.limit_in_bytes"), str(limit))
-            swap = os.path.join(leaf, "memory.memsw.limit_in_bytes")
-            if os.path.exists(swap):  # only with swap accounting; else swap is not limited
-                _write(swap, str(limit))
+            for name, value in settings.items():
+                path = os.path.join(leaf, name)
+                if os.path.exists(path):
+                    _write(path, value)
         except OSError:
             os.rmdir(leaf)
             raise
@@ -67,16 +67,30 @@ class MemoryCgroups:
         """Move the calling process (the forked child) into ``leaf``."""
         _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
 
-    def release(self, pid: int) -> bool:
-        """The worker was reaped: return whether the OOM killer acted in its leaf, and
-        remove the leaf (now, or later once the last process in it is gone)."""
-        leaf = self._leaves.pop(pid, None)
+    def kill_tree(self, pid: int) -> None:
+        """SIGKILL every process left in the worker's leaf: its whole tree, including
+        descendants that left its session. Repeats while processes remain (a fork racing
+        the kill lands in the same leaf); bounded, as the leaf's pids.max bounds forks."""
+        leaf = self._leaves.get(pid)
         if leaf is None:
-            return False
-        oom = _oom_kills(leaf) > 0
-        self._stale.append(leaf)
-        self.sweep()
-        return oom
+            return
+        for _ in range(64):
+            procs = _procs(leaf)
+            if not procs:
+                return
+            for member in procs:
+                try:
+                    os.kill(member, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def release(self, pid: int) -> str | None:
+        """The worker was reaped: forget its leaf and remove it (now, or once the last
+        process in it is gone). Returns the leaf path (to read counters first)."""
+        leaf = self._leaves.pop(pid, None)
+        if leaf is not None:
+            self._stale.append(leaf)
+        return leaf
 
     def sweep(self) -> None:
         """Remove leaves whose processes are all gone (rmdir fails while any remain)."""
@@ -90,6 +104,10 @@ class MemoryCgroups:
                 left.append(leaf)
         self._stale = left
 
+    def kill_all(self) -> None:
+        for pid in list(self._leaves):
+            self.kill_tree(pid)
+
     def remove_all(self) -> None:
         self._stale.extend(self._leaves.values())
         self._leaves.clear()
@@ -100,29 +118,54 @@ class MemoryCgroups:
             pass
 
 
-def detect(warden_pid: int) -> tuple[MemoryCgroups | None, str]:
-    """Make the warden's cgroup directory if this host allows it.
+def memory_settings(limit: int) -> dict[str, str]:
+    """A hard limit on memory and on memory+swap (the latter only with swap accounting)."""
+    return {"memory.limit_in_bytes": str(limit), "memory.memsw.limit_in_bytes": str(limit)}
+
+
+def oom_killed(leaf: str) -> bool:
+    """Whether the OOM killer acted in this memory leaf."""
+    return _oom_kills(leaf) > 0
+
+
+def _procs(leaf: str) -> list[int]:
+    try:
+        with open(os.path.join(leaf, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def detect(controller: str, warden_pid: int) -> tuple[Cgroups | None, str]:
+    """Make the warden's directory under a v1 ``controller`` if this host allows it.
 
     Returns:
         (cgroups, description): cgroups is None when unavailable, and description
         says what is in force or why not (for ``stats()`` and the start-up warning).
     """
-    own = _own_v1_path()
-    if own is None or not os.path.isdir(_V1_ROOT):
-        return None, "no cgroup v1 memory controller on this host (cgroup v2 is not used yet)"
-    parent = os.path.join(_V1_ROOT, own.lstrip("/"))
+    own = _own_v1_path(controller)
+    root = f"/sys/fs/cgroup/{controller}"
+    if own is None or not os.path.isdir(root):
+        return (
+            None,
+            f"no cgroup v1 {controller} controller on this host (cgroup v2 is not used yet)",
+        )
+    parent = os.path.join(root, own.lstrip("/"))
     _remove_stale(parent)
     base = os.path.join(parent, f"corral-{warden_pid}")
     try:
         os.mkdir(base)
     except OSError as exc:
-        return None, f"cannot create a memory cgroup under {parent}: {exc.strerror} (not root?)"
-    return MemoryCgroups(base), f"cgroup v1 memory ({base})"
+        return (
+            None,
+            f"cannot create a {controller} cgroup under {parent}: {exc.strerror} (not root?)",
+        )
+    return Cgroups(base), f"cgroup v1 {controller} ({base})"
 
 
 def _remove_stale(parent: str) -> None:
     """Remove what a warden that was killed (and so could not clean up) left behind:
-    ``corral-<pid>`` directories whose warden is gone and whose leaves are empty."""
+    ``corral-<pid>`` directories whose warden is gone, killing what still runs in them."""
     try:
         names = os.listdir(parent)
     except OSError:
@@ -135,11 +178,17 @@ def _remove_stale(parent: str) -> None:
         base = os.path.join(parent, name)
         try:
             for leaf in os.listdir(base):
-                if os.path.isdir(os.path.join(base, leaf)):
-                    os.rmdir(os.path.join(base, leaf))
+                path = os.path.join(base, leaf)
+                if os.path.isdir(path):
+                    for member in _procs(path):  # survivors of that warden's workers
+                        try:
+                            os.kill(member, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    os.rmdir(path)
             os.rmdir(base)
         except OSError:
-            pass  # still populated, or not ours to remove
+            pass  # still populated (killed processes not reaped yet), or not ours
 
 
 def _write(path: str, text: str) -> None:

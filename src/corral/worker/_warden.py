@@ -48,7 +48,7 @@ from corral.ipc import (
 )
 from corral.ipc.launch import boot_argv
 from corral.worker import _loop, _sandbox
-from corral.worker._cgroup import MemoryCgroups, detect
+from corral.worker._cgroup import Cgroups, detect, memory_settings, oom_killed
 from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
 
 WORKER_FD_IN = 3
@@ -63,12 +63,16 @@ class Warden:
         control: socket.socket,
         python: str,
         corral_root: str,
-        cgroups: MemoryCgroups | None,
+        cgroups: Cgroups | None,
         cgroups_detail: str,
+        pids: Cgroups | None,
+        pids_detail: str,
     ) -> None:
         self._ctl = control
         self._cgroups = cgroups
         self._cgroups_detail = cgroups_detail
+        self._pids = pids
+        self._pids_detail = pids_detail
         self._python = python
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
@@ -95,7 +99,12 @@ class Warden:
                 os.getpid(),
                 self._cgroups is not None,
                 self._cgroups_detail,
-                _sandbox.detect(),
+                {
+                    **_sandbox.detect(),
+                    "cgroup_tree": f"available ({self._pids_detail})"
+                    if self._pids is not None
+                    else f"unavailable: {self._pids_detail}",
+                },
             )
         )
         while True:
@@ -156,12 +165,16 @@ class Warden:
                 os.close(fd)
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
-        leaf = scratch = None
+        leaf = tree = scratch = None
         try:
             if msg.memory_limit is not None and msg.memory_method == "cgroup":
                 if self._cgroups is None:
                     raise OSError(f"no memory cgroups: {self._cgroups_detail}")
-                leaf = self._cgroups.new_leaf(msg.memory_limit)
+                leaf = self._cgroups.new_leaf(memory_settings(msg.memory_limit))
+            if msg.sandbox.max_processes is not None:
+                if self._pids is None:
+                    raise OSError(f"no pids cgroups: {self._pids_detail}")
+                tree = self._pids.new_leaf({"pids.max": str(msg.sandbox.max_processes)})
             if msg.sandbox.scratch:
                 scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
             pid = os.fork()
@@ -170,10 +183,13 @@ class Warden:
                 os.close(fd)
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            for made in (leaf, tree):
+                if made is not None:
+                    os.rmdir(made)
             self._send(SpawnFailed(msg.id, f"could not start a worker: {exc}"))
             return
         if pid == 0:
-            _loop.run_and_exit(lambda: self._child(fds, msg, leaf, scratch))
+            _loop.run_and_exit(lambda: self._child(fds, msg, (leaf, tree), scratch))
         for fd in fds:
             os.close(fd)
         self._workers.add(pid)
@@ -181,15 +197,24 @@ class Warden:
             self._scratch[pid] = scratch
         if leaf is not None and self._cgroups is not None:
             self._cgroups.adopt(pid, leaf)
+        if tree is not None and self._pids is not None:
+            self._pids.adopt(pid, tree)
         self._send(WorkerSpawned(msg.id, pid))
 
     def _child(
-        self, fds: list[int], msg: SpawnWorker, leaf: str | None, scratch: str | None
+        self,
+        fds: list[int],
+        msg: SpawnWorker,
+        leaves: tuple[str | None, str | None],
+        scratch: str | None,
     ) -> int:
-        # First of all, before any other code runs: the memory limit.
-        if leaf is not None:
-            MemoryCgroups.join(leaf)
-        elif msg.memory_limit is not None:
+        # First of all, before any other code runs: the cgroups (so everything is counted
+        # and killable), or the memory rlimit.
+        memory_leaf = leaves[0]
+        for leaf in leaves:
+            if leaf is not None:
+                Cgroups.join(leaf)
+        if memory_leaf is None and msg.memory_limit is not None:
             limit_data_segment(msg.memory_limit)
         exec_fresh = msg.exec
         warden_pid = os.getppid()
@@ -258,7 +283,15 @@ class Warden:
                 except ProcessLookupError:
                     pass
                 self._kill_orphans()
-                oom = self._cgroups.release(pid) if self._cgroups is not None else False
+                if self._pids is not None:
+                    self._pids.kill_tree(pid)  # its whole tree, setsid'd descendants too
+                    self._pids.release(pid)
+                    self._pids.sweep()
+                oom = False
+                if self._cgroups is not None:
+                    released = self._cgroups.release(pid)
+                    oom = released is not None and oom_killed(released)
+                    self._cgroups.sweep()
                 scratch = self._scratch.pop(pid, None)
                 if scratch is not None:
                     shutil.rmtree(scratch, ignore_errors=True)
@@ -267,8 +300,9 @@ class Warden:
                 # An orphan we adopted has died. Its own children (say, a daemon that
                 # double-forked) were reparented to us as it died: sweep again.
                 self._kill_orphans()
-                if self._cgroups is not None:
-                    self._cgroups.sweep()
+                for groups in (self._cgroups, self._pids):
+                    if groups is not None:
+                        groups.sweep()
 
     def _kill_orphans(self) -> None:
         """Children that are not workers were reparented to us: a worker's escaped
@@ -288,6 +322,8 @@ class Warden:
         """Kill every descendant, reap them all, exit. Repeats until no child is left, so a
         process forked after one round's snapshot is caught by the next."""
         while True:
+            if self._pids is not None:
+                self._pids.kill_all()
             for pid in self._workers:
                 try:
                     os.killpg(pid, signal.SIGKILL)
@@ -308,8 +344,9 @@ class Warden:
                 break  # no children left at all
             except InterruptedError:
                 pass
-        if self._cgroups is not None:
-            self._cgroups.remove_all()
+        for groups in (self._cgroups, self._pids):
+            if groups is not None:
+                groups.remove_all()
         for scratch in self._scratch.values():
             shutil.rmtree(scratch, ignore_errors=True)
         os._exit(0)
@@ -347,7 +384,8 @@ def main(
     """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID [cgroups]``."""
     set_parent_death_signal(signal.SIGTERM, host_pid)
     set_child_subreaper()
-    cgroups, detail = detect(os.getpid()) if want_cgroups else (None, "not requested")
+    cgroups, detail = detect("memory", os.getpid()) if want_cgroups else (None, "not requested")
+    pids, pids_detail = detect("pids", os.getpid())
     _remove_stale_scratch()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
@@ -356,4 +394,4 @@ def main(
     gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
-    Warden(control, python, corral_root, cgroups, detail).serve()
+    Warden(control, python, corral_root, cgroups, detail, pids, pids_detail).serve()
