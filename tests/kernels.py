@@ -401,3 +401,55 @@ Kernel.open_until_emfile = _open_until_emfile  # type: ignore[attr-defined]
 Kernel.send_signal = _send_signal  # type: ignore[attr-defined]
 Kernel.raw_syscall = _raw_syscall  # type: ignore[attr-defined]
 Kernel.i386_getpid = _i386_getpid  # type: ignore[attr-defined]
+
+
+def _clone_new_namespace(self: Kernel) -> str:
+    """clone(CLONE_NEWUSER | CLONE_NEWNS) as a raw syscall: the name of the errno, or
+    "cloned"."""
+    import ctypes
+    import errno as errno_names
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    pid = libc.syscall(56, 0x10000000 | 0x20000 | signal.SIGCHLD, 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    if pid > 0:
+        os.waitpid(pid, 0)
+        return "cloned"
+    return errno_names.errorcode[ctypes.get_errno()]
+
+
+def _mknod(self: Kernel, kind: str) -> str:
+    """Make a node in the cwd: "char" (/dev/kmsg's numbers) or "fifo"."""
+    import errno as errno_names
+    import stat
+
+    try:
+        if kind == "char":
+            os.mknod("node", stat.S_IFCHR | 0o600, os.makedev(1, 11))
+        else:
+            os.mkfifo("node")
+    except OSError as exc:
+        return errno_names.errorcode[exc.errno]
+    finally:
+        if os.path.lexists("node"):
+            os.unlink("node")
+    return "made"
+
+
+def _deep_tree(self: Kernel, depth: int) -> int:
+    """Nest ``depth`` directories in the cwd (deeper than a recursive rmtree can go)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    return depth
+
+
+Kernel.clone_new_namespace = _clone_new_namespace  # type: ignore[attr-defined]
+Kernel.mknod = _mknod  # type: ignore[attr-defined]
+Kernel.deep_tree = _deep_tree  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ import pytest
 import corral
 import tests.kernels
 from corral import Sandbox, Supervisor
+from corral.supervisor.process import WardenLauncher
 from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"
@@ -524,3 +525,24 @@ async def test_cgroup_tree_bounds_threads_and_kills_a_setsid_daemon() -> None:
         outcome = await sup.call("u", "many_threads", 100)
         assert 20 <= outcome["started"] < 32 and "can't start new thread" in outcome["error"]
         assert await sup.call("u", "echo", 1) == 1  # the worker is fine after the bomb
+
+
+async def test_no_new_namespaces_and_no_device_nodes_but_fifos_and_forks_work() -> None:
+    async with supervisor(Sandbox.default()) as sup:
+        assert await sup.call("t", "clone_new_namespace") == "EPERM"
+        assert await sup.call("t", "mknod", "char") == "EACCES"  # in its own scratch dir
+        assert await sup.call("t", "mknod", "fifo") == "made"
+        assert (await sup.call("t", "many_threads", 20))["started"] == 20  # clone3 -> clone
+
+
+async def test_a_scratch_tree_too_deep_to_remove_does_not_take_the_warden_down() -> None:
+    async with supervisor(Sandbox.default()) as sup:
+        launcher = sup._launcher
+        assert isinstance(launcher, WardenLauncher)
+        warden = launcher.warden_pid
+        assert await sup.call("t", "deep_tree", 3000) == 3000
+        await sup.evict("t")  # the warden removes the scratch dir before reporting the exit
+        prefix = f"corral-scratch-{warden}-"
+        assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(prefix)]
+        assert await sup.call("u", "echo", 1) == 1
+        assert launcher.warden_pid == warden  # the same warden, still serving

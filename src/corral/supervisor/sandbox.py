@@ -190,8 +190,10 @@ def _read_paths(extra: tuple[str, ...]) -> list[str]:
     ]
     # No filesystem calls here (this may run on the event loop): the worker opens each
     # path with O_PATH, which follows symlinks, and skips the ones that do not exist.
+    # "/" (sys.path[0] when the host runs from the root directory) would make every
+    # file readable while the report says Landlock is on: never grant it.
     out: list[str] = []
     for path in candidates:
-        if path and path not in out:
+        if path and path.rstrip("/") and path not in out:
             out.append(path)
     return out

@@ -81,7 +81,7 @@ class Cgroups:
             for member in procs:
                 try:
                     os.kill(member, signal.SIGKILL)
-                except ProcessLookupError:
+                except OSError:  # gone (or not ours to signal)
                     pass
 
     def release(self, pid: int) -> str | None:
@@ -183,7 +183,7 @@ def _remove_stale(parent: str) -> None:
                     for member in _procs(path):  # survivors of that warden's workers
                         try:
                             os.kill(member, signal.SIGKILL)
-                        except ProcessLookupError:
+                        except OSError:  # gone (or not ours to signal)
                             pass
                     os.rmdir(path)
             os.rmdir(base)

@@ -46,6 +46,8 @@ _FS_WRITE_FILE = 1 << 1
 _FS_READ_FILE = 1 << 2
 _FS_READ_DIR = 1 << 3
 _FS_ALL_ABI1 = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
+_FS_MAKE_CHAR = 1 << 6
+_FS_MAKE_BLOCK = 1 << 11
 _FS_REFER = 1 << 13  # ABI 2
 _FS_TRUNCATE = 1 << 14  # ABI 3
 _FS_IOCTL_DEV = 1 << 15  # ABI 5
@@ -110,7 +112,10 @@ def apply_landlock(read_paths: list[str], write_paths: list[str]) -> int:
     try:
         read = (_FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR) & handled
         null = (_FS_READ_FILE | _FS_WRITE_FILE | _FS_TRUNCATE) & handled
-        for paths, rights in ((read_paths, read), (write_paths, handled), (["/dev/null"], null)):
+        # Everything in the scratch dir but device nodes (a root worker could otherwise
+        # make one for a disk or /dev/mem and read around every other rule).
+        write = handled & ~(_FS_MAKE_CHAR | _FS_MAKE_BLOCK)
+        for paths, rights in ((read_paths, read), (write_paths, write), (["/dev/null"], null)):
             for path in paths:
                 _add_path_rule(int(ruleset), path, rights)
         if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, int(ruleset), 0) != 0:
@@ -150,6 +155,7 @@ _RET_ALLOW = 0x7FFF0000
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
 _JGE_K = 0x35
+_JSET_K = 0x45
 _RET_K = 0x06
 
 # x86_64 syscall numbers denied with EPERM: debugging/reading other processes, mounts and
@@ -161,9 +167,18 @@ _DENY_X86_64 = {
     "keyctl": 250, "add_key": 248, "request_key": 249, "userfaultfd": 323,
     "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
     "delete_module": 176, "open_by_handle_at": 304, "swapon": 167, "swapoff": 168,
-    "reboot": 169, "acct": 163,
+    "reboot": 169, "acct": 163, "pidfd_getfd": 438,
+    # the new mount API (the old mount() is above)
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+    "fspick": 433, "mount_setattr": 442,
 }  # fmt: skip
-_ENOSYS_X86_64 = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}
+# ENOSYS, so that libraries fall back: io_uring to plain I/O, clone3 to clone (whose
+# namespace flags can be checked; clone3 passes them in memory a filter cannot read).
+_ENOSYS_X86_64 = {
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "clone3": 435,
+}  # fmt: skip
+_SYS_CLONE_X86_64 = 56
+_CLONE_NEW_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _SYS_SOCKET_X86_64 = 41
 _DENIED_FAMILIES = (
     socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK, socket.AF_PACKET,
@@ -195,6 +210,11 @@ def _filter_x86_64() -> bytes:
     for nr in _ENOSYS_X86_64.values():
         ins(_JEQ_K, nr, jf=1)
         ins(_RET_K, _RET_ERRNO | errno.ENOSYS)  # libraries fall back to plain I/O
+    ins(_JEQ_K, _SYS_CLONE_X86_64, jf=4)  # clone: refuse new namespaces (like unshare)
+    ins(_LD_W_ABS, 16)  # seccomp_data.args[0], low 32 bits: the flags
+    ins(_JSET_K, _CLONE_NEW_FLAGS, jf=1)
+    ins(_RET_K, _RET_ERRNO | errno.EPERM)
+    ins(_RET_K, _RET_ALLOW)
     ins(_JEQ_K, _SYS_SOCKET_X86_64, jt=1)
     ins(_RET_K, _RET_ALLOW)
     ins(_LD_W_ABS, 16)  # seccomp_data.args[0], low 32 bits: the address family

@@ -182,7 +182,7 @@ class Warden:
             for fd in fds:
                 os.close(fd)
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                _discard_tree(scratch)
             for made in (leaf, tree):
                 if made is not None:
                     os.rmdir(made)
@@ -260,7 +260,7 @@ class Warden:
         for kill, target in ((os.killpg, msg.pid), (os.kill, msg.pid)):
             try:
                 kill(target, msg.signal)
-            except ProcessLookupError:
+            except OSError:  # gone (or, without root, not ours to signal)
                 pass
         for proc in victims:
             try:
@@ -280,7 +280,7 @@ class Warden:
                 self._workers.discard(pid)
                 try:
                     os.killpg(pid, signal.SIGKILL)  # whatever the worker left in its group
-                except ProcessLookupError:
+                except OSError:  # gone (or, without root, not ours to signal)
                     pass
                 self._kill_orphans()
                 if self._pids is not None:
@@ -294,7 +294,7 @@ class Warden:
                     self._cgroups.sweep()
                 scratch = self._scratch.pop(pid, None)
                 if scratch is not None:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                    _discard_tree(scratch)
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
             else:
                 # An orphan we adopted has died. Its own children (say, a daemon that
@@ -327,7 +327,7 @@ class Warden:
             for pid in self._workers:
                 try:
                     os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                except OSError:  # gone (or, without root, not ours to signal)
                     pass
             try:
                 everyone = psutil.Process().children(recursive=True)
@@ -348,11 +348,65 @@ class Warden:
             if groups is not None:
                 groups.remove_all()
         for scratch in self._scratch.values():
-            shutil.rmtree(scratch, ignore_errors=True)
+            _discard_tree(scratch)
         os._exit(0)
 
 
 _SCRATCH_PREFIX = "corral-scratch-"
+
+
+def _discard_tree(path: str) -> None:
+    """Remove a scratch directory. A tenant controls what is in it: a tree deeper than
+    rmtree's recursion can go must neither crash the warden (and with it every worker)
+    nor stay behind, so what rmtree leaves is removed without recursion."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except Exception:  # RecursionError, MemoryError: the loop below takes over
+        pass
+    if os.path.lexists(path):
+        _remove_deep(path)
+
+
+def _remove_deep(path: str) -> None:
+    """Depth-first removal with directory fds and an explicit stack (no recursion, no
+    long paths). Gives up quietly where it cannot go on (e.g. out of fds)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    stack: list[tuple[int, str]] = []  # (parent dir fd, name of the dir we are in)
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    try:
+                        os.unlink(entry.name, dir_fd=fd)
+                    except OSError:
+                        pass
+            if sub is not None:
+                child = os.open(sub, flags, dir_fd=fd)
+                stack.append((fd, sub))
+                fd = child
+                continue
+            os.close(fd)
+            fd = -1
+            if not stack:
+                os.rmdir(path)
+                return
+            fd, name = stack.pop()
+            os.rmdir(name, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        for parent, _name in stack:
+            os.close(parent)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _remove_stale_scratch() -> None:
@@ -368,7 +422,7 @@ def _remove_stale_scratch() -> None:
             continue
         owner = name[len(_SCRATCH_PREFIX) :].split("-", 1)[0]
         if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            _discard_tree(os.path.join(root, name))
 
 
 def _max_fd() -> int:
