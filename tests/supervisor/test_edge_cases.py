@@ -327,17 +327,10 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
             assert handle.state.value == "dead"
             assert handle._reader_fd == -1, "from_worker pipe left open"
             assert handle._writer is None or handle._writer._fd == -1, "to_worker left open"
-        finally:
+        finally:  # if the bug is back, release what the dead handle kept open
             if handle._timer is not None:
                 handle._timer.cancel()
-            if handle._reader_fd >= 0:
-                asyncio.get_running_loop().remove_reader(handle._reader_fd)
-                os.close(handle._reader_fd)
-                handle._reader_fd = -1
-            if handle._writer is not None:
-                handle._writer.close()
-            if handle._log is not None:
-                handle._log.close()
+            handle._close_fds()
 
 
 # -- (e): when the warden dies, the workers' own children outlive it -----------------------------

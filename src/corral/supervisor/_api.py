@@ -322,11 +322,8 @@ class Supervisor:
 
     async def _start_launcher(self) -> None:
         """Start the launcher (the warden) now. Raises StartError, closed, if it fails."""
-        start = getattr(self._launcher, "start", None)
-        if start is None:
-            return
         try:
-            await start()
+            await self._launcher.start()
         except Exception as exc:
             await self._abort_start()
             raise StartError(f"cannot start: {exc}", tenant="", pid=None) from exc

@@ -69,6 +69,11 @@ class SpawnedProcess(NamedTuple):
 
 
 class Launcher(Protocol):
+    async def start(self) -> None:
+        """Get ready to spawn (start the warden, check what the host supports).
+        Raises LaunchError if it cannot."""
+        ...
+
     async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
         """Start a worker. ``on_exit`` is called exactly once when it has been reaped.
         ``memory_limit`` (bytes) is a hard limit the OS enforces."""
