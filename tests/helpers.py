@@ -6,6 +6,9 @@ import asyncio
 import os
 
 import psutil
+import pytest
+
+import corral
 
 
 def pid_gone(pid: int) -> bool:
@@ -100,3 +103,21 @@ def run_host(code: str, timeout: float) -> tuple[str, int | None]:
         host.kill()
         out, _ = host.communicate()
         return out, None
+
+
+REQUIRE_STRICT = os.environ.get("CORRAL_REQUIRE_STRICT") == "1"
+
+
+async def start_strict(sup: corral.Supervisor) -> corral.Supervisor:
+    """Start ``sup``, whose sandbox needs the root-only layers. Where this host cannot
+    provide them (not root; an interpreter in a private home directory), the test is
+    skipped, with corral's own reason; with ``CORRAL_REQUIRE_STRICT=1`` (CI) it fails."""
+    try:
+        await sup.start()
+    except corral.StartError as exc:
+        if "the sandbox requires layers" not in str(exc):
+            raise
+        if REQUIRE_STRICT:
+            pytest.fail(f"strict sandbox required (CORRAL_REQUIRE_STRICT=1): {exc}")
+        pytest.skip(f"strict sandbox unavailable here: {exc}")
+    return sup

@@ -450,6 +450,42 @@ def _deep_tree(self: Kernel, depth: int) -> int:
     return depth
 
 
+def _identity(self: Kernel) -> dict[str, Any]:
+    """Who and where the worker is: ids, the processes it can see, its host name, the
+    network interfaces it has, its process limit."""
+    import resource
+
+    with open("/proc/net/dev") as f:
+        interfaces = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "visible": sorted(int(name) for name in os.listdir("/proc") if name.isdigit()),
+        "hostname": socket.gethostname(),
+        "interfaces": interfaces,
+        "nproc": list(resource.getrlimit(resource.RLIMIT_NPROC)),
+    }
+
+
+def _fill_shm(self: Kernel, name: str, size: int) -> dict[str, Any]:
+    """Write up to ``size`` bytes to /dev/shm/<name>, 64 KiB at a time; say how far it got
+    and the errno that stopped it (None: all written). The file stays."""
+    written, error = 0, None
+    chunk = b"x" * 65536
+    try:
+        with open(f"/dev/shm/{name}", "wb", buffering=0) as f:
+            while written < size:
+                written += f.write(chunk[: size - written])
+    except OSError as exc:
+        error = exc.errno
+    return {"written": written, "errno": error}
+
+
+Kernel.identity = _identity  # type: ignore[attr-defined]
+Kernel.fill_shm = _fill_shm  # type: ignore[attr-defined]
 Kernel.clone_new_namespace = _clone_new_namespace  # type: ignore[attr-defined]
 Kernel.mknod = _mknod  # type: ignore[attr-defined]
 Kernel.deep_tree = _deep_tree  # type: ignore[attr-defined]

@@ -40,7 +40,11 @@ SANDBOX = SandboxSpec(
     landlock=False,
     seccomp=True,
     read_paths=["/usr"],
+    cgroup_tree=True,
     max_processes=64,
+    uid_range=(200_000_000, 16),
+    namespaces=True,
+    shm_bytes=1 << 20,
 )
 
 

@@ -423,7 +423,7 @@ class _FlakyProbe:
     def __init__(self) -> None:
         self.calls = 0
 
-    def sample(self, roots: Any) -> MemorySample:
+    def sample(self, roots: Any, exclude_roots: bool = False) -> MemorySample:
         self.calls += 1
         if self.calls == 1:
             raise OSError("transient /proc failure")

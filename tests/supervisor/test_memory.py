@@ -396,7 +396,7 @@ class FakeProbe:
         self._loop = asyncio.get_running_loop()
         self._ticked = asyncio.Event()
 
-    def sample(self, roots: Sequence[int]) -> MemorySample:  # on the probe thread
+    def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         result = MemorySample(
             {pid: self.sizes.get(pid, self.default) for pid in roots}, self.available, self.total
         )
@@ -684,7 +684,7 @@ class _TimedProbe(ProcTreeProbe):
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
 
-    def sample(self, roots: Sequence[int]) -> MemorySample:
+    def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
             return super().sample(roots)

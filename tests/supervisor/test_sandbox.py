@@ -34,6 +34,7 @@ import corral
 import tests.kernels
 from corral import Sandbox, Supervisor
 from corral.supervisor.process import WardenLauncher
+from corral.supervisor.sandbox import SandboxUnavailableError
 from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"
@@ -42,7 +43,6 @@ StartMethod = Literal["forkserver", "spawn"]
 SANDBOXES = {"default": Sandbox.default(), "none": Sandbox.none()}
 DENY_LAYERS = ("scratch_dir", "rlimits", "no_new_privs", "landlock", "seccomp")
 ROOT_LAYERS = ("dedicated_uid", "cgroup_tree", "namespaces")
-NOT_YET = ("dedicated_uid", "namespaces")  # cgroup_tree is provided (as root, cgroup v1)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -411,14 +411,22 @@ async def test_stats_report_every_layer(sandbox_name: str) -> None:
         assert all(report[layer] == "on" for layer in DENY_LAYERS if layer != "landlock")
 
 
-async def test_strict_refuses_to_start_and_leaves_no_process() -> None:
+@pytest.fixture
+def unreadable(tmp_path: Path) -> Sandbox:
+    """strict(), asked to let workers read a directory only root can read: the dedicated
+    uid cannot be provided, whatever the host."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    return msgspec.structs.replace(Sandbox.strict(), extra_read_paths=(str(private),))
+
+
+async def test_strict_refuses_to_start_and_leaves_no_process(unreadable: Sandbox) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    sup = supervisor(Sandbox.strict())
+    sup = supervisor(unreadable)
     with pytest.raises(corral.StartError) as err:
         await sup.start()
     message = str(err.value)
-    assert all(layer in message for layer in NOT_YET), message
-    assert "cgroup_tree" not in message
+    assert "dedicated_uid (a worker's uid cannot read /" in message, message
     assert "best_effort=True" in message
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert sup.stats().state == "closed"
@@ -426,8 +434,8 @@ async def test_strict_refuses_to_start_and_leaves_no_process() -> None:
         await sup.call("t", "echo", 1)
 
 
-async def test_aclose_after_a_refused_start_is_a_no_op() -> None:
-    sup = supervisor(Sandbox.strict())
+async def test_aclose_after_a_refused_start_is_a_no_op(unreadable: Sandbox) -> None:
+    sup = supervisor(unreadable)
     with pytest.raises(corral.StartError):
         await sup.start()
     async with asyncio.timeout(5):
@@ -436,19 +444,43 @@ async def test_aclose_after_a_refused_start_is_a_no_op() -> None:
 
 
 async def test_strict_best_effort_starts_and_reports_what_is_missing(
-    caplog: pytest.LogCaptureFixture,
+    unreadable: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    best_effort = msgspec.structs.replace(Sandbox.strict(), best_effort=True)
+    best_effort = msgspec.structs.replace(unreadable, best_effort=True)
     with caplog.at_level(logging.WARNING, logger="corral"):
         async with supervisor(best_effort) as sup:
             facts = await sup.call("t", "sandbox_facts")
             report = sup.stats().sandbox
     assert facts["no_new_privs"] == "1" and facts["seccomp"] == "2"  # the rest still applies
-    for layer in NOT_YET:
-        assert report[layer].startswith("unavailable: "), report
-        assert any(layer in r.getMessage() for r in caplog.records), layer
+    assert report["dedicated_uid"].startswith("unavailable: "), report
+    assert any("dedicated_uid" in r.getMessage() for r in caplog.records)
     assert report["cgroup_tree"].startswith("on (cgroup v1 pids"), report
+    assert report["namespaces"].startswith("on ("), report
+    assert facts["pid"] == 2  # in its own PID namespace, as root (no uid of its own)
     assert all(report[layer].startswith("on") for layer in DENY_LAYERS)
+
+
+NON_ROOT_HOST = {
+    "landlock": "available (ABI 7)",
+    "seccomp": "available",
+    "cgroup_tree": "unavailable: not root",
+    "dedicated_uid": "unavailable: needs root",
+    "namespaces": "unavailable: needs root",
+}
+
+
+def test_strict_on_a_host_without_root_names_every_missing_layer() -> None:
+    with pytest.raises(SandboxUnavailableError) as err:
+        Sandbox.strict().resolve(NON_ROOT_HOST)
+    for layer in ROOT_LAYERS:
+        assert f"{layer} (" in str(err.value)
+    best_effort = msgspec.structs.replace(Sandbox.strict(), best_effort=True)
+    spec, report = best_effort.resolve(NON_ROOT_HOST)
+    assert (spec.cgroup_tree, spec.uid_range, spec.namespaces) == (False, None, False)
+    assert spec.seccomp and spec.landlock
+    assert {layer: report[layer] for layer in ROOT_LAYERS} == {
+        layer: NON_ROOT_HOST[layer] for layer in ROOT_LAYERS
+    }
 
 
 @pytest.mark.parametrize(

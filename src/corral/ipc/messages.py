@@ -135,8 +135,12 @@ class SandboxSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     landlock: bool
     seccomp: bool
     read_paths: list[str]  # readable (and executable) under Landlock
-    max_processes: int | None  # a pids cgroup for the worker's tree: bounds forks and threads,
-    # and lets the warden kill the whole tree (setsid'd descendants too)
+    cgroup_tree: bool  # a pids cgroup for the worker's tree: bounds forks and threads, and
+    # lets the warden kill the whole tree (setsid'd descendants too)
+    max_processes: int  # pids.max of that cgroup; RLIMIT_NPROC with a dedicated uid
+    uid_range: tuple[int, int] | None  # (first uid, count): a uid/gid of its own per worker
+    namespaces: bool  # pid 1 of its own PID namespace, private mount/net/IPC/UTS namespaces
+    shm_bytes: int  # size of the private /dev/shm (with namespaces)
 
 
 class SpawnWorker(_Msg, frozen=True, tag="spawn"):

@@ -750,7 +750,11 @@ class Supervisor:
         if not handles and not self._memory.watches_pressure:
             return None
         try:
-            sample: MemorySample = await self._probe.sample([h.pid for h in handles if h.pid])
+            # With namespaces, a worker's pid is its init's: count what is below it.
+            inits = self._launcher.sandbox_report.get("namespaces", "").startswith("on")
+            sample: MemorySample = await self._probe.sample(
+                [h.pid for h in handles if h.pid], exclude_roots=inits
+            )
         except Exception:
             # The probe is replaceable code at a boundary: a failing probe must not take the
             # supervisor down with it (the OS-enforced hard limit still holds).

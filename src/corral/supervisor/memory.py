@@ -49,15 +49,17 @@ class MemorySample(NamedTuple):
 
 
 class ProcessProbe(Protocol):
-    def sample(self, roots: Sequence[int]) -> MemorySample:
-        """Measure the trees rooted at ``roots`` and the host. May block."""
+    def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
+        """Measure the trees rooted at ``roots`` and the host. May block.
+        ``exclude_roots``: count only the roots' descendants (a root is corral's init of a
+        worker's namespace, a copy of the warden, not the tenant's)."""
         ...
 
 
 class ProcTreeProbe:
     """Reads ``/proc`` directly (the same files psutil reads), one pass per sample."""
 
-    def sample(self, roots: Sequence[int]) -> MemorySample:
+    def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         children: dict[int, list[int]] = {}
         rss: dict[int, int] = {}
         # Hot loop over every process on the host: plain os calls, no file objects.
@@ -82,7 +84,7 @@ class ProcTreeProbe:
         for root in roots:
             if root not in rss:
                 continue
-            total, stack = 0, [root]
+            total, stack = 0, list(children.get(root, ())) if exclude_roots else [root]
             while stack:
                 pid = stack.pop()
                 total += rss.get(pid, 0)
@@ -168,13 +170,14 @@ class ProbeThread:
 
     def __init__(self, probe: ProcessProbe) -> None:
         self._probe = probe
-        # (roots, future); roots None asks the thread to finish and resolve the future last.
+        # (roots, exclude_roots, future); roots None asks the thread to finish and resolve
+        # the future last.
         self._requests: queue.SimpleQueue[
-            tuple[Sequence[int] | None, asyncio.Future[MemorySample | None]]
+            tuple[Sequence[int] | None, bool, asyncio.Future[MemorySample | None]]
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    async def sample(self, roots: Sequence[int]) -> MemorySample:
+    async def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         loop = asyncio.get_running_loop()
         if self._thread is None:
             # daemon: if the host never calls aclose(), this thread must not keep it alive
@@ -182,20 +185,20 @@ class ProbeThread:
             self._thread = threading.Thread(target=self._run, name="corral-probe", daemon=True)
             self._thread.start()
         fut: asyncio.Future[MemorySample | None] = loop.create_future()
-        self._requests.put((roots, fut))
+        self._requests.put((roots, exclude_roots, fut))
         result = await fut
         assert result is not None
         return result
 
     def _run(self) -> None:
         while True:
-            roots, fut = self._requests.get()
+            roots, exclude_roots, fut = self._requests.get()
             loop = fut.get_loop()
             if roots is None:
                 loop.call_soon_threadsafe(_set_result, fut, None)
                 return
             try:
-                result = self._probe.sample(roots)
+                result = self._probe.sample(roots, exclude_roots)
             except Exception as exc:  # handed to the awaiting task, which decides
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:
@@ -207,7 +210,7 @@ class ProbeThread:
         if thread is None:
             return
         done: asyncio.Future[MemorySample | None] = asyncio.get_running_loop().create_future()
-        self._requests.put((None, done))
+        self._requests.put((None, False, done))
         await done  # the thread resolved this as its last act and is exiting (no join: that
         # would block the loop, however briefly)
 

@@ -12,9 +12,11 @@ The layers a worker can get, from cheapest to strongest:
   it, and a seccomp deny-list (no network or unix sockets, no ptrace, mount,
   namespaces, bpf, io_uring, keyrings, ...), applied last;
 * ``Sandbox.strict()`` also requires what needs root: a cgroup per worker for the
-  whole tree (pids limit, whole-tree kill; provided), a dedicated uid per worker and
-  PID/network/mount namespaces (not provided yet), so ``strict()`` refuses to start,
-  naming the missing ones, unless ``best_effort=True`` is given explicitly.
+  whole tree (pids limit, whole-tree kill), a dedicated uid/gid per worker (it can
+  neither signal nor read other processes; RLIMIT_NPROC applies), and PID, mount,
+  network, IPC and UTS namespaces (pid 2 under a tiny init; a private /proc and a
+  size-limited private /dev/shm; no network at all). Where a layer is missing,
+  ``strict()`` refuses to start, naming it, unless ``best_effort=True`` is given.
 
 :meth:`Sandbox.resolve` turns a sandbox and what the host supports (reported by
 the warden) into the spec a worker applies and a per-layer report for
@@ -33,10 +35,6 @@ from corral.ipc import SandboxSpec
 
 __all__ = ["Sandbox", "SandboxUnavailableError"]
 
-_NOT_YET = "unavailable: not implemented in corral yet"
-# Root-only layers strict() asks for, which corral cannot provide yet.
-_NOT_YET_LAYERS = ("dedicated_uid", "namespaces")
-
 
 class SandboxUnavailableError(Exception):
     """A layer the sandbox requires is not available on this host."""
@@ -54,11 +52,18 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
         landlock: filesystem, TCP and signal/abstract-socket scoping (kernel >= 5.13).
         seccomp: the syscall deny-list.
         extra_read_paths: more paths the kernel may read under Landlock.
-        dedicated_uid, cgroup_tree, namespaces: root-only layers (``strict()``).
-            ``cgroup_tree``: a pids cgroup per worker (at most ``max_processes``
-            processes and threads in its tree; the whole tree, setsid'd descendants
-            included, is killed when the worker stops). corral provides this one
-            (as root, cgroup v1); the other two not yet.
+        cgroup_tree: a pids cgroup per worker (root, cgroup v1): at most
+            ``max_processes`` processes and threads in its tree, and the whole tree,
+            setsid'd descendants included, is killed when the worker stops.
+        dedicated_uid: each live worker runs as a uid/gid of its own from
+            ``uid_range`` (root). The interpreter, corral and the kernel's code must
+            be readable by other users (not in a private home directory).
+            ``RLIMIT_NPROC`` is set to ``max_processes``.
+        namespaces: the worker is pid 2 of its own PID namespace under a tiny init
+            (when it exits, everything left in the namespace is killed), with private
+            mount, network (no interfaces up), IPC and UTS namespaces, a private
+            ``/proc`` and a ``shm_bytes`` tmpfs on ``/dev/shm`` (root).
+        uid_range: ``(first uid, count)`` reserved for workers; used only by corral.
         best_effort: apply what the host supports and report the rest, instead of
             refusing to start.
     """
@@ -75,6 +80,8 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
     cgroup_tree: bool = False
     max_processes: int = 256
     namespaces: bool = False
+    uid_range: tuple[int, int] = (200_000_000, 65_536)
+    shm_bytes: int = 64 * 2**20
     best_effort: bool = False
 
     @classmethod
@@ -117,6 +124,20 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.rlimits.get("nofile", 64) < 64:
             raise ValueError("Sandbox.rlimits['nofile'] below 64 leaves a worker no room to run")
+        first, count = self.uid_range
+        if not (isinstance(first, int) and isinstance(count, int)) or first < 1000 or count < 1:
+            raise ValueError(
+                f"Sandbox.uid_range must be (first >= 1000, count >= 1), got {self.uid_range!r}"
+            )
+        if first + count > 2**32 - 2:
+            raise ValueError(f"Sandbox.uid_range {self.uid_range!r} goes past the largest uid")
+        if not isinstance(self.shm_bytes, int) or self.shm_bytes < 4096:
+            raise ValueError(f"Sandbox.shm_bytes must be an int >= 4096, got {self.shm_bytes!r}")
+
+    @property
+    def needs_root_probe(self) -> bool:
+        """Whether the host must be checked for the root-only layers this asks for."""
+        return self.dedicated_uid or self.namespaces
 
     def resolve(self, host: dict[str, str]) -> tuple[SandboxSpec, dict[str, str]]:
         """The spec workers apply and a report per layer ("on", "off", "unavailable: why").
@@ -132,7 +153,6 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             "rlimits": "available",
             "no_new_privs": "available",
             **host,
-            **{layer: _NOT_YET for layer in _NOT_YET_LAYERS},
         }
         report: dict[str, str] = {}
         missing = []
@@ -161,7 +181,11 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             landlock=granted["landlock"],
             seccomp=granted["seccomp"],
             read_paths=_read_paths(self.extra_read_paths) if granted["landlock"] else [],
-            max_processes=self.max_processes if granted["cgroup_tree"] else None,
+            cgroup_tree=granted["cgroup_tree"],
+            max_processes=self.max_processes,
+            uid_range=self.uid_range if granted["dedicated_uid"] else None,
+            namespaces=granted["namespaces"],
+            shm_bytes=self.shm_bytes,
         )
         return spec, report
 

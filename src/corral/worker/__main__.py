@@ -1,6 +1,8 @@
 """``python -m corral.worker``: the child-side entry points.
 
-* ``warden CONTROL_FD HOST_PID`` -- run the forkserver (see ``_warden``).
+* ``warden CONTROL_FD HOST_PID [cgroups] [root=UID [read=PATH ...]]`` -- run the
+  forkserver (see ``_warden``); ``root=UID`` checks the root-only sandbox layers, with
+  a worker as that uid having to read each ``read=`` path.
 * ``worker FD_IN FD_OUT`` -- serve one kernel on two pipe fds (see ``_loop``).
 
 Kept cheap to import: only the ipc package and the loop are loaded.
@@ -26,15 +28,24 @@ def main(argv: list[str] | None = None) -> None:
 
         fd_in, fd_out = int(args[1]), int(args[2])
         _loop.run_and_exit(lambda: _loop.run_worker(fd_in, fd_out))
-    if len(args) in (3, 4) and args[0] == "warden":
+    if len(args) >= 3 and args[0] == "warden":
         from corral.worker import _warden
 
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        want_cgroups = len(args) == 4 and args[3] == "cgroups"
-        _warden.main(int(args[1]), int(args[2]), sys.executable, root, want_cgroups)
+        options = [arg.partition("=")[::2] for arg in args[3:]]
+        probe_uid = [int(value) for key, value in options if key == "root"]
+        _warden.main(
+            int(args[1]),
+            int(args[2]),
+            sys.executable,
+            root,
+            want_cgroups=("cgroups", "") in options,
+            root_probe_uid=probe_uid[0] if probe_uid else None,
+            must_read=[value for key, value in options if key == "read"],
+        )
     print(
-        "usage: python -m corral.worker "
-        "(worker FD_IN FD_OUT | warden CONTROL_FD HOST_PID [cgroups])",
+        "usage: python -m corral.worker (worker FD_IN FD_OUT | "
+        "warden CONTROL_FD HOST_PID [cgroups] [root=UID [read=PATH ...]])",
         file=sys.stderr,
     )
     sys.exit(2)

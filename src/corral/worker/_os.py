@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -20,11 +21,14 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def set_parent_death_signal(signum: int, expected_ppid: int) -> None:
+def set_parent_death_signal(
+    signum: int, expected_ppid: int, parent: Callable[[], int] = os.getppid
+) -> None:
     """Ask the kernel to send ``signum`` when our parent dies, and close the race in
-    which the parent died before the request (then exit at once)."""
+    which the parent died before the request (then exit at once). ``parent`` reads the
+    parent's pid (across a PID namespace, ``getppid()`` says 0)."""
     _prctl(PR_SET_PDEATHSIG, signum)
-    if os.getppid() != expected_ppid:
+    if parent() != expected_ppid:
         os._exit(70)
 
 

@@ -2,14 +2,15 @@
 
 Each function applies one unprivileged layer to the calling process (the warden's
 freshly forked child), in the order :func:`apply` runs them, which is the order
-the layers need (see ``sandbox.md`` §2): resource limits, scratch directory, then
-no-new-privs (which Landlock and seccomp require), then Landlock, then seccomp
-last, since it also forbids calls the earlier steps make. The process is still
+the layers need: resource limits, scratch directory, the dedicated uid, the
+parent-death signal (a uid change clears it), no-new-privs (which Landlock and
+seccomp require), then Landlock, then seccomp last, since it also forbids calls the
+earlier steps make. The process is still
 single-threaded here, as Landlock and seccomp (without TSYNC) apply per thread.
 
 :func:`detect` says which layers this host supports, for ``stats().sandbox``.
-Not here: cgroups (``_cgroup``), the parent-death signal (``_os``), fd hygiene
-(``_warden``).
+Not here: cgroups (``_cgroup``), namespaces and uid slots (``_privileged``), fd
+hygiene (``_warden``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import errno
 import os
 import platform
 import resource
+import signal
 import socket
 import struct
 
 from corral.ipc import SandboxSpec
+from corral.worker._os import set_parent_death_signal
+from corral.worker._privileged import drop_to_uid
 
 __all__ = ["apply", "detect"]
 
@@ -261,18 +265,29 @@ _RLIMITS = {
 }
 
 
-def apply(spec: SandboxSpec, scratch: str | None) -> None:
-    """Apply ``spec`` to this process, in order. Raises OSError if a layer the spec asks
-    for cannot be applied (the worker then exits and its start fails)."""
+def apply(spec: SandboxSpec, scratch: str | None, uid: int | None, parent_pid: int) -> None:
+    """Apply ``spec`` to this process, in order: resource limits, scratch directory, the
+    dedicated ``uid`` (if any), the parent-death signal (tied to ``parent_pid``; a uid
+    change would clear it, so it comes after), no-new-privs, Landlock, seccomp. Raises
+    OSError if a layer the spec asks for cannot be applied (the worker then exits and its
+    start fails)."""
     for name, limit in spec.rlimits:
         resource.setrlimit(_RLIMITS[name], (limit, limit))  # hard = soft: one-way
+    if uid is not None:  # counts this uid's processes and threads: the worker's own
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.max_processes, spec.max_processes))
     if scratch is not None:
         os.chdir(scratch)
         os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # for an exec'd interpreter
+    if uid is not None:
+        drop_to_uid(uid)
+    set_parent_death_signal(signal.SIGKILL, parent_pid)
     if spec.no_new_privs or spec.landlock or spec.seccomp:
         set_no_new_privs()
     if spec.landlock:
-        apply_landlock(spec.read_paths, [scratch] if scratch else [])
+        writable = [scratch] if scratch else []
+        if spec.namespaces:
+            writable.append("/dev/shm")  # the namespace's own, size-limited tmpfs
+        apply_landlock(spec.read_paths, writable)
     if spec.seccomp:
         apply_seccomp()
 

@@ -47,7 +47,7 @@ from corral.ipc import (
     encode_record,
 )
 from corral.ipc.launch import boot_argv
-from corral.worker import _loop, _sandbox
+from corral.worker import _loop, _privileged, _sandbox
 from corral.worker._cgroup import Cgroups, detect, memory_settings, oom_killed
 from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
 
@@ -67,8 +67,20 @@ class Warden:
         cgroups_detail: str,
         pids: Cgroups | None,
         pids_detail: str,
+        root_layers: dict[str, str],
     ) -> None:
         self._ctl = control
+        self._pid = os.getpid()
+        self._root_layers = root_layers
+        # An fd on our own PID namespace, to come back to after creating a worker's.
+        self._own_pid_ns = (
+            os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            if root_layers.get("namespaces", "").startswith("available")
+            else None
+        )
+        self._uid_slots: _privileged.UidSlots | None = None
+        self._uids: dict[int, int] = {}  # worker pid -> its dedicated uid
+        self._init_status: dict[int, int] = {}  # init pid -> read end of its status pipe
         self._cgroups = cgroups
         self._cgroups_detail = cgroups_detail
         self._pids = pids
@@ -104,6 +116,7 @@ class Warden:
                     "cgroup_tree": f"available ({self._pids_detail})"
                     if self._pids is not None
                     else f"unavailable: {self._pids_detail}",
+                    **self._root_layers,
                 },
             )
         )
@@ -165,33 +178,55 @@ class Warden:
                 os.close(fd)
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
-        leaf = tree = scratch = None
+        spec = msg.sandbox
+        leaf = tree = scratch = uid = None
+        status_r = status_w = -1
         try:
             if msg.memory_limit is not None and msg.memory_method == "cgroup":
                 if self._cgroups is None:
                     raise OSError(f"no memory cgroups: {self._cgroups_detail}")
                 leaf = self._cgroups.new_leaf(memory_settings(msg.memory_limit))
-            if msg.sandbox.max_processes is not None:
+            if spec.cgroup_tree:
                 if self._pids is None:
                     raise OSError(f"no pids cgroups: {self._pids_detail}")
-                tree = self._pids.new_leaf({"pids.max": str(msg.sandbox.max_processes)})
-            if msg.sandbox.scratch:
+                tree = self._pids.new_leaf({"pids.max": str(spec.max_processes)})
+            if spec.uid_range is not None:
+                if self._uid_slots is None:
+                    self._uid_slots = _privileged.UidSlots(*spec.uid_range)
+                uid = self._uid_slots.acquire()
+            if spec.scratch:
                 scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
-            pid = os.fork()
+                if uid is not None:
+                    os.chown(scratch, uid, uid)
+            if spec.namespaces:
+                if self._own_pid_ns is None:
+                    raise OSError("namespaces are not available here")
+                status_r, status_w = os.pipe2(os.O_CLOEXEC)
+                pid = _privileged.fork_in_new_pid_namespace(self._own_pid_ns)
+            else:
+                pid = os.fork()
         except OSError as exc:
-            for fd in fds:
-                os.close(fd)
+            for fd in (*fds, status_r, status_w):
+                if fd >= 0:
+                    os.close(fd)
             if scratch is not None:
                 _discard_tree(scratch)
             for made in (leaf, tree):
                 if made is not None:
                     os.rmdir(made)
+            if uid is not None and self._uid_slots is not None:
+                self._uid_slots.release(uid)
             self._send(SpawnFailed(msg.id, f"could not start a worker: {exc}"))
             return
         if pid == 0:
-            _loop.run_and_exit(lambda: self._child(fds, msg, (leaf, tree), scratch))
+            _loop.run_and_exit(lambda: self._child(fds, msg, (leaf, tree), scratch, uid, status_w))
         for fd in fds:
             os.close(fd)
+        if status_w >= 0:
+            os.close(status_w)
+            self._init_status[pid] = status_r
+        if uid is not None:
+            self._uids[pid] = uid
         self._workers.add(pid)
         if scratch is not None:
             self._scratch[pid] = scratch
@@ -207,7 +242,12 @@ class Warden:
         msg: SpawnWorker,
         leaves: tuple[str | None, str | None],
         scratch: str | None,
+        uid: int | None,
+        status_w: int,
     ) -> int:
+        """The new worker's steps, in order (see ARCHITECTURE.md, "Order of steps in a
+        new worker"). With namespaces this process is pid 1 of a new PID namespace: it
+        sets up the namespaces, forks the worker (pid 2) and stays as its init."""
         # First of all, before any other code runs: the cgroups (so everything is counted
         # and killable), or the memory rlimit.
         memory_leaf = leaves[0]
@@ -217,12 +257,24 @@ class Warden:
         if memory_leaf is None and msg.memory_limit is not None:
             limit_data_segment(msg.memory_limit)
         exec_fresh = msg.exec
-        warden_pid = os.getppid()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
-        set_parent_death_signal(signal.SIGKILL, warden_pid)
+        parent_pid = self._pid
+        if msg.sandbox.namespaces:
+            # Namespaces next, while single-threaded; the host's /proc is still mounted.
+            set_parent_death_signal(signal.SIGKILL, self._pid, parent=_privileged.host_parent_pid)
+            _privileged.enter_private_mounts(msg.sandbox.shm_bytes)
+            worker = os.fork()
+            if worker != 0:
+                for fd in fds:
+                    os.close(fd)
+                os.closerange(3, status_w)  # keep nothing of the warden's but the pipe
+                os.closerange(status_w + 1, _max_fd())
+                _privileged.run_init(worker, status_w)
+            os.close(status_w)
+            parent_pid = 1
         fd_in, fd_out, fd_log = fds
         null = os.open(os.devnull, os.O_RDONLY)
         # Park the fds above the target range first so dup2 cannot clobber one of them.
@@ -234,8 +286,9 @@ class Warden:
         for target, src in zip(targets, sources, strict=True):
             os.dup2(src, target, inheritable=exec_fresh)
         os.closerange(WORKER_FD_OUT + 1, _max_fd())
-        # The unprivileged layers, last: rlimits, scratch dir, no-new-privs, Landlock, seccomp.
-        _sandbox.apply(msg.sandbox, scratch)
+        # Then: rlimits, scratch dir, uid, parent-death signal, no-new-privs, Landlock,
+        # seccomp.
+        _sandbox.apply(msg.sandbox, scratch, uid, parent_pid)
         tempfile.tempdir = None  # the warden's cached /tmp: let tempfile follow TMPDIR
         if exec_fresh:
             argv = boot_argv(
@@ -278,6 +331,7 @@ class Warden:
                 return
             if pid in self._workers:
                 self._workers.discard(pid)
+                status = self._worker_status(pid, status)
                 try:
                     os.killpg(pid, signal.SIGKILL)  # whatever the worker left in its group
                 except OSError:  # gone (or, without root, not ours to signal)
@@ -295,6 +349,9 @@ class Warden:
                 scratch = self._scratch.pop(pid, None)
                 if scratch is not None:
                     _discard_tree(scratch)
+                uid = self._uids.pop(pid, None)
+                if uid is not None and self._uid_slots is not None:
+                    self._uid_slots.release(uid)  # its whole tree is gone: free to reuse
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
             else:
                 # An orphan we adopted has died. Its own children (say, a daemon that
@@ -303,6 +360,22 @@ class Warden:
                 for groups in (self._cgroups, self._pids):
                     if groups is not None:
                         groups.sweep()
+
+    def _worker_status(self, pid: int, status: int) -> int:
+        """The worker's own wait status: for a namespace init, what it reported on its
+        status pipe (if it lived to report; else it was killed, and its status is it)."""
+        status_r = self._init_status.pop(pid, None)
+        if status_r is None:
+            return status
+        try:
+            report = os.read(status_r, _privileged.STATUS.size)
+        except OSError:
+            report = b""
+        finally:
+            os.close(status_r)
+        if len(report) == _privileged.STATUS.size:
+            (status,) = _privileged.STATUS.unpack(report)
+        return status
 
     def _kill_orphans(self) -> None:
         """Children that are not workers were reparented to us: a worker's escaped
@@ -433,13 +506,29 @@ def _max_fd() -> int:
 
 
 def main(
-    control_fd: int, host_pid: int, python: str, corral_root: str, want_cgroups: bool
+    control_fd: int,
+    host_pid: int,
+    python: str,
+    corral_root: str,
+    *,
+    want_cgroups: bool,
+    root_probe_uid: int | None,
+    must_read: list[str],
 ) -> NoReturn:
-    """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID [cgroups]``."""
+    """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID [options]``.
+    ``root_probe_uid``: check the root-only layers (a worker as that uid must be able to
+    read the interpreter, corral, and ``must_read``: the host's import path)."""
     set_parent_death_signal(signal.SIGTERM, host_pid)
     set_child_subreaper()
     cgroups, detail = detect("memory", os.getpid()) if want_cgroups else (None, "not requested")
     pids, pids_detail = detect("pids", os.getpid())
+    root_layers = (
+        _privileged.detect(
+            root_probe_uid, [os.path.realpath(python), corral_root, *sys.path, *must_read]
+        )
+        if root_probe_uid is not None
+        else {}
+    )
     _remove_stale_scratch()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
@@ -448,4 +537,4 @@ def main(
     gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
-    Warden(control, python, corral_root, cgroups, detail, pids, pids_detail).serve()
+    Warden(control, python, corral_root, cgroups, detail, pids, pids_detail, root_layers).serve()
