@@ -80,10 +80,10 @@ class FakeClock:
         self.now += seconds
 
 
-def run_host(code: str, timeout: float) -> tuple[str, int | None]:
-    """Run ``code`` as a separate host process (with this checkout importable) and return
-    its stdout and return code; the return code is None if it did not finish in time
-    (it is then killed)."""
+def run_host(code: str, timeout: float, user: int | None = None) -> tuple[str, int | None]:
+    """Run ``code`` as a separate host process (with this checkout importable; as uid and
+    gid ``user`` if given) and return its stdout and return code; the return code is None
+    if it did not finish in time (it is then killed)."""
     import subprocess
     import sys
 
@@ -95,6 +95,9 @@ def run_host(code: str, timeout: float) -> tuple[str, int | None]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        user=user,
+        group=user,
+        extra_groups=[] if user is not None else None,
     )
     try:
         out, _ = host.communicate(timeout=timeout)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import os
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -28,7 +30,7 @@ import corral
 from corral import Sandbox, Supervisor
 from corral.supervisor.memory import ProcTreeProbe
 from corral.worker._privileged import default_lock_dir
-from tests.helpers import start_strict, wait_pids_exit
+from tests.helpers import REQUIRE_STRICT, run_host, start_strict, wait_pids_exit
 
 K = "tests.kernels:make"
 LOCK_DIR = default_lock_dir()
@@ -165,3 +167,46 @@ async def test_memory_is_the_workers_tree_not_its_init() -> None:
     assert reported is not None
     assert whole - below > 8 << 20  # the init weighs something
     assert abs(reported - below) < abs(reported - whole), (reported, below, whole)
+
+
+NON_ROOT_HOST = """
+import asyncio, json
+import corral
+
+async def main():
+    sandbox = corral.Sandbox(namespaces=True)  # required: no best effort
+    async with corral.Supervisor("tests.kernels:make", sandbox=sandbox) as sup:
+        me = await sup.call("t", "identity")
+        print(json.dumps({"report": sup.stats().sandbox, "me": me}))
+
+asyncio.run(main())
+"""
+
+
+async def test_without_root_namespaces_come_from_a_user_namespace() -> None:
+    """A host that is not root: the warden makes a user namespace of its own and the
+    worker still gets its PID, mount and network namespaces."""
+    nobody = 65534
+    if not await asyncio.to_thread(_readable_by, nobody, sys.executable):
+        if REQUIRE_STRICT:
+            pytest.fail(f"{sys.executable} must be readable by other users")
+        pytest.skip(f"{sys.executable} is not readable by uid {nobody}")
+    out, code = await asyncio.to_thread(run_host, NON_ROOT_HOST, 20.0, nobody)
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["report"]["namespaces"].startswith("on ("), result
+    assert "user namespace" in result["report"]["namespaces"]
+    me = result["me"]
+    assert (me["pid"], me["ppid"], me["visible"], me["interfaces"]) == (2, 1, [1, 2], ["lo"])
+    assert me["uid"] == 0  # root inside its user namespace only: the host's uid 65534
+
+
+def _readable_by(uid: int, path: str) -> bool:
+    pid = os.fork()
+    if pid == 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        os._exit(0 if os.access(os.path.realpath(path), os.R_OK | os.X_OK) else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

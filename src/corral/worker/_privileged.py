@@ -14,6 +14,8 @@
   worker (pid 2), reap everything, and report the worker's wait status on a pipe when
   it exits. When pid 1 exits, the kernel SIGKILLs whatever is left in the namespace:
   daemons that double-forked and called ``setsid`` included.
+* :func:`enter_user_namespace`: without root, the warden itself moves into a user
+  namespace of its own first, where it may create the other namespaces.
 * :func:`detect` says whether each layer works here, by trying it in a throwaway child.
 
 Not here: the unprivileged layers (``_sandbox``), cgroups (``_cgroup``).
@@ -25,6 +27,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import platform
 import signal
 import stat
 import struct
@@ -37,16 +40,20 @@ __all__ = [
     "detect",
     "drop_to_uid",
     "enter_private_mounts",
+    "enter_user_namespace",
     "fork_in_new_pid_namespace",
     "host_parent_pid",
     "run_init",
 ]
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_SYS_CLONE_X86_64 = 56
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID = 2
@@ -155,10 +162,35 @@ def drop_to_uid(uid: int) -> None:
 # -- namespaces ------------------------------------------------------------------------------
 
 
-def fork_in_new_pid_namespace(own_pid_ns: int) -> int:
-    """``os.fork()`` whose child is pid 1 of a new PID namespace (0 in the child, its
-    host pid in the parent). ``own_pid_ns`` is an fd on the caller's own namespace
-    (``/proc/self/ns/pid``), used to put the caller's next children back in it."""
+def fork_in_new_pid_namespace(own_pid_ns: int | None) -> int:
+    """A fork whose child is pid 1 of a new PID namespace (0 in the child, its host pid
+    in the parent).
+
+    ``own_pid_ns``: an fd on the caller's own namespace (``/proc/self/ns/pid``). Then
+    this is ``unshare(CLONE_NEWPID)`` + ``os.fork()`` + ``setns`` back, so the caller's
+    next child is not put in the same namespace. In a user namespace, that ``setns`` is
+    not allowed (our own PID namespace belongs to the host): pass None, and the child is
+    made by a raw ``clone(CLONE_NEWPID)``, which never changes the caller. That child
+    skips Python's after-fork hooks, which is safe for a single-threaded caller whose
+    child only sets up namespaces and forks the worker with ``os.fork()``.
+    """
+    if own_pid_ns is None:
+        if platform.machine() != "x86_64":
+            raise OSError(errno.ENOSYS, f"no raw clone for {platform.machine()} yet")
+        zero = ctypes.c_long(0)
+        pid = int(
+            _libc.syscall(
+                ctypes.c_long(_SYS_CLONE_X86_64),
+                ctypes.c_long(CLONE_NEWPID | signal.SIGCHLD),
+                zero,  # no new stack: like fork, the child continues on a copy of ours
+                zero,
+                zero,
+                zero,
+            )
+        )
+        if pid < 0:
+            _check(-1, "clone(CLONE_NEWPID)")
+        return pid
     unshare(CLONE_NEWPID)
     try:
         return os.fork()
@@ -246,12 +278,12 @@ def _try_in_child(check: Callable[[], str | None]) -> str | None:
     return answer or None
 
 
-def _namespaces_work() -> str | None:
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+def _namespaces_work(user_namespace: bool) -> str | None:
+    own = None if user_namespace else os.open("/proc/self/ns/pid", os.O_RDONLY)
     try:
         init = fork_in_new_pid_namespace(own)
     finally:
-        if os.getpid() != 1:
+        if own is not None and os.getpid() != 1:
             os.close(own)
     if init == 0:
         try:
@@ -283,20 +315,41 @@ def _uid_can_read(uid: int, paths: Sequence[str]) -> Callable[[], str | None]:
     return check
 
 
-def detect(uid_base: int, must_read: Sequence[str]) -> dict[str, str]:
+def enter_user_namespace() -> None:
+    """Without root: move this (single-threaded) process into a new user namespace in
+    which it is root, its own uid and gid mapped to 0. It can then create PID, mount,
+    network, IPC and UTS namespaces for its children; it gains nothing outside."""
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def detect(uid_base: int, must_read: Sequence[str], user_namespace: bool) -> dict[str, str]:
     """Whether ``dedicated_uid`` and ``namespaces`` work here, tried for real in
-    throwaway children: "available ..." or "unavailable: why"."""
+    throwaway children: "available ..." or "unavailable: why". ``user_namespace``: we
+    are in the user namespace :func:`enter_user_namespace` made (not really root)."""
+    if user_namespace:
+        return {
+            "dedicated_uid": "unavailable: needs root (a user namespace maps only our uid)",
+            "namespaces": _namespaces_status(
+                "pid, mount, net, ipc, uts; in a user namespace", user_namespace=True
+            ),
+        }
     if os.geteuid() != 0:
-        why = "unavailable: needs root"
+        why = "unavailable: needs root, or unprivileged user namespaces"
         return {"dedicated_uid": why, "namespaces": why}
     readable = [p for p in must_read if os.path.exists(p)]
     uid_problem = _try_in_child(_uid_can_read(uid_base, readable))
-    ns_problem = _try_in_child(_namespaces_work)
     return {
         "dedicated_uid": f"unavailable: {uid_problem}"
         if uid_problem
         else f"available (uids from {uid_base})",
-        "namespaces": f"unavailable: {ns_problem}"
-        if ns_problem
-        else "available (pid, mount, net, ipc, uts)",
+        "namespaces": _namespaces_status("pid, mount, net, ipc, uts", user_namespace=False),
     }
+
+
+def _namespaces_status(what: str, user_namespace: bool) -> str:
+    problem = _try_in_child(lambda: _namespaces_work(user_namespace))
+    return f"unavailable: {problem}" if problem else f"available ({what})"

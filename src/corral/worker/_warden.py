@@ -68,14 +68,17 @@ class Warden:
         pids: Cgroups | None,
         pids_detail: str,
         root_layers: dict[str, str],
+        user_namespace: bool,
     ) -> None:
         self._ctl = control
         self._pid = os.getpid()
         self._root_layers = root_layers
-        # An fd on our own PID namespace, to come back to after creating a worker's.
+        self._namespaces = root_layers.get("namespaces", "").startswith("available")
+        # An fd on our own PID namespace, to come back to after creating a worker's (not
+        # allowed from a user namespace: there a worker's init is cloned straight into it).
         self._own_pid_ns = (
             os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-            if root_layers.get("namespaces", "").startswith("available")
+            if self._namespaces and not user_namespace
             else None
         )
         self._uid_slots: _privileged.UidSlots | None = None
@@ -199,7 +202,7 @@ class Warden:
                 if uid is not None:
                     os.chown(scratch, uid, uid)
             if spec.namespaces:
-                if self._own_pid_ns is None:
+                if not self._namespaces:
                     raise OSError("namespaces are not available here")
                 status_r, status_w = os.pipe2(os.O_CLOEXEC)
                 pid = _privileged.fork_in_new_pid_namespace(self._own_pid_ns)
@@ -522,13 +525,20 @@ def main(
     set_child_subreaper()
     cgroups, detail = detect("memory", os.getpid()) if want_cgroups else (None, "not requested")
     pids, pids_detail = detect("pids", os.getpid())
-    root_layers = (
-        _privileged.detect(
-            root_probe_uid, [os.path.realpath(python), corral_root, *sys.path, *must_read]
+    root_layers: dict[str, str] = {}
+    user_namespace = False
+    if root_probe_uid is not None:
+        if os.geteuid() != 0:
+            try:
+                _privileged.enter_user_namespace()  # still single-threaded: it must be
+                user_namespace = True
+            except OSError:
+                pass  # detect() says why the layers are unavailable
+        root_layers = _privileged.detect(
+            root_probe_uid,
+            [os.path.realpath(python), corral_root, *sys.path, *must_read],
+            user_namespace,
         )
-        if root_probe_uid is not None
-        else {}
-    )
     _remove_stale_scratch()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
@@ -537,4 +547,14 @@ def main(
     gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
-    Warden(control, python, corral_root, cgroups, detail, pids, pids_detail, root_layers).serve()
+    Warden(
+        control,
+        python,
+        corral_root,
+        cgroups,
+        detail,
+        pids,
+        pids_detail,
+        root_layers,
+        user_namespace,
+    ).serve()
