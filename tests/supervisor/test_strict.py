@@ -210,3 +210,18 @@ def _readable_by(uid: int, path: str) -> bool:
         os._exit(0 if os.access(os.path.realpath(path), os.R_OK | os.X_OK) else 1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+async def test_every_layer_is_in_place_before_the_kernel_module_is_imported(
+    start_method: Literal["forkserver", "spawn"],
+) -> None:
+    async with Supervisor(
+        "tests.import_facts:make", sandbox=strict(), start_method=start_method, **FAST
+    ) as sup:
+        await start_strict(sup)
+        facts = await sup.call("t", "at_import")
+    assert facts["uid"] >= Sandbox.strict().uid_range[0]
+    assert facts["pid"] == 2
+    assert (facts["no_new_privs"], facts["seccomp"]) == ("1", "2")  # seccomp: filter mode
+    assert os.path.basename(facts["cwd"]).startswith("corral-scratch-")
