@@ -17,12 +17,13 @@ worker starts, stop escalations, the TTL sweeper and the memory sampler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -88,10 +89,17 @@ class _State(enum.Enum):
 
 
 class WorkerEvent(msgspec.Struct, frozen=True):
-    """A lifecycle event, given to the ``on_event`` hook.
+    """A lifecycle event, given to the ``on_event`` hook and to :meth:`Supervisor.events`.
 
-    ``kind`` is ``"ready"`` (the kernel is loaded) or ``"stopped"`` (the process is
-    gone; ``reason``, ``rung`` and ``returncode`` say why and how).
+    ``kind`` is one of:
+
+    * ``"starting"``: a worker is being started for ``tenant`` (no pid yet);
+    * ``"ready"``: its kernel is loaded;
+    * ``"stopped"``: the process is gone; ``reason`` (a StopReason value: ``"crashed"``
+      for a crash, ``"timeout"``, ``"memory_limit"``, ``"lru"``, ...), ``rung`` and
+      ``returncode`` say why and how;
+    * ``"backoff"``: the tenant failed too often; new calls get ``BackoffError`` for
+      ``retry_after`` seconds (``reason``: the last failure).
     """
 
     kind: str
@@ -100,6 +108,28 @@ class WorkerEvent(msgspec.Struct, frozen=True):
     reason: str | None = None  # a StopReason value, e.g. "memory_limit"
     rung: str | None = None  # a Rung value, e.g. "kill"
     returncode: int | None = None
+    retry_after: float | None = None  # "backoff": seconds until the tenant may start again
+    at: float = msgspec.field(default_factory=time.time)  # wall-clock time of the event
+
+
+class _Subscription:
+    """One reader of :meth:`Supervisor.events`: a bounded buffer that drops the oldest."""
+
+    def __init__(self, buffer: int) -> None:
+        self.events: collections.deque[WorkerEvent] = collections.deque(maxlen=buffer)
+        self.dropped = 0
+        self.closed = False
+        self.wakeup = asyncio.Event()
+
+    def put(self, event: WorkerEvent) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.dropped += 1
+        self.events.append(event)
+        self.wakeup.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wakeup.set()
 
 
 class SupervisorStats(msgspec.Struct, frozen=True):
@@ -270,6 +300,7 @@ class Supervisor:
         self._pressure_detail = ""
         self._pressure_victim: WorkerHandle | None = None  # stopped for pressure, maybe draining
         self._on_event = on_event
+        self._subscriptions: list[_Subscription] = []
         self._clock = clock
         self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
         self._restarts = RestartTracker(
@@ -424,6 +455,34 @@ class Supervisor:
             finally:
                 self._state = _State.CLOSED
                 self._closed.set()
+                for subscription in self._subscriptions:
+                    subscription.close()
+
+    async def events(self, *, buffer: int = 1024) -> AsyncIterator[WorkerEvent]:
+        """Lifecycle events from now on (see :class:`WorkerEvent`), until the supervisor
+        has closed. A reader more than ``buffer`` events behind loses the oldest ones
+        (a slow reader must not hold memory or the supervisor back)::
+
+            async for event in sup.events():
+                if event.kind == "stopped":
+                    print(event.tenant, event.reason)
+        """
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer!r}")
+        subscription = _Subscription(buffer)
+        if self._state is _State.CLOSED:
+            return
+        self._subscriptions.append(subscription)
+        try:
+            while True:
+                while subscription.events:
+                    yield subscription.events.popleft()
+                if subscription.closed:
+                    return
+                subscription.wakeup.clear()
+                await subscription.wakeup.wait()
+        finally:
+            self._subscriptions.remove(subscription)
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -626,6 +685,7 @@ class Supervisor:
         )
         self._table.add(tenant, handle)
         self._starts += 1
+        self._emit(WorkerEvent("starting", tenant, None))
         tg.create_task(handle.start(), name=f"corral-start-{tenant}")
         await self._wait_ready(handle)
         return handle
@@ -666,6 +726,8 @@ class Supervisor:
         self._emit(WorkerEvent("ready", handle.tenant, handle.pid))
 
     def _emit(self, event: WorkerEvent) -> None:
+        for subscription in self._subscriptions:
+            subscription.put(event)
         if self._on_event is None:
             return
         try:
@@ -698,6 +760,15 @@ class Supervisor:
                     "tenant in backoff for %.1fs after repeated failures",
                     delay,
                     extra={"tenant": handle.tenant, "reason": report.reason.value},
+                )
+                self._emit(
+                    WorkerEvent(
+                        "backoff",
+                        handle.tenant,
+                        None,
+                        report.reason.value,
+                        retry_after=delay,
+                    )
                 )
         self._notify_room()
 

@@ -313,6 +313,16 @@ class Warden:
                 victims = psutil.Process(msg.pid).children(recursive=True)
             except psutil.Error:
                 victims = []
+            if msg.pid in self._init_status:
+                # A namespace's init: kill everything below it and let it report how its
+                # worker ended (killed, or exited a moment ago: a crash must not read as
+                # our SIGKILL). It exits at once, and the kernel kills any straggler.
+                for proc in victims:
+                    try:
+                        proc.send_signal(signal.SIGKILL)
+                    except psutil.Error:
+                        pass
+                return
         for kill, target in ((os.killpg, msg.pid), (os.kill, msg.pid)):
             try:
                 kill(target, msg.signal)
@@ -325,13 +335,14 @@ class Warden:
                 pass
 
     def _reap(self) -> None:
+        orphans_died = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             if pid in self._workers:
                 self._workers.discard(pid)
                 status = self._worker_status(pid, status)
@@ -357,12 +368,16 @@ class Warden:
                     self._uid_slots.release(uid)  # its whole tree is gone: free to reuse
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
             else:
-                # An orphan we adopted has died. Its own children (say, a daemon that
-                # double-forked) were reparented to us as it died: sweep again.
-                self._kill_orphans()
-                for groups in (self._cgroups, self._pids):
-                    if groups is not None:
-                        groups.sweep()
+                orphans_died = True
+        if orphans_died:
+            # Orphans we adopted have died. Their own children (say, a daemon that
+            # double-forked) were reparented to us as they died: sweep again, once for
+            # the whole batch (a fork bomb's hundreds of orphans must not cost a scan
+            # each: the warden starts nothing meanwhile).
+            self._kill_orphans()
+            for groups in (self._cgroups, self._pids):
+                if groups is not None:
+                    groups.sweep()
 
     def _worker_status(self, pid: int, status: int) -> int:
         """The worker's own wait status: for a namespace init, what it reported on its
