@@ -304,3 +304,20 @@ def test_extra_array_element_is_a_violation() -> None:
 
 def test_extra_element_in_nested_remote_error_is_a_violation() -> None:
     assert_rejected(FromWorker, msgspec.msgpack.encode(["start_failed", ["T", "m", "tb", "x"]]))
+
+
+@pytest.mark.parametrize("max_frame_bytes", [1024, 4096, 65536, 1 << 20])
+def test_an_error_reply_always_fits_in_one_frame(max_frame_bytes: int) -> None:
+    """Whatever a kernel raises (here: a 1 MiB message of 4-byte characters, from a class
+    with a 10,000-character name), its CallFailed reply fits in ``max_frame_bytes``."""
+    from corral.ipc import CallFailed, encode_frame
+    from corral.worker._loop import remote_error
+
+    hostile = type("\U0001f600" * 10_000, (Exception,), {})
+    try:
+        raise hostile("\U0001f4a3" * (1 << 20))
+    except Exception as exc:
+        error = remote_error(exc, max_frame_bytes)
+    frame = encode_frame(CallFailed(7, "kernel", error))
+    assert len(frame) <= max_frame_bytes
+    assert error.message.endswith("...[truncated]") and error.type_name.endswith("...[truncated]")

@@ -59,28 +59,43 @@ def _clean_text(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def _safe_str(exc: BaseException) -> str:
+def _safe_str(exc: BaseException, limit: int = _MAX_MESSAGE) -> str:
     try:
         text = str(exc)
     except BaseException:  # a hostile __str__ must not take the loop down
         text = f"<unprintable {type(exc).__name__}>"
-    text = text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "...[truncated]"
+    text = text if len(text) <= limit else text[:limit] + "...[truncated]"
     return _clean_text(text)
 
 
-def remote_error(exc: BaseException) -> RemoteError:
-    """Describe ``exc`` as bounded text."""
+_MAX_TYPE_NAME = 256
+_ENVELOPE = 256  # bytes for the frame header, the call id and the field headers
+
+
+def remote_error(exc: BaseException, max_frame_bytes: int = MAX_FRAME_LIMIT) -> RemoteError:
+    """Describe ``exc`` as bounded text that fits, encoded, in one frame of
+    ``max_frame_bytes``: the type name and the message are cut first, then the traceback
+    gets what room is left (its end, where the error is)."""
+    # Each of the type name and the message gets at most an eighth of the frame in
+    # characters (a UTF-8 character takes up to 4 bytes): together at most half.
+    share = (max_frame_bytes - _ENVELOPE) // 8
     cls = type(exc)
-    type_name = f"{cls.__module__}.{cls.__qualname__}"
+    type_name = _clean_text(f"{cls.__module__}.{cls.__qualname__}")
+    if len(type_name) > min(_MAX_TYPE_NAME, share):
+        type_name = type_name[: min(_MAX_TYPE_NAME, share)] + "...[truncated]"
+    message = _safe_str(exc, min(_MAX_MESSAGE, share))
     try:
-        tb = "".join(traceback.format_exception(exc))
+        tb = _clean_text("".join(traceback.format_exception(exc)))
     except BaseException:
         tb = f"<traceback unavailable for {type_name}>"
-    if len(tb) > _MAX_TRACEBACK:
-        tb = "...[truncated]\n" + tb[-_MAX_TRACEBACK:]
-    return RemoteError(
-        type_name=_clean_text(type_name), message=_safe_str(exc), traceback=_clean_text(tb)
-    )
+    used = len(type_name.encode()) + len(message.encode()) + _ENVELOPE
+    room = max(0, min(_MAX_TRACEBACK, max_frame_bytes - used))
+    if len(tb.encode()) > room:
+        marker = "...[truncated]\n"
+        keep = max(0, room - len(marker))
+        tail = tb.encode()[-keep:].decode("utf-8", "ignore") if keep else ""
+        tb = marker + tail if room >= len(marker) else ""
+    return RemoteError(type_name=type_name, message=message, traceback=tb)
 
 
 def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
@@ -225,7 +240,7 @@ class WorkerLoop:
         write_all(self._fd_out, frame)
 
     def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
-        error = remote_error(exc)  # bounded, valid UTF-8: always encodable
+        error = remote_error(exc, self._max_frame)  # bounded, valid UTF-8: always encodable
         write_all(self._fd_out, encode_frame(CallFailed(call_id, kind, error)))
 
     async def _shutdown(self) -> None:
@@ -244,7 +259,7 @@ async def _serve(start: Start, fd_in: int, fd_out: int, decoder: FrameDecoder[To
     try:
         kernel = await make_kernel(start)
     except Exception as exc:
-        write_all(fd_out, encode_frame(StartFailed(remote_error(exc))))
+        write_all(fd_out, encode_frame(StartFailed(remote_error(exc, start.max_frame_bytes))))
         return 1
     write_all(fd_out, encode_frame(Hello(PROTOCOL_VERSION, os.getpid())))
     return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).run()
