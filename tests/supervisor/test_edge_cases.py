@@ -344,10 +344,10 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
             True,
             id="detached",
             marks=pytest.mark.xfail(
-                reason="LIMITATION until workers get a cgroup: a worker's child in a session "
-                "of its own is "
-                "reparented to init when the warden dies; killpg of the workers' groups does "
-                "not reach it",
+                reason="LIMITATION of default() (no namespaces, no tree cgroup): a worker's "
+                "child in a session of its own is reparented to init when the warden is "
+                "SIGKILLed; killpg of the workers' groups does not reach it. strict() covers "
+                "it: test_strict.py::test_a_killed_warden_takes_every_namespace_with_it",
                 strict=True,
             ),
         ),

@@ -15,11 +15,12 @@ the kernel code itself. For each one, the test checks that:
 Under ``strict()`` the pids a kernel sees are those of its own PID namespace; the host
 side maps them through ``NSpid`` (see :meth:`Arena.watch`).
 
-Until ``strict()`` can start here, its half of the suite is skipped with the reason
-``start()`` gave (``CORRAL_REQUIRE_STRICT=1`` turns that into a failure). The assertions
-that only hold under ``strict()`` are marked ``# STRICT:``; they are written to the
-specification (dedicated non-root uid, pid 2 under corral's init in a PID namespace, a
-private /proc, a private size-limited /dev/shm, no network, a pids cgroup).
+Where ``strict()`` cannot start (not root; an interpreter other uids cannot read), its
+half of the suite is skipped with the reason ``start()`` gave (``CORRAL_REQUIRE_STRICT=1``,
+set by CI as root, turns that into a failure). The assertions that only hold under
+``strict()`` are marked ``# STRICT:`` (dedicated non-root uid, pid 2 under corral's init
+in a PID namespace, a private /proc, a private size-limited /dev/shm, no network, a pids
+cgroup).
 """
 
 from __future__ import annotations
