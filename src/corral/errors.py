@@ -56,7 +56,15 @@ class CapacityError(CorralError):
 
 class InvalidCallError(CorralError, ValueError):
     """The call cannot be made as asked: unknown or private method, or arguments or
-    a result that msgpack cannot carry. The worker (if any) is still up."""
+    a result that msgpack cannot carry. The worker (if any) is still up.
+
+    ``kind`` says which: ``"method"`` (no such public method), ``"arguments"`` (they
+    cannot be sent or decoded, or are too large) or ``"result"`` (it cannot be sent).
+    """
+
+    def __init__(self, message: str, kind: str = "arguments") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class BackoffError(CorralError):

@@ -1,12 +1,12 @@
-"""The ``corral`` command line: a guided ``demo`` and a one-shot ``call``.
+"""The ``corral`` command line: the HTTP gateway (``serve``), a guided ``demo`` and a
+one-shot ``call``.
 
 Covers argument parsing, turning JSON arguments into a single call and its
 result (or error) back into text and an exit status. It drives corral only
 through the public API (``import corral``), exactly as an application would.
 
 Not here: anything about workers, pipes or termination (see
-:mod:`corral.supervisor`), and long-running service modes (a ``serve`` command
-will sit beside ``demo`` and ``call`` as one more subparser and module).
+:mod:`corral.supervisor`), and the gateway itself (:mod:`corral.server`).
 
 Exit status: 0 success; 1 the call or the demo failed (corral's error is
 printed); 2 usage errors (bad options, JSON or factory string); 130 interrupted.
@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 import corral
-from corral.cli import _demo
+from corral.cli import _demo, _serve
 
 __all__ = ["main"]
 
@@ -68,6 +68,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _demo.add_arguments(demo)
     demo.set_defaults(run=lambda _parser, args: _demo.run(args))
+
+    serve = commands.add_parser(
+        "serve",
+        help="the HTTP gateway with a live dashboard (needs the 'server' extra)",
+        description=_serve.DESCRIPTION,
+    )
+    _serve.add_arguments(serve)
+    serve.set_defaults(run=lambda _parser, args: _serve.run(args))
 
     call = commands.add_parser(
         "call",

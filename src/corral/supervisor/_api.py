@@ -534,7 +534,9 @@ class Supervisor:
             check_seconds("timeout", timeout_s)
         check_tenant(tenant)
         if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
-            raise InvalidCallError(f"method must be a public identifier, got {method!r}")
+            raise InvalidCallError(
+                f"method must be a public identifier, got {method!r}", kind="method"
+            )
         try:
             payload = msgspec.msgpack.encode((args, kwargs or {}))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:

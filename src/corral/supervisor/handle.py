@@ -378,7 +378,9 @@ class WorkerHandle:
                     remote_traceback=err.traceback,
                 )
             else:
-                error = InvalidCallError(f"{self.tenant!r}.{pending.method}: {err.message}")
+                error = InvalidCallError(
+                    f"{self.tenant!r}.{pending.method}: {err.message}", kind=msg.kind
+                )
             _resolve(pending, error=error)
         elif isinstance(msg, Hello) and self.state is S.STARTING:
             if msg.protocol_version != PROTOCOL_VERSION:

@@ -1,0 +1,272 @@
+"""The HTTP gateway: a Starlette app over one :class:`corral.Supervisor`.
+
+Routes (JSON in and out):
+
+* ``POST /v1/tenants/{key}/call/{method}`` with ``{"args": [...], "kwargs": {...}}``
+  -> ``{"result": ...}``; corral's errors become HTTP statuses (:func:`error_response`);
+* ``GET /v1/workers``: the ``stats()`` snapshot, plus the memory limits;
+* ``GET /v1/events``: the most recent lifecycle events (starts, stops with reasons,
+  backoffs), newest last;
+* ``DELETE /v1/tenants/{key}``: evict that tenant's worker;
+* ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard).
+
+The supervisor is started and closed in the app's lifespan. A request body larger than
+``max_body_bytes`` is refused (413) before it is read in full.
+
+Not here: option parsing (``_options``), the command (``corral.cli._serve``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from corral.errors import (
+    BackoffError,
+    CallTimeoutError,
+    CapacityError,
+    CorralError,
+    InvalidCallError,
+    KernelError,
+    MemoryPressureError,
+    SupervisorClosedError,
+)
+from corral.server._dashboard import DASHBOARD_HTML
+from corral.server._metrics import Metrics
+from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
+from corral.supervisor.config import Factory
+
+__all__ = ["DEFAULT_FACTORY", "Gateway", "create_app", "error_response"]
+
+log = logging.getLogger("corral.server")
+
+DEFAULT_FACTORY = "corral.examples.demo:create"
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+_RECENT_EVENTS = 200
+
+
+class CallBody(msgspec.Struct, forbid_unknown_fields=True):
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    encoded = msgspec.json.encode(body)
+    return Response(encoded, status, headers=dict(headers or {}), media_type="application/json")
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> Response:
+    headers = {}
+    retry_after = extra.get("retry_after")
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return _json({"error": {"type": kind, "message": message, **extra}}, status, headers)
+
+
+def error_response(exc: CorralError, tenant: str) -> Response:
+    """The HTTP answer for a corral error: status, ``Retry-After`` where waiting helps,
+    and ``{"error": {"type", "message", "tenant", ...}}``.
+
+    ==========================================  ======
+    KernelError (the kernel raised)             422, with ``remote_type``
+    InvalidCallError: no such method            404
+    InvalidCallError: arguments                 400
+    InvalidCallError: unsendable result         500
+    CallTimeoutError                            504
+    BackoffError, MemoryPressureError,          503, ``Retry-After``
+    CapacityError
+    SupervisorClosedError                       503
+    any other WorkerError (crash, protocol,     502
+    start failure, memory limit, stopped)
+    ==========================================  ======
+    """
+    kind = type(exc).__name__
+    message = str(exc)
+    if isinstance(exc, KernelError):
+        return _error(422, kind, message, tenant=tenant, remote_type=exc.remote_type)
+    if isinstance(exc, InvalidCallError):
+        status = {"method": 404, "result": 500}.get(exc.kind, 400)
+        return _error(status, kind, message, tenant=tenant)
+    if isinstance(exc, CallTimeoutError):
+        return _error(504, kind, message, tenant=tenant)
+    if isinstance(exc, BackoffError | MemoryPressureError):
+        return _error(503, kind, message, tenant=tenant, retry_after=exc.retry_after)
+    if isinstance(exc, CapacityError):
+        return _error(503, kind, message, tenant=tenant, retry_after=1.0)
+    if isinstance(exc, SupervisorClosedError):
+        return _error(503, kind, message, tenant=tenant)
+    return _error(502, kind, message, tenant=tenant)
+
+
+class Gateway:
+    """One app's state: the supervisor (made in the lifespan), metrics, recent events."""
+
+    def __init__(self, factory: Factory, options: Mapping[str, Any], max_body_bytes: int) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+        self.factory = factory
+        self.options = dict(options)
+        if "on_event" in self.options:
+            raise ValueError("on_event is the gateway's own; use Supervisor.events() instead")
+        self.max_body_bytes = max_body_bytes
+        self.supervisor: Supervisor | None = None
+        self.on_ready: Callable[[], None] | None = None  # called once the supervisor runs
+        self.metrics = Metrics(self.stats)
+        self.recent: collections.deque[WorkerEvent] = collections.deque(maxlen=_RECENT_EVENTS)
+        # Constructed now, so that bad options fail before the server starts listening.
+        self._pending = Supervisor(factory, on_event=self._on_event, **self.options)
+
+    def stats(self) -> SupervisorStats | None:
+        return self.supervisor.stats() if self.supervisor is not None else None
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        self.recent.append(event)
+        self.metrics.on_event(event)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        sup = self._pending
+        await sup.start()
+        self.supervisor = sup
+        log.info("gateway ready", extra={"sandbox": sup.stats().sandbox})
+        if self.on_ready is not None:
+            self.on_ready()
+        try:
+            yield
+        finally:
+            await sup.aclose()
+
+    # -- routes ------------------------------------------------------------------------------
+
+    async def call(self, request: Request) -> Response:
+        tenant = request.path_params["key"]
+        method = request.path_params["method"]
+        sup = self.supervisor
+        if sup is None:
+            return _error(503, "NotReady", "the gateway is starting", tenant=tenant)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            body = await self._read_body(request)
+            result = await sup.invoke(tenant, method, body.args, body.kwargs)
+            try:
+                return _json({"result": result})
+            except (TypeError, ValueError, OverflowError) as exc:
+                outcome = "UnencodableResult"
+                return _error(500, outcome, f"the result is not JSON: {exc}", tenant=tenant)
+        except _BadRequest as exc:
+            outcome = exc.kind
+            return _error(exc.status, exc.kind, str(exc), tenant=tenant)
+        except CorralError as exc:
+            outcome = type(exc).__name__
+            return error_response(exc, tenant)
+        finally:
+            self.metrics.observe_call(outcome, time.perf_counter() - started)
+
+    async def _read_body(self, request: Request) -> CallBody:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise _BadRequest(413, "BodyTooLarge", f"the body is over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BadRequest(413, "BodyTooLarge", f"the body is over {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return CallBody()
+        try:
+            return msgspec.json.decode(raw, type=CallBody)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _BadRequest(
+                400, "BadJSON", f'expected {{"args": [...], "kwargs": {{...}}}}: {exc}'
+            ) from None
+
+    async def workers(self, _request: Request) -> Response:
+        stats = self.stats()
+        if stats is None:
+            return _error(503, "NotReady", "the gateway is starting")
+        limits = {
+            "soft": self.options.get("worker_memory_limit"),
+            "hard": self.options.get("worker_memory_hard_limit"),
+        }
+        return _json({**msgspec.to_builtins(stats), "limits": limits, "now": time.time()})
+
+    async def events(self, _request: Request) -> Response:
+        return _json({"events": list(self.recent)})
+
+    async def evict(self, request: Request) -> Response:
+        tenant = request.path_params["key"]
+        if self.supervisor is None:
+            return _error(503, "NotReady", "the gateway is starting", tenant=tenant)
+        try:
+            evicted = await self.supervisor.evict(tenant)
+        except CorralError as exc:
+            return error_response(exc, tenant)
+        return _json({"tenant": tenant, "evicted": evicted})
+
+    async def healthz(self, _request: Request) -> Response:
+        stats = self.stats()
+        if stats is None or stats.state != "running":
+            return _json({"status": "unavailable"}, 503)
+        return _json({"status": "ok", "workers": len(stats.workers)})
+
+    async def metrics_text(self, _request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def dashboard(self, _request: Request) -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
+
+
+def create_app(
+    factory: Factory | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
+    """The gateway app over a new Supervisor.
+
+    Args:
+        factory: the kernel factory (default: the bundled example kernel).
+        options: keyword arguments for :class:`corral.Supervisor` (not ``on_event``:
+            the gateway uses it; read ``Supervisor.events()`` instead).
+        max_body_bytes: larger request bodies get 413.
+
+    Raises:
+        ValueError, TypeError: a bad option (before anything starts).
+    """
+    gateway = Gateway(factory or DEFAULT_FACTORY, options or {}, max_body_bytes)
+    routes = [
+        Route("/", gateway.dashboard, methods=["GET"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/metrics", gateway.metrics_text, methods=["GET"]),
+        Route("/v1/workers", gateway.workers, methods=["GET"]),
+        Route("/v1/events", gateway.events, methods=["GET"]),
+        Route("/v1/tenants/{key}", gateway.evict, methods=["DELETE"]),
+        Route("/v1/tenants/{key}/call/{method}", gateway.call, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=gateway.lifespan)
+    app.state.gateway = gateway
+    return app

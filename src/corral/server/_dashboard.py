@@ -1,0 +1,173 @@
+"""The live dashboard: one self-contained HTML page (no external assets) that polls
+``/v1/workers`` and ``/v1/events`` every second and draws each worker with its tenant,
+state, memory against its limits, requests, age, and the recent stops with reasons."""
+
+from __future__ import annotations
+
+__all__ = ["DASHBOARD_HTML"]
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>corral</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  :root { --bg:#0f1419; --panel:#171d24; --line:#26303b; --text:#d7dde4; --dim:#7f8b97;
+          --ok:#3fb950; --busy:#d29922; --warn:#f0883e; --bad:#f85149; --start:#58a6ff; }
+  * { box-sizing: border-box; }
+  body { margin:0; font:14px/1.45 system-ui, sans-serif; background:var(--bg); color:var(--text); }
+  header { padding:14px 22px; border-bottom:1px solid var(--line); display:flex; gap:18px;
+           align-items:baseline; flex-wrap:wrap; }
+  h1 { font-size:18px; margin:0; letter-spacing:.5px; }
+  .muted { color:var(--dim); }
+  main { padding:18px 22px; display:grid; gap:18px; grid-template-columns: 3fr 1.2fr; }
+  @media (max-width: 1000px) { main { grid-template-columns: 1fr; } }
+  .cards { display:flex; gap:12px; flex-wrap:wrap; }
+  .card { background:var(--panel); border:1px solid var(--line); border-radius:8px;
+          padding:8px 14px; min-width:110px; }
+  .card b { display:block; font-size:20px; }
+  section { background:var(--panel); border:1px solid var(--line); border-radius:8px;
+            padding:12px 14px; overflow:auto; }
+  h2 { font-size:14px; margin:0 0 8px; color:var(--dim); font-weight:600;
+       text-transform:uppercase; letter-spacing:.6px; }
+  table { width:100%; border-collapse:collapse; }
+  th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line);
+           white-space:nowrap; }
+  th { color:var(--dim); font-weight:500; }
+  .state { padding:1px 8px; border-radius:10px; font-size:12px; color:#0f1419; }
+  .ready { background:var(--ok); } .busy { background:var(--busy); }
+  .starting { background:var(--start); } .draining, .stopping { background:var(--warn); }
+  .bar { position:relative; width:160px; height:10px; background:#0b0f13; border-radius:5px; }
+  .bar i { position:absolute; left:0; top:0; bottom:0; border-radius:5px; background:var(--ok); }
+  .bar i.high { background:var(--warn); } .bar i.over { background:var(--bad); }
+  .bar s { position:absolute; top:-3px; bottom:-3px; width:2px; background:var(--bad); }
+  ol { list-style:none; margin:0; padding:0; }
+  li { padding:5px 0; border-bottom:1px solid var(--line); }
+  .reason { font-family:ui-monospace, monospace; }
+  .bad { color:var(--bad); } .warn { color:var(--warn); } .ok { color:var(--ok); }
+  #error { color:var(--bad); }
+</style>
+</head>
+<body>
+<header>
+  <h1>corral</h1>
+  <span class="muted" id="summary">loading...</span>
+  <span id="error"></span>
+</header>
+<main>
+  <div>
+    <div class="cards" id="cards"></div>
+    <section style="margin-top:14px">
+      <h2>Workers</h2>
+      <table>
+        <thead><tr><th>tenant</th><th>pid</th><th>state</th><th>memory</th>
+          <th>requests</th><th>in flight</th><th>age</th><th>idle</th></tr></thead>
+        <tbody id="workers"></tbody>
+      </table>
+      <p class="muted" id="empty">No live workers. Call a tenant to start one:
+        <code>curl -X POST localhost:8000/v1/tenants/alice/call/whoami</code></p>
+    </section>
+  </div>
+  <section>
+    <h2>Recent stops</h2>
+    <ol id="stops"></ol>
+  </section>
+</main>
+<script>
+"use strict";
+const FAILURES = new Set(["crashed", "timeout", "protocol_error", "pipe_closed",
+  "start_failed", "start_timeout", "memory_limit", "memory_hard_limit", "warden_died"]);
+function mib(bytes) { return bytes == null ? "-" : (bytes / 1048576).toFixed(1) + " MiB"; }
+function age(seconds) {
+  if (seconds < 60) return seconds.toFixed(0) + "s";
+  if (seconds < 3600) return (seconds / 60).toFixed(0) + "m";
+  return (seconds / 3600).toFixed(1) + "h";
+}
+function cell(row, text, cls) {
+  const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
+}
+function memoryCell(row, rss, limits) {
+  const td = row.insertCell();
+  const cap = limits.hard || limits.soft;
+  const text = document.createElement("span");
+  text.textContent = mib(rss) + (cap ? " / " + mib(cap) : "");
+  if (cap && rss != null) {
+    const bar = document.createElement("div"); bar.className = "bar";
+    const fill = document.createElement("i");
+    const share = rss / cap;
+    fill.style.width = Math.min(100, share * 100).toFixed(1) + "%";
+    if (share > 1) fill.className = "over"; else if (share > 0.8) fill.className = "high";
+    bar.appendChild(fill);
+    if (limits.soft && limits.hard) {
+      const mark = document.createElement("s");
+      mark.style.left = Math.min(100, limits.soft / limits.hard * 100).toFixed(1) + "%";
+      mark.title = "soft limit " + mib(limits.soft);
+      bar.appendChild(mark);
+    }
+    td.appendChild(bar);
+  }
+  td.appendChild(text);
+}
+function renderWorkers(data) {
+  const body = document.getElementById("workers");
+  body.replaceChildren();
+  for (const w of data.workers) {
+    const row = body.insertRow();
+    row.className = "worker"; row.dataset.tenant = w.tenant; row.dataset.state = w.state;
+    cell(row, w.tenant); cell(row, w.pid == null ? "-" : String(w.pid));
+    const st = cell(row, ""); const tag = document.createElement("span");
+    tag.className = "state " + w.state; tag.textContent = w.state; st.appendChild(tag);
+    memoryCell(row, w.rss, data.limits);
+    cell(row, String(w.requests)); cell(row, String(w.in_flight));
+    cell(row, age(data.now - w.started_at)); cell(row, age(data.now - w.last_used));
+  }
+  document.getElementById("empty").style.display = data.workers.length ? "none" : "";
+  const stops = Object.entries(data.stops).sort((a, b) => b[1] - a[1]);
+  const cards = [["live workers", data.workers.length + " / " + data.max_workers],
+    ["started", data.starts], ["stopped", stops.reduce((n, [, c]) => n + c, 0)],
+    ["in backoff", data.tenants_in_backoff],
+    ["memory", data.memory_pressure ? "pressure" : "ok"]];
+  for (const [reason, count] of stops.slice(0, 4)) cards.push(["stops: " + reason, count]);
+  const box = document.getElementById("cards"); box.replaceChildren();
+  for (const [label, value] of cards) {
+    const card = document.createElement("div"); card.className = "card";
+    const b = document.createElement("b"); b.textContent = String(value);
+    card.appendChild(b); card.appendChild(document.createTextNode(label)); box.appendChild(card);
+  }
+  document.getElementById("summary").textContent = "state " + data.state +
+    " | hard memory limit: " + data.memory_enforcement;
+}
+function renderEvents(events) {
+  const list = document.getElementById("stops");
+  list.replaceChildren();
+  const stops = events.filter(e => e.kind === "stopped" || e.kind === "backoff").reverse();
+  for (const e of stops.slice(0, 40)) {
+    const li = document.createElement("li"); li.className = "stop"; li.dataset.tenant = e.tenant;
+    const when = new Date(e.at * 1000).toLocaleTimeString();
+    const reason = document.createElement("span"); reason.className = "reason " +
+      (e.kind === "backoff" ? "warn" : FAILURES.has(e.reason) ? "bad" : "ok");
+    reason.textContent = e.kind === "backoff"
+      ? "backoff " + e.retry_after.toFixed(1) + "s (" + e.reason + ")" : e.reason;
+    li.append(when + "  " + e.tenant + "  ", reason);
+    if (e.returncode != null && e.kind === "stopped") li.append("  rc " + e.returncode);
+    list.appendChild(li);
+  }
+}
+async function refresh() {
+  try {
+    const [w, e] = await Promise.all([fetch("/v1/workers"), fetch("/v1/events")]);
+    if (!w.ok || !e.ok) throw new Error("HTTP " + w.status + "/" + e.status);
+    renderWorkers(await w.json()); renderEvents((await e.json()).events);
+    document.getElementById("error").textContent = "";
+    document.body.dataset.loaded = "1";
+  } catch (err) {
+    document.getElementById("error").textContent = "cannot reach the gateway: " + err.message;
+  }
+}
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+"""
