@@ -124,3 +124,51 @@ async def start_strict(sup: corral.Supervisor) -> corral.Supervisor:
             pytest.fail(f"strict sandbox required (CORRAL_REQUIRE_STRICT=1): {exc}")
         pytest.skip(f"strict sandbox unavailable here: {exc}")
     return sup
+
+
+class Served:
+    """``corral serve`` in a subprocess on a free loopback port, ready to take calls.
+
+    ``url`` is its base URL. :meth:`stop` sends SIGTERM (a graceful shutdown) and
+    returns the exit code; the process is killed if it outlives ``timeout``."""
+
+    def __init__(self, *args: str, log: str | os.PathLike[str], timeout: float = 30.0) -> None:
+        import select
+        import subprocess
+        import sys
+        import time
+
+        self.log = open(log, "w")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line.startswith("corral serve: ready on "):
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
+            line = self.proc.stdout.readline() if ready else ""
+            if (not ready or not line) and (left <= 0 or self.proc.poll() is not None):
+                self.stop()
+                raise RuntimeError(f"corral serve did not get ready: see {log}")
+        self.url = line.removeprefix("corral serve: ready on ").strip().rstrip("/")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()
+        return code

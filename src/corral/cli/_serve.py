@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -131,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(float(server.get("grace", 30.0))),
     )
     uv = uvicorn.Server(config)
+    # uvicorn handles SIGTERM during serve() (a graceful shutdown), then raises it again
+    # with our handler back in place: after a clean shutdown, that is no reason to die.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     with sock:
         asyncio.run(uv.serve(sockets=[sock]))
     return 0 if uv.started else 1
