@@ -343,12 +343,10 @@ async def test_a_fork_bomb_does_not_stall_other_tenants_starts(preset: str) -> N
         outcome = await a.ok("fork_bomb", BOMB_CAP)
         a.watch(reported=outcome["pids"])
         await a.attacker_gone()
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        async with asyncio.timeout(STEP):
+        # A deadline, not a measurement: a start takes ~20 ms; with the O(N^2) sweep it
+        # took seconds after a bomb.
+        async with asyncio.timeout(2.0):
             await a.sup.get_or_create("newcomer")
-        took = loop.time() - began
-        assert took < 0.5, f"a cold start took {took:.2f}s after the bomb"  # usually ~20 ms
         await a.bystander_carries_on()
 
 

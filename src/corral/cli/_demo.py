@@ -375,6 +375,25 @@ async def _evict(t: _Tour) -> None:
     t.screen.ok(f"bob's worker (pid {bob}) shut down cleanly on request; alice starts over, blank")
 
 
+_MEMORY_LIMIT_MIB = 256
+
+
+async def _memory_recycle(t: _Tour) -> None:
+    alice = t.pid("alice")
+    grown = await t.call("alice", "grow", _MEMORY_LIMIT_MIB + 64)
+    t.screen.say(
+        f"alice now holds {grown / 2**20:.0f} MiB; the sampler looks every 0.25s "
+        f"(worker_memory_limit={_MEMORY_LIMIT_MIB} MiB)"
+    )
+    waited = await t.wait_gone("alice", _nothing)
+    stops = t.sup.stats().stops
+    _expect(stops.get("memory_limit") == 1, f"alice should stop for memory_limit: {stops}")
+    t.screen.say(f"alice's worker was replaced {waited:.2f}s later (reason memory_limit)")
+    me = await t.call("alice", "whoami")
+    _expect(me["pid"] != alice, f"alice should have a new worker, still pid {alice}")
+    t.screen.ok(f"pid {alice} -> {me['pid']}: the leak went with the old process")
+
+
 async def _stats(t: _Tour) -> None:
     # RSS is sampled every memory_check_interval; give alice's young worker one sample.
     for _ in range(20):  # up to 1s; the API has no "sampled" event to wait for
@@ -391,9 +410,11 @@ async def _stats(t: _Tour) -> None:
         "stops by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.stops.items()))
     )
     expected = {"lru": 1, "crashed": 1, "timeout": 1, "idle_ttl": 1, "evicted": 1}
+    expected["memory_limit"] = 1
     _expect(stats.stops == expected, f"stops should be {expected}, got {stats.stops}")
     _expect(
-        stats.starts == 6, f"six workers were started (a, b, c, d, c, a), stats says {stats.starts}"
+        stats.starts == 7,
+        f"seven workers were started (a, b, c, d, c, a, a), stats says {stats.starts}",
     )
     t.screen.say("leaving 'async with' closes the supervisor and stops every worker:")
     await t.sup.aclose()
@@ -460,6 +481,12 @@ _STEPS = (
         _evict,
     ),
     _Step(
+        "A leaking worker is recycled",
+        "A kernel that keeps memory across calls grows past worker_memory_limit: at the "
+        "next sample corral replaces its worker (after its calls in flight finish).",
+        _memory_recycle,
+    ),
+    _Step(
         "stats(), then closing",
         "A snapshot of every worker (least recently used first) and why each earlier one stopped.",
         _stats,
@@ -473,7 +500,7 @@ async def _tour(screen: _Screen, pace: Pace, start_method: str) -> float:
     screen.say(f"corral {corral.__version__} demo on {FACTORY} (a tiny per-tenant notebook)")
     screen.say(
         f"Supervisor(max_workers=3, idle_ttl={pace.idle_ttl}, call_timeout={pace.call_timeout}, "
-        f"start_method={start_method!r})"
+        f"worker_memory_limit={_MEMORY_LIMIT_MIB} MiB, start_method={start_method!r})"
     )
     screen.say("Indented, time-stamped lines are corral's own log as it happens;")
     screen.say("'worker output' lines are what a worker printed.")
@@ -482,6 +509,7 @@ async def _tour(screen: _Screen, pace: Pace, start_method: str) -> float:
         max_workers=3,
         idle_ttl=pace.idle_ttl,
         call_timeout=pace.call_timeout,
+        worker_memory_limit=_MEMORY_LIMIT_MIB * 2**20,
         memory_check_interval=0.25,  # so that stats() shows an RSS for young workers
         start_method="spawn" if start_method == "spawn" else "forkserver",
     )
