@@ -311,6 +311,7 @@ class Supervisor:
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner: asyncio.Event | None = None
         self._room: asyncio.Event | None = None  # set (then replaced) when a slot may have freed
+        self._room_waiters = 0  # callers waiting on _room
         self._idle_changed: asyncio.Event | None = None  # wakes the TTL sweeper early
         self._sweep_due = 0.0  # monotonic time the sweeper will next look (0: awake)
         self._closed: asyncio.Event | None = None
@@ -662,6 +663,7 @@ class Supervisor:
                 deadline = asyncio.get_running_loop().time() + self._pool_timeout
             assert self._room is not None
             room = self._room
+            self._room_waiters += 1
             try:
                 async with asyncio.timeout_at(deadline):
                     await room.wait()
@@ -670,6 +672,8 @@ class Supervisor:
                     f"all {self._table.max_workers} workers are busy and none became free within "
                     f"{self._pool_timeout}s (raise max_workers or pool_timeout?)"
                 ) from None
+            finally:
+                self._room_waiters -= 1
 
     async def _start_worker(self, tenant: str) -> WorkerHandle:
         if self._tg is None:  # start() was cancelled before the TaskGroup existed
@@ -775,7 +779,7 @@ class Supervisor:
         self._notify_room()
 
     def _notify_room(self) -> None:
-        if self._room is not None:
+        if self._room is not None and self._room_waiters:  # (a call ends: usually nobody)
             self._room.set()
             self._room = asyncio.Event()
 

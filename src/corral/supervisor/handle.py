@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import signal
 import time
@@ -58,7 +59,7 @@ __all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
 
 log = logging.getLogger("corral")
 
-_READ_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024
 
 S = WorkerState
 
@@ -97,7 +98,8 @@ class WorkerInfo(msgspec.Struct, frozen=True):
 
 class _Pending(NamedTuple):
     future: asyncio.Future[Any]
-    timer: asyncio.TimerHandle | None
+    deadline: float | None  # loop time; None: no limit
+    timeout: float | None  # seconds, for the message
     method: str
 
 
@@ -147,6 +149,11 @@ class WorkerHandle:
         self._ready.add_done_callback(_consume_exception)
         self._dead = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None  # start or drain deadline
+        # One timer for every call's deadline, not one per call: armed at a deadline no
+        # later than the earliest pending one; when it fires, expired calls are timed out
+        # and it is armed again for the earliest left. Steady state costs no timer work.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = math.inf
         self._rung = Rung.NONE
         self._stopping: asyncio.Task[None] | None = None
         self._start_error: StartError | None = None
@@ -268,10 +275,12 @@ class WorkerHandle:
         call_id = next(self._ids)
         frame = encode_frame(Call(call_id, method, msgspec.Raw(payload)))
         fut: asyncio.Future[Any] = self._loop.create_future()
-        timer = None
+        deadline = None
         if timeout is not None:
-            timer = self._loop.call_later(timeout, self._on_call_timeout, call_id, timeout)
-        self._inflight[call_id] = _Pending(fut, timer, method)
+            deadline = self._loop.time() + timeout
+            if deadline < self._watchdog_at:
+                self._arm_watchdog(deadline)
+        self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
         self.last_used = time.monotonic()
         if self.state is S.READY:
             transition(self, Event.CALL_SENT)
@@ -279,25 +288,51 @@ class WorkerHandle:
         self._writer.write(frame)
         return fut
 
-    def _on_call_timeout(self, call_id: int, timeout: float) -> None:
+    def _arm_watchdog(self, when: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = self._loop.call_at(when, self._on_watchdog)
+        self._watchdog_at = when
+
+    def _disarm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = None
+        self._watchdog_at = math.inf
+
+    def _on_watchdog(self) -> None:
+        self._watchdog, self._watchdog_at = None, math.inf
+        now = self._loop.time()
+        expired = [
+            call_id
+            for call_id, p in self._inflight.items()
+            if p.deadline is not None and p.deadline <= now
+        ]
+        for call_id in expired:
+            self._on_call_timeout(call_id)
+        deadlines = [p.deadline for p in self._inflight.values() if p.deadline is not None]
+        if deadlines and self.state is not S.DEAD:
+            self._arm_watchdog(min(deadlines))
+
+    def _on_call_timeout(self, call_id: int) -> None:
         pending = self._inflight.pop(call_id, None)
         if pending is None:
             return
         error = CallTimeoutError(
-            f"{self.tenant!r}.{pending.method} did not finish within {timeout}s; "
+            f"{self.tenant!r}.{pending.method} did not finish within {pending.timeout}s; "
             f"its worker (pid {self.pid}) was killed",
             tenant=self.tenant,
             pid=self.pid,
         )
         _resolve(pending, error=error)
-        self._kill(StopReason.CALL_TIMEOUT, f"a call to {pending.method} ran past {timeout}s")
+        self._kill(
+            StopReason.CALL_TIMEOUT, f"a call to {pending.method} ran past {pending.timeout}s"
+        )
 
     def _complete(self, call_id: int) -> _Pending | None:
         pending = self._inflight.pop(call_id, None)
         if pending is None:
             return None
-        if pending.timer is not None:
-            pending.timer.cancel()
         self.requests += 1
         self.last_used = time.monotonic()
         if not self._inflight:
@@ -580,9 +615,8 @@ class WorkerHandle:
             )
             self._ready.set_exception(error)
         inflight, self._inflight = self._inflight, {}
+        self._disarm_watchdog()
         for pending in inflight.values():
-            if pending.timer is not None:
-                pending.timer.cancel()
             _resolve(pending, error=self._death_error(reason, returncode, status, pending.method))
         level = (
             logging.INFO

@@ -44,7 +44,7 @@ from corral.worker._os import write_all
 
 _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 64 * 1024
-_READ_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024
 
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 
