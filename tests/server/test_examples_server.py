@@ -47,7 +47,7 @@ def read_line_starting(proc: subprocess.Popen[bytes], prefix: str, timeout: floa
                 raise TimeoutError(f"no line {prefix!r} on stdout within {timeout}s")
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise EOFError(f"stdout closed before a line {prefix!r}; exit {proc.wait()}")
+                raise EOFError(f"stdout closed before a line {prefix!r} (exit {proc.poll()})")
             pending += chunk
 
 
