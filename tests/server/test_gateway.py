@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.server import create_app
 from tests.helpers import Served
 
 pytestmark = pytest.mark.timeout(60)
@@ -225,3 +226,19 @@ def test_the_load_test_runs_and_reports(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert re.search(r"requests/s, p50 [0-9.]+ ms, p99 [0-9.]+ ms, errors 0;", out.stdout)
+
+
+async def test_an_app_can_be_started_again() -> None:
+    """Regression: the app made its Supervisor once, so a second lifespan (a restarted
+    app, a second test client) failed with SupervisorClosedError."""
+    app = create_app(options={"start_timeout": 20.0})
+    transport = httpx.ASGITransport(app=app)
+    pids = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        for _ in range(2):
+            async with app.router.lifespan_context(app):
+                response = await client.post("/v1/tenants/t/call/whoami")
+                assert response.status_code == 200, response.text
+                pids.append(response.json()["result"]["pid"])
+            assert (await client.get("/healthz")).status_code == 503  # closed with it
+    assert pids[0] != pids[1]

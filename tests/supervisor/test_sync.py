@@ -9,7 +9,7 @@ import pytest
 
 import corral
 from corral import SyncSupervisor
-from tests.helpers import pid_gone
+from tests.helpers import pid_gone, run_host
 
 
 def test_sync_facade_from_many_threads() -> None:
@@ -31,8 +31,23 @@ def test_sync_facade_from_many_threads() -> None:
             sup.call("solo", "fail", "x")
         assert sup.evict("solo") is True and pid_gone(pid)
         assert sup.stats().max_workers == 4
-        assert sup.evict_all() == len(results and sup.keys()) or True
+        live = len(sup.keys())
+        assert live > 0 and sup.evict_all() == live
         assert sup.keys() == []
     assert not any(t.name == "corral-loop" for t in threading.enumerate())
     with pytest.raises(corral.SupervisorClosedError):
         sup.call("t", "echo", 1)
+
+
+def test_a_host_that_never_closes_still_exits_and_leaves_nothing() -> None:
+    """Regression: the loop thread is not a daemon and Python joins such threads before
+    atexit handlers run, so a host that forgot close() hung at exit forever."""
+    code = (
+        "import corral\n"
+        "sup = corral.SyncSupervisor('tests.kernels:make')\n"
+        "sup.start()\n"
+        "print(sup.call('t', 'whoami')['pid'], flush=True)\n"
+    )
+    out, code_ = run_host(code, timeout=20)
+    assert code_ == 0, out
+    assert pid_gone(int(out.split()[0]))

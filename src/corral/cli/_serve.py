@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     )
     uv = uvicorn.Server(config)
     # uvicorn handles SIGTERM during serve() (a graceful shutdown), then raises it again
-    # with our handler back in place: after a clean shutdown, that is no reason to die.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    # with our handler back in place: exit 0 then, as for a SIGTERM before uvicorn runs.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     with sock:
         asyncio.run(uv.serve(sockets=[sock]))
     return 0 if uv.started else 1

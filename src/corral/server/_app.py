@@ -132,8 +132,10 @@ class Gateway:
         self.on_ready: Callable[[], None] | None = None  # called once the supervisor runs
         self.metrics = Metrics(self.stats)
         self.recent: collections.deque[WorkerEvent] = collections.deque(maxlen=_RECENT_EVENTS)
-        # Constructed now, so that bad options fail before the server starts listening.
-        self._pending = Supervisor(factory, on_event=self._on_event, **self.options)
+        self._new_supervisor()  # now, so that bad options fail before anything listens
+
+    def _new_supervisor(self) -> Supervisor:
+        return Supervisor(self.factory, on_event=self._on_event, **self.options)
 
     def stats(self) -> SupervisorStats | None:
         return self.supervisor.stats() if self.supervisor is not None else None
@@ -144,7 +146,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        sup = self._pending
+        sup = self._new_supervisor()  # one per lifespan: an app may be started again
         await sup.start()
         self.supervisor = sup
         log.info("gateway ready", extra={"sandbox": sup.stats().sandbox})
@@ -153,6 +155,7 @@ class Gateway:
         try:
             yield
         finally:
+            self.supervisor = None
             await sup.aclose()
 
     # -- routes ------------------------------------------------------------------------------

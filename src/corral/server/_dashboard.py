@@ -77,7 +77,8 @@ DASHBOARD_HTML = """<!doctype html>
 <script>
 "use strict";
 const FAILURES = new Set(["crashed", "timeout", "protocol_error", "pipe_closed",
-  "start_failed", "start_timeout", "memory_limit", "memory_hard_limit", "warden_died"]);
+  "start_failed", "start_timeout", "memory_limit", "memory_hard_limit", "warden_died",
+  "launch_failed"]);
 function mib(bytes) { return bytes == null ? "-" : (bytes / 1048576).toFixed(1) + " MiB"; }
 function age(seconds) {
   if (seconds < 60) return seconds.toFixed(0) + "s";

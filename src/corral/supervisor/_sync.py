@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -60,6 +61,17 @@ class SyncSupervisor:
             # be submitted before the supervisor runs.
             asyncio.run_coroutine_threadsafe(sup.start(), loop).result()
             self._sup, self._loop, self._thread = sup, loop, thread
+            # A host that never calls close() must still exit: Python joins non-daemon
+            # threads (ours) before atexit handlers run, so register where concurrent.futures
+            # does, ahead of that join.
+            ref = weakref.ref(self)
+
+            def close_at_exit() -> None:
+                me = ref()
+                if me is not None:
+                    me.close()
+
+            threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Stop every worker and the loop thread; returns once all are gone."""
