@@ -301,6 +301,7 @@ class Supervisor:
         self._pressure_victim: WorkerHandle | None = None  # stopped for pressure, maybe draining
         self._on_event = on_event
         self._subscriptions: list[_Subscription] = []
+        self._method_names: set[str] = set()  # names already checked to be public
         self._clock = clock
         self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
         self._restarts = RestartTracker(
@@ -530,14 +531,20 @@ class Supervisor:
     ) -> Any:
         """Like :meth:`call`, with explicit arguments and a per-call ``timeout``
         (seconds, or None for no limit)."""
-        timeout_s = self._call_timeout if timeout == "default" else timeout
-        if timeout_s is not None:
-            check_seconds("timeout", timeout_s)
+        if timeout == "default":
+            timeout_s = self._call_timeout  # checked at construction
+        else:
+            timeout_s = timeout
+            if timeout_s is not None:
+                check_seconds("timeout", timeout_s)
         check_tenant(tenant)
-        if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
-            raise InvalidCallError(
-                f"method must be a public identifier, got {method!r}", kind="method"
-            )
+        if method not in self._method_names:  # checked once per name
+            if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
+                raise InvalidCallError(
+                    f"method must be a public identifier, got {method!r}", kind="method"
+                )
+            if len(self._method_names) < 4096:
+                self._method_names.add(method)
         try:
             payload = msgspec.msgpack.encode((args, kwargs or {}))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
@@ -547,10 +554,9 @@ class Supervisor:
                 f"arguments for {method!r} are {len(payload)} bytes, "
                 f"over max_frame_bytes={self._max_frame}"
             )
-        while True:
+        handle = self._table.get(tenant)  # the warm path: a serving worker, no await
+        while handle is None or not handle.is_serving:
             handle = await self._acquire(tenant)
-            if handle.is_serving:
-                break
         value = await handle.send_call(method, payload, timeout_s)
         self._restarts.record_success(tenant)
         return value

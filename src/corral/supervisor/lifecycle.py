@@ -30,7 +30,14 @@ __all__ = [
 ]
 
 
-class WorkerState(enum.Enum):
+class _FastEnum(enum.Enum):
+    """Members hash by identity (they are singletons and compare by identity), in C:
+    ``Enum.__hash__`` is Python code, and the transition table is hashed on every call."""
+
+    __hash__ = object.__hash__
+
+
+class WorkerState(_FastEnum):
     STARTING = "starting"
     READY = "ready"
     BUSY = "busy"
@@ -39,7 +46,7 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
-class Event(enum.Enum):
+class Event(_FastEnum):
     HELLO_RECEIVED = "hello_received"
     START_FAILED = "start_failed"  # StartFailed message, or no Hello in time (process alive)
     CALL_SENT = "call_sent"  # first call in flight
