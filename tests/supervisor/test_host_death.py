@@ -63,3 +63,66 @@ def test_workers_exit_within_two_seconds_of_host_sigkill(start_method: str) -> N
             host.wait()
         if host.stdout is not None:
             host.stdout.close()
+
+
+MID_LOAD = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import psutil
+    import corral
+
+    async def main():
+        async with (
+            corral.Supervisor("tests.kernels:make") as sup,
+            corral.Supervisor("tests.kernels:hang_on_import", start_timeout=3600) as slow,
+        ):
+            pids = [(await sup.call(f"t{i}", "whoami"))["pid"] for i in range(4)]
+            pids.append(await sup.call("t0", "start_child", False))  # a grandchild
+            pids.append(await sup.call("t1", "start_child", True))  # a setsid'd daemon
+            busy = [asyncio.ensure_future(sup.call(f"t{i}", "hold", "x")) for i in (2, 3)]
+            for i in (2, 3):
+                await sup.call(f"t{i}", "wait_entered", "x")  # the calls are in the workers
+            starting = asyncio.ensure_future(slow.call("s", "whoami"))  # never gets ready
+            while not [w for w in slow.stats().workers if w.pid is not None]:
+                await asyncio.sleep(0.01)  # ok-sleep: until the warden reports the pid
+            (info,) = slow.stats().workers
+            assert info.state == "starting", info
+            pids.append(info.pid)
+            wardens = {psutil.Process(p).ppid() for p in (pids[0], info.pid)}
+            print(json.dumps({"pids": pids, "wardens": sorted(wardens)}), flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_nothing_survives_a_host_sigkilled_mid_load() -> None:
+    """Workers busy with calls, one with a child, one with a setsid'd daemon, one still
+    starting (its factory hangs), two wardens: all gone within 2 s of the host's SIGKILL."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    host = subprocess.Popen(
+        [sys.executable, "-c", MID_LOAD],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    try:
+        assert host.stdout is not None
+        report = json.loads(host.stdout.readline())
+        pids = [*report["pids"], *report["wardens"]]
+        assert len(pids) == 9 and all(not pid_gone(p) for p in pids)
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+        killed_at = time.monotonic()
+        alive = wait_pids_exit(pids, timeout=2.0)
+        took = time.monotonic() - killed_at
+        assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
+        print(f"mid-load: {len(pids)} processes gone {took * 1000:.0f} ms after host SIGKILL")
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        if host.stdout is not None:
+            host.stdout.close()
