@@ -829,6 +829,8 @@ class Supervisor:
             await asyncio.sleep(self._memory_interval)
 
     async def _memory_round(self) -> WorkerHandle | None:
+        if self._state is not _State.RUNNING:  # closing: the probe is (being) closed too
+            return None
         handles = [h for h in self._table.handles() if h.pid is not None]
         if not handles and not self._memory.watches_pressure:
             return None

@@ -24,8 +24,8 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import psutil
 
@@ -176,9 +176,12 @@ class ProbeThread:
             tuple[Sequence[int] | None, bool, asyncio.Future[MemorySample | None]]
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     async def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         loop = asyncio.get_running_loop()
+        if self._closed:  # a sampler still running while the supervisor closes
+            raise RuntimeError("the memory probe is closed")
         if self._thread is None:
             # daemon: if the host never calls aclose(), this thread must not keep it alive
             # at exit. It holds nothing that needs a clean end.
@@ -193,19 +196,20 @@ class ProbeThread:
     def _run(self) -> None:
         while True:
             roots, exclude_roots, fut = self._requests.get()
-            loop = fut.get_loop()
             if roots is None:
-                loop.call_soon_threadsafe(_set_result, fut, None)
+                _hand_back(fut, _set_result, None)
                 return
             try:
                 result = self._probe.sample(roots, exclude_roots)
             except Exception as exc:  # handed to the awaiting task, which decides
-                loop.call_soon_threadsafe(_set_exception, fut, exc)
+                _hand_back(fut, _set_exception, exc)
             else:
-                loop.call_soon_threadsafe(_set_result, fut, result)
+                _hand_back(fut, _set_result, result)
 
     async def aclose(self) -> None:
-        """Stop the thread; it has finished its last statement when this returns."""
+        """Stop the thread; it has finished its last statement when this returns. Later
+        samples are refused (they would start a thread nobody stops)."""
+        self._closed = True
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -213,6 +217,18 @@ class ProbeThread:
         self._requests.put((None, False, done))
         await done  # the thread resolved this as its last act and is exiting (no join: that
         # would block the loop, however briefly)
+
+
+def _hand_back(
+    fut: asyncio.Future[MemorySample | None],
+    setter: Callable[[asyncio.Future[MemorySample | None], Any], None],
+    value: Any,
+) -> None:
+    """From the probe thread to the future's loop; a closed loop has nobody waiting."""
+    try:
+        fut.get_loop().call_soon_threadsafe(setter, fut, value)
+    except RuntimeError:
+        pass
 
 
 def _set_result(fut: asyncio.Future[MemorySample | None], value: MemorySample | None) -> None:
