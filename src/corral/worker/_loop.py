@@ -47,6 +47,8 @@ _MAX_TRACEBACK = 64 * 1024
 _READ_CHUNK = 64 * 1024
 
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
+# Results that cannot be awaitable, checked by type before the slower isawaitable().
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
 
 # What a kernel can raise into the reply path. KeyboardInterrupt and SystemExit are not here:
@@ -214,7 +216,7 @@ class WorkerLoop:
         except _KERNEL_FAILURES as exc:
             self._send_failure(call.id, "kernel", exc)
             return
-        if inspect.isawaitable(value):
+        if type(value) not in _PLAIN and inspect.isawaitable(value):
             task = asyncio.get_running_loop().create_task(self._await_reply(call.id, value))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -65,7 +65,10 @@ def limit_data_segment(limit: int) -> None:
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write every byte to a blocking fd (a pipe write may be partial)."""
-    view = memoryview(data)
+    n = os.write(fd, data)
+    if n == len(data):  # the usual case: one write
+        return
+    view = memoryview(data)[n:]
     while view:
         n = os.write(fd, view)
         view = view[n:]
