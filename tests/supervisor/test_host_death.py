@@ -25,7 +25,7 @@ HOST = textwrap.dedent(
             pids.append(await sup.call("t0", "start_child", False))
             pids.append(await sup.call("t1", "start_child", True))
             warden = psutil.Process(pids[0]).ppid()
-            print(json.dumps({"pids": pids, "warden": warden}), flush=True)
+            print(json.dumps({"pids": pids, "wardens": [warden]}), flush=True)
             await asyncio.Event().wait()
 
     import psutil
@@ -34,11 +34,12 @@ HOST = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_workers_exit_within_two_seconds_of_host_sigkill(start_method: str) -> None:
+def sigkill_host_and_wait(code: str, *args: str) -> tuple[list[int], float]:
+    """Run ``code`` as a host process until it prints ``{"pids": [...], "wardens": [...]}``,
+    SIGKILL it, and wait up to 2 s for those processes. Returns (still alive, seconds)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     host = subprocess.Popen(
-        [sys.executable, "-c", HOST, start_method],
+        [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
         text=True,
         cwd=root,
@@ -46,23 +47,28 @@ def test_workers_exit_within_two_seconds_of_host_sigkill(start_method: str) -> N
     )
     try:
         assert host.stdout is not None
-        line = host.stdout.readline()  # blocks until the host reports (pytest-timeout bounds it)
-        report = json.loads(line)
-        pids = [*report["pids"], report["warden"]]
+        report = json.loads(host.stdout.readline())  # pytest-timeout bounds the wait
+        pids = [*report["pids"], *report["wardens"]]
         assert all(not pid_gone(p) for p in pids)
         host.send_signal(signal.SIGKILL)
         host.wait()
         killed_at = time.monotonic()
         alive = wait_pids_exit(pids, timeout=2.0)
         took = time.monotonic() - killed_at
-        assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
-        print(f"{len(pids)} processes gone {took * 1000:.0f} ms after host SIGKILL")
+        print(f"{len(pids)} processes: {len(alive)} left {took * 1000:.0f} ms after host SIGKILL")
+        return alive, took
     finally:
         if host.poll() is None:
             host.kill()
             host.wait()
         if host.stdout is not None:
             host.stdout.close()
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_workers_exit_within_two_seconds_of_host_sigkill(start_method: str) -> None:
+    alive, took = sigkill_host_and_wait(HOST, start_method)
+    assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
 
 
 MID_LOAD = textwrap.dedent(
@@ -100,29 +106,5 @@ MID_LOAD = textwrap.dedent(
 def test_nothing_survives_a_host_sigkilled_mid_load() -> None:
     """Workers busy with calls, one with a child, one with a setsid'd daemon, one still
     starting (its factory hangs), two wardens: all gone within 2 s of the host's SIGKILL."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    host = subprocess.Popen(
-        [sys.executable, "-c", MID_LOAD],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": root},
-    )
-    try:
-        assert host.stdout is not None
-        report = json.loads(host.stdout.readline())
-        pids = [*report["pids"], *report["wardens"]]
-        assert len(pids) == 9 and all(not pid_gone(p) for p in pids)
-        host.send_signal(signal.SIGKILL)
-        host.wait()
-        killed_at = time.monotonic()
-        alive = wait_pids_exit(pids, timeout=2.0)
-        took = time.monotonic() - killed_at
-        assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
-        print(f"mid-load: {len(pids)} processes gone {took * 1000:.0f} ms after host SIGKILL")
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait()
-        if host.stdout is not None:
-            host.stdout.close()
+    alive, took = sigkill_host_and_wait(MID_LOAD)
+    assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"

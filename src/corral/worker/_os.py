@@ -1,24 +1,33 @@
-"""Small Linux process helpers for the child side (prctl via ctypes)."""
+"""Small Linux process helpers for the child side (libc through ctypes)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 from collections.abc import Callable
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-_libc: ctypes.CDLL | None = None
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def raise_errno(what: str) -> NoReturn:
+    """Raise OSError for the libc call ``what`` that just failed (errno from ctypes)."""
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def check(result: int, what: str) -> None:
+    """A libc call's result: 0 is success, anything else raises (see raise_errno)."""
+    if result != 0:
+        raise_errno(what)
 
 
 def _prctl(option: int, arg: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.prctl(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    check(libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
 
 
 def set_parent_death_signal(
@@ -57,10 +66,7 @@ def limit_data_segment(limit: int) -> None:
     threading.stack_size(THREAD_STACK_BYTES)  # this (forked) interpreter
     os.environ[THREAD_STACK_ENV] = str(THREAD_STACK_BYTES)  # an exec'd one: see __main__
     os.environ["MALLOC_ARENA_MAX"] = "2"  # for an exec'd interpreter
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.mallopt(M_ARENA_MAX, 2)  # for this (forked) one
+    libc.mallopt(M_ARENA_MAX, 2)  # for this (forked) one
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

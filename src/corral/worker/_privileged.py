@@ -35,6 +35,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from corral.worker._os import check, libc, raise_errno
+
 __all__ = [
     "UidSlots",
     "detect",
@@ -46,8 +48,6 @@ __all__ = [
     "run_init",
 ]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _SYS_CLONE_X86_64 = 56
 
 CLONE_NEWNS = 0x00020000
@@ -68,19 +68,13 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 STATUS = struct.Struct("=i")  # the worker's raw wait status, on the status pipe
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
+    check(libc.unshare(flags), "unshare")
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    _check(
-        _libc.mount(
+    check(
+        libc.mount(
             source.encode(),
             target.encode(),
             fstype.encode() if fstype else None,
@@ -156,7 +150,7 @@ def drop_to_uid(uid: int) -> None:
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
 
 
 # -- namespaces ------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ def fork_in_new_pid_namespace(own_pid_ns: int | None) -> int:
             raise OSError(errno.ENOSYS, f"no raw clone for {platform.machine()} yet")
         zero = ctypes.c_long(0)
         pid = int(
-            _libc.syscall(
+            libc.syscall(
                 ctypes.c_long(_SYS_CLONE_X86_64),
                 ctypes.c_long(CLONE_NEWPID | signal.SIGCHLD),
                 zero,  # no new stack: like fork, the child continues on a copy of ours
@@ -189,14 +183,14 @@ def fork_in_new_pid_namespace(own_pid_ns: int | None) -> int:
             )
         )
         if pid < 0:
-            _check(-1, "clone(CLONE_NEWPID)")
+            raise_errno("clone(CLONE_NEWPID)")
         return pid
     unshare(CLONE_NEWPID)
     try:
         return os.fork()
     finally:
         if os.getpid() != 1:  # the parent; the child is the new namespace's init
-            _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns(pid)")
+            check(libc.setns(own_pid_ns, CLONE_NEWPID), "setns(pid)")
 
 
 def host_parent_pid() -> int:
@@ -225,7 +219,7 @@ def enter_private_mounts(shm_bytes: int) -> None:
             f"size={shm_bytes},mode=1777",
         )
     name = b"corral"
-    _check(_libc.sethostname(name, len(name)), "sethostname")
+    check(libc.sethostname(name, len(name)), "sethostname")
 
 
 def run_init(worker: int, status_fd: int) -> NoReturn:

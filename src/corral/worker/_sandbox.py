@@ -25,13 +25,11 @@ import socket
 import struct
 
 from corral.ipc import SandboxSpec
-from corral.worker._os import set_parent_death_signal
+from corral.worker._os import libc, raise_errno, set_parent_death_signal
 from corral.worker._privileged import drop_to_uid
 
 __all__ = ["apply", "detect"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
@@ -78,7 +76,7 @@ class _PathBeneath(ctypes.Structure):
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 if none (or disabled)."""
-    abi = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
     return int(abi) if abi > 0 else 0
 
 
@@ -110,9 +108,9 @@ def apply_landlock(read_paths: list[str], write_paths: list[str]) -> int:
     if abi >= 6:
         attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
         size = 24
-    ruleset = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
-        _raise("landlock_create_ruleset")
+        raise_errno("landlock_create_ruleset")
     try:
         read = (_FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR) & handled
         null = (_FS_READ_FILE | _FS_WRITE_FILE | _FS_TRUNCATE) & handled
@@ -122,8 +120,8 @@ def apply_landlock(read_paths: list[str], write_paths: list[str]) -> int:
         for paths, rights in ((read_paths, read), (write_paths, write), (["/dev/null"], null)):
             for path in paths:
                 _add_path_rule(int(ruleset), path, rights)
-        if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, int(ruleset), 0) != 0:
-            _raise("landlock_restrict_self")
+        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, int(ruleset), 0) != 0:
+            raise_errno("landlock_restrict_self")
     finally:
         os.close(int(ruleset))
     return abi
@@ -139,12 +137,12 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
             rights &= _FILE_ONLY_RIGHTS
         rule = _PathBeneath(allowed_access=rights, parent_fd=fd)
         if (
-            _libc.syscall(
+            libc.syscall(
                 _SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0
             )
             != 0
         ):
-            _raise(f"landlock_add_rule {path}")
+            raise_errno(f"landlock_add_rule {path}")
     finally:
         os.close(fd)
 
@@ -241,18 +239,13 @@ def apply_seccomp() -> None:
         _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
     prog = _Fprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-        _raise("prctl(PR_SET_SECCOMP)")
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise_errno("prctl(PR_SET_SECCOMP)")
 
 
 def set_no_new_privs() -> None:
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        _raise("prctl(PR_SET_NO_NEW_PRIVS)")
-
-
-def _raise(what: str) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise_errno("prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 # -- the whole sequence -------------------------------------------------------------------------
