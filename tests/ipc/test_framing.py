@@ -19,6 +19,7 @@ from corral.ipc.framing import (
     ProtocolViolation,
     RecordDecoder,
     encode_frame,
+    encode_frame_parts,
     encode_record,
 )
 from corral.ipc.messages import Call, Shutdown, Start, ToWorker
@@ -458,3 +459,30 @@ def test_random_bytes_in_random_chunks_yield_messages_or_protocol_violation(
     if violated:
         with pytest.raises(ProtocolViolation):
             dec.feed(b"")
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000])
+def test_frame_parts_decode_like_a_whole_frame(size: int) -> None:
+    """A Call sent as head + payload (the payload not copied) is the same frame."""
+    payload = msgspec.msgpack.encode((["x" * size], {"k": 1}))
+    head, tail = encode_frame_parts(Call(7, "put", msgspec.Raw(b"\xc0")), payload)
+    whole = encode_frame(Call(7, "put", msgspec.Raw(payload)))
+    assert head + tail == bytes(whole)
+    (msg,) = FrameDecoder(ToWorker).feed(head + tail)
+    assert msgspec.msgpack.decode(msg.args) == [["x" * size], {"k": 1}]
+    with pytest.raises(ValueError, match="placeholder"):
+        encode_frame_parts(Call(7, "put", msgspec.Raw(payload)), payload)
+
+
+def test_a_big_body_in_many_small_reads_is_joined_once() -> None:
+    """16 MiB in 64 KiB pieces: held as received, not re-copied per piece."""
+    dec = FrameDecoder(ToWorker)
+    body = msgspec.msgpack.encode(b"x" * (16 << 20))
+    frame = bytes(encode_frame(Call(1, "put", msgspec.Raw(body))))
+    pieces = [frame[i : i + 65536] for i in range(0, len(frame), 65536)]
+    for piece in pieces[:-1]:
+        assert dec.feed(piece) == []
+    assert dec.buffered == len(frame) - len(pieces[-1])
+    (msg,) = dec.feed(pieces[-1])
+    assert msgspec.msgpack.decode(msg.args) == b"x" * (16 << 20)
+    assert dec.buffered == 0

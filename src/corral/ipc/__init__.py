@@ -12,6 +12,7 @@ from corral.ipc.framing import (
     ProtocolViolation,
     RecordDecoder,
     encode_frame,
+    encode_frame_parts,
     encode_record,
 )
 from corral.ipc.messages import *  # noqa: F403
@@ -25,6 +26,7 @@ __all__ = [
     "ProtocolViolation",
     "RecordDecoder",
     "encode_frame",
+    "encode_frame_parts",
     "encode_record",
     *_messages_all,
 ]

@@ -50,10 +50,29 @@ def encode_frame(msg: Any, *, max_frame_bytes: int = MAX_FRAME_LIMIT) -> bytearr
     buf = bytearray(HEADER_BYTES)
     _encoder.encode_into(msg, buf, HEADER_BYTES)
     size = len(buf) - HEADER_BYTES
-    if size > max_frame_bytes:
-        raise ValueError(f"frame of {size} bytes exceeds the limit of {max_frame_bytes} bytes")
+    _check_limit(size, max_frame_bytes)
     buf[:HEADER_BYTES] = size.to_bytes(HEADER_BYTES, "big")
     return buf
+
+
+def encode_frame_parts(
+    msg: Any, tail: bytes, *, max_frame_bytes: int = MAX_FRAME_LIMIT
+) -> tuple[bytes, bytes]:
+    """``encode_frame`` for a message whose last field is a ``msgspec.Raw`` holding
+    ``tail``, without copying ``tail``: ``msg`` carries ``Raw(b"\\xc0")`` (msgpack nil) in
+    its place, and the frame is ``head + tail``. For large call arguments."""
+    body = _encoder.encode(msg)
+    if not body.endswith(b"\xc0"):
+        raise ValueError("the message must end with a Raw(b'\\xc0') placeholder")
+    head = body[:-1]
+    size = len(head) + len(tail)
+    _check_limit(size, max_frame_bytes)
+    return size.to_bytes(HEADER_BYTES, "big") + head, tail
+
+
+def _check_limit(size: int, max_frame_bytes: int) -> None:
+    if size > max_frame_bytes:
+        raise ValueError(f"frame of {size} bytes exceeds the limit of {max_frame_bytes} bytes")
 
 
 def encode_record(msg: Any) -> bytes:
@@ -78,15 +97,18 @@ class FrameDecoder(Generic[M]):
             )
         self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(message_type)
         self._max = max_frame_bytes
-        self._buf = bytearray()
-        # Body length of the frame being buffered, or -1 while reading a header.
-        self._need = -1
+        # Bytes of an incomplete frame, as received (joined once, when it is complete:
+        # a 16 MiB body in 64 KiB reads is copied once, not once per read).
+        self._chunks: list[bytes] = []
+        self._held = 0
+        # Bytes the held frame needs in all: its header's, until the header is known.
+        self._wanted = HEADER_BYTES
         self._poisoned: ProtocolViolation | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame (never more than header + max)."""
-        return len(self._buf)
+        return self._held
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[M]:
         """Add bytes; return every message completed by them, in order.
@@ -97,41 +119,42 @@ class FrameDecoder(Generic[M]):
         """
         if self._poisoned is not None:
             raise self._poisoned
+        if not data:
+            return []
+        # Decoded Raw payloads point into the bytes they came from: keep only immutable ones.
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if self._chunks:
+            self._chunks.append(chunk)
+            self._held += len(chunk)
+            if self._held < self._wanted:
+                return []
+            chunk = b"".join(self._chunks)
+            self._chunks.clear()
+            self._held = 0
+        return self._frames(chunk)
+
+    def _frames(self, data: bytes) -> list[M]:
+        """Decode every whole frame in ``data``; hold what is left (after checking its
+        header, if it has one, so that an over-cap length is refused before buffering)."""
         out: list[M] = []
-        buf = self._buf
-        if not buf and self._need < 0:
-            # Fast path: decode whole frames straight out of ``data``. Decoded Raw payloads
-            # point into it, so it must be immutable.
-            if not isinstance(data, bytes):
-                data = bytes(data)
-            view = memoryview(data)
-            pos, end = 0, len(view)
-            while end - pos >= HEADER_BYTES:
-                size = int.from_bytes(view[pos : pos + HEADER_BYTES], "big")
-                self._check_size(size)
-                if end - pos - HEADER_BYTES < size:
-                    break
-                start = pos + HEADER_BYTES
-                out.append(self._decode(view[start : start + size]))
-                pos = start + size
-            if pos < end:
-                buf += view[pos:]
-            return out
-        buf += data
-        while True:
-            if self._need < 0:
-                if len(buf) < HEADER_BYTES:
-                    return out
-                size = int.from_bytes(buf[:HEADER_BYTES], "big")
-                self._check_size(size)
-                del buf[:HEADER_BYTES]
-                self._need = size
-            if len(buf) < self._need:
-                return out
-            body = bytes(buf[: self._need])
-            del buf[: self._need]
-            self._need = -1
-            out.append(self._decode(body))
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while end - pos >= HEADER_BYTES:
+            size = int.from_bytes(view[pos : pos + HEADER_BYTES], "big")
+            self._check_size(size)
+            start = pos + HEADER_BYTES
+            if end - start < size:
+                self._wanted = HEADER_BYTES + size
+                break
+            out.append(self._decode(view[start : start + size]))
+            pos = start + size
+        else:
+            self._wanted = HEADER_BYTES
+        if pos < end:
+            rest = data[pos:] if pos else data
+            self._chunks.append(rest)
+            self._held = len(rest)
+        return out
 
     def _check_size(self, size: int) -> None:
         if size == 0 or size > self._max:
@@ -146,7 +169,8 @@ class FrameDecoder(Generic[M]):
 
     def _poison(self, message: str) -> None:
         self._poisoned = ProtocolViolation(message)
-        self._buf.clear()
+        self._chunks.clear()
+        self._held = 0
         raise self._poisoned
 
 

@@ -50,6 +50,7 @@ from corral.ipc import (
     Start,
     StartFailed,
     encode_frame,
+    encode_frame_parts,
 )
 from corral.supervisor.lifecycle import Event, Rung, StopReason, StopReport, WorkerState, transition
 from corral.supervisor.pipes import LogSink, PipeWriter
@@ -60,6 +61,8 @@ __all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
 log = logging.getLogger("corral")
 
 _READ_CHUNK = 64 * 1024
+_COPY_MAX = 64 * 1024  # call arguments up to this size are copied into their frame
+_NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the placeholder encode_frame_parts replaces
 
 S = WorkerState
 
@@ -273,7 +276,11 @@ class WorkerHandle:
         """
         assert self._writer is not None and self.is_serving, self.state
         call_id = next(self._ids)
-        frame = encode_frame(Call(call_id, method, msgspec.Raw(payload)))
+        parts: tuple[bytes | bytearray, ...]
+        if len(payload) > _COPY_MAX:  # large arguments go out by reference, not copied
+            parts = encode_frame_parts(Call(call_id, method, _NIL), payload)
+        else:
+            parts = (encode_frame(Call(call_id, method, msgspec.Raw(payload))),)
         fut: asyncio.Future[Any] = self._loop.create_future()
         deadline = None
         if timeout is not None:
@@ -285,7 +292,7 @@ class WorkerHandle:
         if self.state is S.READY:
             transition(self, Event.CALL_SENT)
             self._listener.worker_busy(self)
-        self._writer.write(frame)
+        self._writer.write(*parts)
         return fut
 
     def _arm_watchdog(self, when: float) -> None:

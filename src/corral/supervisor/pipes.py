@@ -11,6 +11,8 @@ handle's own job (see :mod:`corral.supervisor.handle`).
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import os
 import time
@@ -26,7 +28,13 @@ _LOG_BURST = 1000.0
 
 
 class PipeWriter:
-    """Non-blocking writes to a pipe: direct when possible, else buffered until writable."""
+    """Non-blocking writes to a pipe: direct when possible, else queued until writable.
+
+    What is queued is kept by reference (memoryviews), never copied: a 16 MiB argument
+    goes out of the caller's bytes in pipe-sized writes.
+    """
+
+    _IOV_MAX = 64  # buffers per writev
 
     def __init__(
         self, fd: int, loop: asyncio.AbstractEventLoop, on_broken: Callable[[], None]
@@ -34,42 +42,54 @@ class PipeWriter:
         self._fd = fd
         self._loop = loop
         self._on_broken = on_broken  # called once if the worker closed its end
-        self._buf = bytearray()
+        self._queue: collections.deque[memoryview] = collections.deque()
         self._broken = False
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, *parts: bytes | bytearray) -> None:
+        """Send ``parts`` in order, as one stream. The caller must not change them."""
         if self._broken or self._fd < 0:
             return
-        if not self._buf:
-            try:
-                n = os.write(self._fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:  # EPIPE: the worker closed its end (or is gone)
-                self._break()
-                return
-            if n == len(data):
-                return
-            self._buf += memoryview(data)[n:]
+        if self._queue:
+            self._queue.extend(memoryview(part) for part in parts)
+            return
+        try:
+            n = os.write(self._fd, parts[0]) if len(parts) == 1 else os.writev(self._fd, parts)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # EPIPE: the worker closed its end (or is gone)
+            self._break()
+            return
+        for part in parts:
+            if n >= len(part):
+                n -= len(part)
+                continue
+            self._queue.append(memoryview(part)[n:])
+            n = 0
+        if self._queue:
             self._loop.add_writer(self._fd, self._flush)
-        else:
-            self._buf += data
 
     def _flush(self) -> None:
+        queue = self._queue
         try:
-            n = os.write(self._fd, self._buf)
+            n = os.writev(self._fd, list(itertools.islice(queue, self._IOV_MAX)))
         except BlockingIOError:
             return
         except OSError:
             self._break()
             return
-        del self._buf[:n]
-        if not self._buf:
+        while n:
+            head = queue[0]
+            if n < len(head):
+                queue[0] = head[n:]
+                break
+            n -= len(head)
+            queue.popleft()
+        if not queue:
             self._loop.remove_writer(self._fd)
 
     def _break(self) -> None:
         self._broken = True
-        self._buf.clear()
+        self._queue.clear()
         self._loop.remove_writer(self._fd)
         self._on_broken()
 
@@ -78,7 +98,7 @@ class PipeWriter:
             self._loop.remove_writer(self._fd)
             os.close(self._fd)
             self._fd = -1
-        self._buf.clear()
+        self._queue.clear()
 
 
 class LogSink:

@@ -38,6 +38,7 @@ from corral.ipc import (
     StartFailed,
     ToWorker,
     encode_frame,
+    encode_frame_parts,
 )
 from corral.worker._loader import make_kernel
 from corral.worker._os import write_all
@@ -45,6 +46,8 @@ from corral.worker._os import write_all
 _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 64 * 1024
 _READ_CHUNK = 64 * 1024
+_COPY_MAX = 64 * 1024  # results up to this size are copied into their frame
+_NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the placeholder encode_frame_parts replaces
 
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 # Results that cannot be awaitable, checked by type before the slower isawaitable().
@@ -232,14 +235,21 @@ class WorkerLoop:
             self._send_result(call_id, value)
 
     def _send_result(self, call_id: int, value: Any) -> None:
+        parts: tuple[bytes | bytearray, ...]
         try:
-            raw = msgspec.Raw(msgspec.msgpack.encode(value))
-            frame = encode_frame(Result(call_id, raw), max_frame_bytes=self._max_frame)
+            encoded = msgspec.msgpack.encode(value)
+            if len(encoded) > _COPY_MAX:  # large results go out as they are, not copied
+                parts = encode_frame_parts(
+                    Result(call_id, _NIL), encoded, max_frame_bytes=self._max_frame
+                )
+            else:
+                result = Result(call_id, msgspec.Raw(encoded))
+                parts = (encode_frame(result, max_frame_bytes=self._max_frame),)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             why = TypeError(f"the result cannot be sent: {_safe_str(exc)}")
             self._send_failure(call_id, "result", why)
             return
-        write_all(self._fd_out, frame)
+        write_all(self._fd_out, *parts)
 
     def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
         error = remote_error(exc, self._max_frame)  # bounded, valid UTF-8: always encodable

@@ -69,12 +69,20 @@ def limit_data_segment(limit: int) -> None:
     libc.mallopt(M_ARENA_MAX, 2)  # for this (forked) one
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write every byte to a blocking fd (a pipe write may be partial)."""
-    n = os.write(fd, data)
-    if n == len(data):  # the usual case: one write
+def write_all(fd: int, *parts: bytes | bytearray) -> None:
+    """Write every byte of ``parts``, in order, to a blocking fd (a pipe write may be
+    partial); the parts are not joined first."""
+    total = sum(len(part) for part in parts)
+    n = os.write(fd, parts[0]) if len(parts) == 1 else os.writev(fd, parts)
+    if n == total:  # the usual case: one write
         return
-    view = memoryview(data)[n:]
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    views = [memoryview(part) for part in parts]
+    while views:
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        if views:
+            n = os.writev(fd, views[:64])
