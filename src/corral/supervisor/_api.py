@@ -447,8 +447,14 @@ class Supervisor:
             for handle in handles:
                 handle.evict(StopReason.CLOSED)
             for handle in handles:
+                await handle.wait_settled()
+            # Every worker is gone, or was SIGKILLed long ago with no exit report (a wedged
+            # warden): stopping the launcher ends the warden, and with it any such worker;
+            # a warden that left kills unanswered gets no grace.
+            wedged = any(handle.state is not WorkerState.DEAD for handle in handles)
+            await self._launcher.aclose(grace=0.0 if wedged else 5.0)
+            for handle in handles:
                 await handle.wait_dead()
-            await self._launcher.aclose()
             await self._probe.aclose()
         finally:
             self._stop_runner.set()

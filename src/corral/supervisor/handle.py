@@ -151,6 +151,9 @@ class WorkerHandle:
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._ready.add_done_callback(_consume_exception)
         self._dead = asyncio.Event()
+        # Dead, or SIGKILLed and still not reaped after kill_timeout (a wedged warden):
+        # either way, nothing more this handle can do on its own.
+        self._settled = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None  # start or drain deadline
         # One timer for every call's deadline, not one per call: armed at a deadline no
         # later than the earliest pending one; when it fires, expired calls are timed out
@@ -195,6 +198,11 @@ class WorkerHandle:
         """
         await asyncio.shield(self._ready)
 
+    async def wait_settled(self) -> None:
+        """Wait until the process is reaped, or corral has done all it can to end it
+        (SIGKILL sent ``kill_timeout`` ago, and still no exit report)."""
+        await self._settled.wait()
+
     async def wait_dead(self) -> StopReport:
         """Wait until the process has been reaped.
 
@@ -210,10 +218,17 @@ class WorkerHandle:
         """Launch the process and send ``Start``; READY comes with the worker's ``Hello``.
         Runs as a task in the supervisor's TaskGroup; never raises."""
         try:
-            proc = await self._launcher.spawn(self._on_exit, self._opts.memory_hard_limit)
-        except LaunchError as exc:
+            # start_timeout covers the spawn too: a wedged warden must not hold callers.
+            async with asyncio.timeout(self._opts.start_timeout):
+                proc = await self._launcher.spawn(self._on_exit, self._opts.memory_hard_limit)
+        except (TimeoutError, LaunchError) as exc:
+            why = (
+                f"the launcher did not start the process within {self._opts.start_timeout}s"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
             self._start_error = StartError(
-                f"could not start a worker for {self.tenant!r}: {exc}", tenant=self.tenant, pid=None
+                f"could not start a worker for {self.tenant!r}: {why}", tenant=self.tenant, pid=None
             )
             self.stop_reason = StopReason.LAUNCH_FAILED
             self._on_exit(None, False)
@@ -563,6 +578,7 @@ class WorkerHandle:
                 self._opts.kill_timeout,
                 extra={"tenant": self.tenant, "pid": pid},
             )
+            self._settled.set()
             await self._dead.wait()
 
     async def _wait_dead(self, timeout: float) -> bool:
@@ -639,6 +655,7 @@ class WorkerHandle:
             extra={"tenant": self.tenant, "pid": self.pid, "reason": reason.value},
         )
         self._dead.set()
+        self._settled.set()
         self._listener.worker_dead(self, self.report)
 
     def _death_error(

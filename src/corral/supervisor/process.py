@@ -94,8 +94,9 @@ class Launcher(Protocol):
         Never blocks; a no-op for a worker already reaped."""
         ...
 
-    async def aclose(self) -> None:
-        """Stop the launcher; every process it started is gone when this returns."""
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop the launcher; every process it started is gone when this returns.
+        ``grace``: seconds for an orderly stop before processes are killed outright."""
         ...
 
 
@@ -464,7 +465,7 @@ class WardenLauncher:
         if warden is not None and pid in warden.on_exit:
             warden.send(KillWorker(pid, signum))
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = 5.0) -> None:
         self._closed = True
         if self._starting is not None:
             try:
@@ -476,7 +477,7 @@ class WardenLauncher:
             return
         warden.close_control()
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(grace):
                 await warden.exited.wait()
         except TimeoutError:
             warden.stop(signal.SIGKILL)
