@@ -444,6 +444,10 @@ class StopLog:
                 continue
             if end.reason == "warden_died" and faults.warden_explains(at):
                 continue
+            # Being stopped (its reason already set) when the warden was killed: it died
+            # with the warden, and no exit status exists (returncode None).
+            if end.returncode is None and faults.warden_explains(at):
+                continue
             # Stopped while stopping: it may have obeyed Shutdown before the signal landed.
             forced = end.rung in ("term", "kill") or state == "stopping"
             if forced and end.reason in ("lru", "idle_ttl", "evicted", "closed"):

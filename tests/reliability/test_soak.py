@@ -58,9 +58,10 @@ DEADLINE = 30.0  # the test's own bound on any one operation; past it, it hangs
 # caches); a leak of even 100 bytes per call or 10 KiB per cycle would exceed it in the
 # long run.
 RSS_BOUND = 8 * MiB
-# While running, each worker holds three pipe fds in the host (requests, replies, log),
-# the warden a socket and a pidfd; the test's AnswerWatch its pidfds (counted apart).
-FD_HEADROOM = 3 * MAX_WORKERS + 8
+# While running, each worker holds four fds in the host (requests, replies, log, and a
+# pidfd the launcher keeps until it is reaped), the warden a socket and a pidfd; the
+# test's AnswerWatch its pidfds (counted apart).
+FD_HEADROOM = 4 * MAX_WORKERS + 8
 TASK_HEADROOM = CALLERS + LANES + 2 * MAX_WORKERS + 8  # callers, lanes, starts and stops
 
 pytestmark = pytest.mark.timeout(3600 if LONG else 180)

@@ -121,6 +121,7 @@ class _Warden:
         self.exited = asyncio.Event()
         self.pending: dict[int, tuple[asyncio.Future[int], ExitCallback]] = {}
         self.on_exit: dict[int, ExitCallback] = {}
+        self.pidfds: dict[int, int] = {}  # worker pid -> a pidfd on it, until it is reaped
         self._outbox: deque[_Outgoing] = deque()
         self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
         self.memory_cgroups = False
@@ -182,6 +183,16 @@ class _Warden:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        # A worker stopped (or slow) between its fork and its parent-death signal has no
+        # group of its own yet and nothing to take it down: its pidfd reaches it, and
+        # only it (a pidfd never refers to a reused pid).
+        pidfds, self.pidfds = self.pidfds, {}
+        for pidfd in pidfds.values():
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+            os.close(pidfd)
         callbacks, self.on_exit = self.on_exit, {}
         for callback in callbacks.values():
             callback(None, False)
@@ -210,12 +221,19 @@ class _Warden:
 
     def _dispatch(self, msg: FromWarden) -> None:
         if isinstance(msg, WorkerExited):
+            pidfd = self.pidfds.pop(msg.pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
             callback = self.on_exit.pop(msg.pid, None)
             if callback is not None:
                 callback(msg.returncode, msg.oom_killed)
         elif isinstance(msg, WorkerSpawned):
             fut, on_exit = self.pending.pop(msg.id)
             self.on_exit[msg.pid] = on_exit
+            try:  # not reaped before the warden has reported it: still this worker
+                self.pidfds[msg.pid] = os.pidfd_open(msg.pid)
+            except OSError:  # out of fds, or gone already: killpg below still applies
+                pass
             if not fut.done():
                 fut.set_result(msg.pid)
             # else: the caller gave up; the worker sees EOF on its pipes and exits.
@@ -354,8 +372,7 @@ class WardenLauncher:
     async def _replace(self, old: _Warden | None) -> _Warden:
         """Start a new warden once the old one (if any) has fully exited."""
         if old is not None:
-            old.stop(signal.SIGTERM)
-            await old.exited.wait()
+            await _end_warden(old, grace=5.0)
         warden = self._warden = self._launch()
         try:
             async with asyncio.timeout(self._start_timeout):
@@ -476,12 +493,19 @@ class WardenLauncher:
         if warden is None:
             return
         warden.close_control()
-        try:
-            async with asyncio.timeout(grace):
-                await warden.exited.wait()
-        except TimeoutError:
-            warden.stop(signal.SIGKILL)
+        await _end_warden(warden, grace)
+
+
+async def _end_warden(warden: _Warden, grace: float) -> None:
+    """Wait up to ``grace`` seconds for a warden asked to stop (SIGTERM, or its control
+    socket closed), then SIGKILL it: a stopped or wedged warden must not hold anyone."""
+    warden.stop(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
             await warden.exited.wait()
+    except TimeoutError:
+        warden.stop(signal.SIGKILL)
+        await warden.exited.wait()
 
 
 def _consume_exception(fut: asyncio.Future[int]) -> None:
