@@ -603,7 +603,8 @@ class WorkerHandle:
             self._timer = None
         self._close_fds()
         was_starting = self.state is S.STARTING or not self._ready.done()
-        if returncode is None and self.pid is not None and self.stop_reason is None:
+        if returncode is None and self.stop_reason is None:
+            # No exit status: its warden died (also before the spawn's pid reached us).
             self.stop_reason = StopReason.WARDEN_DIED
         reason = self.stop_reason or StopReason.CRASHED
         if reason is StopReason.CRASHED and returncode != -signal.SIGKILL:
@@ -615,7 +616,7 @@ class WorkerHandle:
                 "killed by the OS for exceeding worker_memory_hard_limit "
                 f"({_mib(self._opts.memory_hard_limit)})"
             )
-        elif returncode is None and self.pid is not None:
+        elif returncode is None:
             status = "its warden process died"
         elif returncode == -signal.SIGKILL and self._eof_killed:
             status = "it closed its pipe to the supervisor and was killed"
