@@ -99,3 +99,16 @@ async def test_events_after_close_end_at_once() -> None:
         assert [e async for e in sup.events()] == []
     with pytest.raises(ValueError, match="buffer"):
         await anext(sup.events(buffer=0))
+
+
+async def test_a_reader_ends_when_the_supervisor_never_runs() -> None:
+    """Regression: a reader subscribed before start() waited for ever when the
+    supervisor was closed without running (or its start failed)."""
+    sup = Supervisor(K, **FAST)
+    events = sup.events()
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)  # ok-sleep: one loop turn, so the reader subscribes
+    await sup.aclose()
+    async with asyncio.timeout(2):
+        with pytest.raises(StopAsyncIteration):
+            await first

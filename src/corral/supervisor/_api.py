@@ -117,14 +117,11 @@ class _Subscription:
 
     def __init__(self, buffer: int) -> None:
         self.events: collections.deque[WorkerEvent] = collections.deque(maxlen=buffer)
-        self.dropped = 0
         self.closed = False
         self.wakeup = asyncio.Event()
 
     def put(self, event: WorkerEvent) -> None:
-        if len(self.events) == self.events.maxlen:
-            self.dropped += 1
-        self.events.append(event)
+        self.events.append(event)  # full: the oldest goes
         self.wakeup.set()
 
     def close(self) -> None:
@@ -368,7 +365,13 @@ class Supervisor:
         """start() failed before the runner existed: release what it started."""
         await self._launcher.aclose()
         await self._probe.aclose()
+        self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        """CLOSED for good: readers of events() end."""
         self._state = _State.CLOSED
+        for subscription in self._subscriptions:
+            subscription.close()
 
     async def _check_memory_baseline(self) -> None:
         """Start the warden now, measure what a fresh worker weighs (a forked worker starts
@@ -426,7 +429,7 @@ class Supervisor:
         **Cancellation:** the shutdown goes on in the background; call again to wait for it.
         """
         if self._state is _State.NEW or self._closed is None:  # never started, or start failed
-            self._state = _State.CLOSED
+            self._mark_closed()
             return
         if self._state is not _State.RUNNING:
             await self._closed.wait()
@@ -461,10 +464,8 @@ class Supervisor:
             try:
                 await self._runner
             finally:
-                self._state = _State.CLOSED
+                self._mark_closed()
                 self._closed.set()
-                for subscription in self._subscriptions:
-                    subscription.close()
 
     async def events(self, *, buffer: int = 1024) -> AsyncIterator[WorkerEvent]:
         """Lifecycle events from now on (see :class:`WorkerEvent`), until the supervisor
@@ -477,9 +478,9 @@ class Supervisor:
         """
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer!r}")
-        subscription = _Subscription(buffer)
         if self._state is _State.CLOSED:
             return
+        subscription = _Subscription(buffer)
         self._subscriptions.append(subscription)
         try:
             while True:
