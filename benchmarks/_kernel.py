@@ -1,14 +1,16 @@
 """The work every contender in ``compare.py`` does, so that they all do the same.
 
 * ``make(tenant)`` is a corral factory (``"_kernel:make"``): its kernel echoes byte
-  payloads. corral workers import this module by name; ``compare.py`` puts its own
-  directory on ``sys.path``, and corral hands the host's ``sys.path`` to its workers.
+  payloads and stores notes, all in plain methods; ``make_async`` adds one ``async def``
+  method, which puts corral's worker on asyncio. corral workers import this module by
+  name; ``compare.py`` puts its own directory on ``sys.path``, and corral hands the
+  host's ``sys.path`` to its workers.
 * ``put``, ``echo`` and ``getpid`` are the same operations as plain functions, for the
   process pools (ProcessPoolExecutor, loky, pebble), which pickle a function by
   reference and call it in any of their workers.
 
-``put`` matches ``corral.examples.demo``'s ``Notebook.put`` (store a value, return how
-many there are), the method corral's warm-call scenarios call.
+``put`` (store a value, return how many there are) is what the warm-call scenarios call,
+on every contender.
 """
 
 from __future__ import annotations
@@ -38,8 +40,20 @@ class Echo:
         return os.getpid()
 
 
+class AsyncEcho(Echo):
+    """The same kernel with one ``async def`` method: corral serves it on asyncio (sync
+    methods included) rather than with its blocking loop."""
+
+    async def pause(self) -> None:
+        return None
+
+
 def make(tenant: str) -> Echo:
     return Echo(tenant)
+
+
+def make_async(tenant: str) -> Echo:
+    return AsyncEcho(tenant)
 
 
 def put(key: str, value: Any) -> int:

@@ -59,8 +59,8 @@ from corral.supervisor.table import WorkerTable
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = "corral.examples.demo:create"
 ECHO = "_kernel:make"  # importable in workers: this directory is on sys.path (sys.path[0])
+ASYNC_ECHO = "_kernel:make_async"
 
 # Contenders
 RAW = "raw pipe, blocking (the limit)"
@@ -71,11 +71,25 @@ LOKY = "loky"
 PEBBLE = "pebble"
 CORRAL = "corral"  # the default sandbox
 CORRAL_NONE = "corral, Sandbox.none()"
+CORRAL_ASYNC = "corral, kernel with an async method"
 FORK = "plain os.fork()"
 INTERPRETER = "fresh interpreter"
 BARE = "bare forkserver child"
 POOLS = (PPE, LOKY, PEBBLE)
-ORDER = (RAW, ARAW, MP, PPE, LOKY, PEBBLE, FORK, INTERPRETER, BARE, CORRAL_NONE, CORRAL)
+ORDER = (
+    RAW,
+    ARAW,
+    MP,
+    PPE,
+    LOKY,
+    PEBBLE,
+    FORK,
+    INTERPRETER,
+    BARE,
+    CORRAL_ASYNC,
+    CORRAL_NONE,
+    CORRAL,
+)
 
 # Scenarios, in the order they run (tests/test_benchmarks.py looks for these names)
 WARM = "warm call, one caller"
@@ -273,10 +287,10 @@ class Contenders:
     araw: _peers.AsyncRawPipe
     mp: _peers.MpPipe
     pools: dict[str, _peers.Pool]
-    sup: Supervisor  # demo kernel, default sandbox
-    sup_none: Supervisor  # demo kernel, Sandbox.none()
-    sup_echo: Supervisor  # _kernel's echo, default sandbox
-    sup_starts: Supervisor  # demo kernel, for cold starts and churn
+    sup: Supervisor  # _kernel's Echo, default sandbox
+    sup_none: Supervisor  # the same, Sandbox.none()
+    sup_async: Supervisor  # _kernel's AsyncEcho (served on asyncio), default sandbox
+    sup_starts: Supervisor  # _kernel's Echo, for cold starts and churn
 
 
 async def open_contenders(stack: contextlib.AsyncExitStack) -> Contenders:
@@ -301,10 +315,10 @@ async def open_contenders(stack: contextlib.AsyncExitStack) -> Contenders:
     araw = _peers.AsyncRawPipe(loop)
     stack.callback(araw.close)
     sups = [
-        Supervisor(DEMO, max_workers=64),
-        Supervisor(DEMO, max_workers=4, sandbox=Sandbox.none()),
+        Supervisor(ECHO, max_workers=64),
+        Supervisor(ECHO, max_workers=4, sandbox=Sandbox.none()),
+        Supervisor(ASYNC_ECHO, max_workers=4),
         Supervisor(ECHO, max_workers=4),
-        Supervisor(DEMO, max_workers=4),
     ]
     for sup in sups:
         await stack.enter_async_context(sup)
@@ -316,6 +330,7 @@ def put_calls(c: Contenders) -> dict[str, AsyncCall]:
     calls: dict[str, AsyncCall] = {ARAW: partial(c.araw.call, "put", "k")}
     for name, pool in c.pools.items():
         calls[name] = partial(pool.acall, _kernel.put, "k")
+    calls[CORRAL_ASYNC] = partial(c.sup_async.call, "warm", "put", "k")
     calls[CORRAL] = partial(c.sup.call, "warm", "put", "k")
     return calls
 
@@ -331,6 +346,7 @@ async def warm_one_caller(c: Contenders, n: Counts) -> dict[str, Outcome]:
     }
     for name, pool in c.pools.items():
         measures[name] = one_caller(partial(pool.call, _kernel.put, "k"))
+    measures[CORRAL_ASYNC] = one_async_caller(partial(c.sup_async.call, "warm", "put", "k"))
     measures[CORRAL_NONE] = one_async_caller(partial(c.sup_none.call, "warm", "put", "k"))
     measures[CORRAL] = one_async_caller(partial(c.sup.call, "warm", "put", "k"))
     return dict(await interleave(measures, n.warm_rounds, n.warm_chunk))
@@ -383,6 +399,7 @@ def idle_memory(c: Contenders) -> dict[str, Outcome]:
         RAW: [c.raw.pid, c.araw.pid],
         MP: [c.mp.pid],
         **{name: [pool.pid] for name, pool in c.pools.items()},
+        CORRAL_ASYNC: [w.pid for w in c.sup_async.stats().workers if w.pid is not None],
         CORRAL: [w.pid for w in c.sup.stats().workers if w.pid is not None],
     }
     out: dict[str, Outcome] = {}
@@ -411,7 +428,7 @@ async def payloads(c: Contenders, n: Counts) -> dict[int, dict[str, Outcome]]:
         }
         awaited: dict[str, Callable[[], Awaitable[Any]]] = {
             ARAW: partial(c.araw.call, "echo", data),
-            CORRAL: partial(c.sup_echo.call, "p", "echo", data),
+            CORRAL: partial(c.sup.call, "p", "echo", data),
         }
         for name, call in blocking.items():  # each must really echo the payload
             assert call() == data, name
@@ -502,7 +519,7 @@ async def cold_starts(c: Contenders, n: Counts) -> dict[str, Outcome]:
         for _ in range(k):
             tenant = f"cold-{next(count)}"
             t = time.perf_counter()
-            await sup.call(tenant, "whoami")
+            await sup.call(tenant, "getpid")
             values.append(time.perf_counter() - t)
             await sup.evict(tenant)  # not timed
         return Samples(values, k, sum(values))
@@ -602,6 +619,7 @@ async def run(n: Counts) -> Results:
         c = await open_contenders(stack)
         assert await c.sup.call("warm", "put", "k", 0) == 1
         assert await c.sup_none.call("warm", "put", "k", 0) == 1
+        assert await c.sup_async.call("warm", "put", "k", 0) == 1
         assert c.raw.call("put", "k", 0) == 1 and await c.araw.call("put", "k", 0) == 1
         return Results(
             pool_starts={name: pool.start_method for name, pool in c.pools.items()},
@@ -708,7 +726,9 @@ def report(results: Results, n: Counts) -> list[str]:
         WARM,
         f"put('k', i) on a warm worker, {n.warm_rounds * n.warm_chunk:,} calls each in chunks "
         f"of {n.warm_chunk}. The pools (one worker each; {starts}) block on "
-        "submit().result(); the raw children run the same put.",
+        "submit().result(); the raw children run the same put. corral runs _kernel.py's "
+        "Echo, whose methods are all plain (its worker answers from a blocking loop); "
+        f"'{CORRAL_ASYNC}' adds one async def method to it (the worker then runs asyncio).",
     )
     out += outcome_table(results.warm, LATENCY, BY_MEDIAN)
 
@@ -788,7 +808,7 @@ def report(results: Results, n: Counts) -> list[str]:
         f"threads {growth.threads:+d}, child processes {growth.children:+d}"
     )
 
-    section(PAYLOAD, "echo(bytes) round trip, one caller; corral runs _kernel.py's echo.")
+    section(PAYLOAD, "echo(bytes) round trip, one caller.")
     for size, outcomes in results.payloads.items():
         trips = len(_samples(outcomes[CORRAL]).values)
         out.append(f"  -- {size_label(size)}, {trips} round trips each")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +30,3 @@ def load_factory(start: Start) -> Callable[[str], Any]:
     if not callable(factory):
         raise TypeError(f"factory {start.factory!r} is not callable")
     return factory  # type: ignore[no-any-return]
-
-
-async def make_kernel(start: Start) -> Any:
-    """Call the factory with the tenant; await it if it returns an awaitable."""
-    kernel = load_factory(start)(start.tenant)
-    if inspect.isawaitable(kernel):
-        kernel = await kernel
-    return kernel

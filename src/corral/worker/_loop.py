@@ -4,7 +4,8 @@ Runs in the worker process on two fds: ``fd_in`` (supervisor -> worker) and
 ``fd_out`` (worker -> supervisor). Everything the kernel raises becomes a
 ``CallFailed`` with text only; nothing is pickled. Sync kernel methods run on
 the worker's main thread one at a time, in arrival order; ``async def``
-methods run as tasks, concurrently with each other.
+methods run as tasks, concurrently with each other. A kernel with no
+``async def`` method is served without an event loop (see ``WorkerLoop``).
 
 Does not cover: how the process was started or sandboxed (see ``_warden`` and
 ``__main__``), or deadlines (the supervisor enforces those by killing us).
@@ -17,7 +18,7 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
 import msgspec
@@ -40,7 +41,7 @@ from corral.ipc import (
     encode_frame,
     encode_frame_parts,
 )
-from corral.worker._loader import make_kernel
+from corral.worker._loader import load_factory
 from corral.worker._os import write_all
 
 _MAX_MESSAGE = 8 * 1024
@@ -121,8 +122,32 @@ def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
             return first, decoder
 
 
+def needs_loop(kernel: Any) -> bool:
+    """Whether any public method of ``kernel`` but ``shutdown`` is ``async def`` (looked up
+    without running the kernel's own attribute code). A kernel whose ``dir()`` fails is
+    given a loop. An async ``shutdown()`` hook gets a loop of its own when it runs."""
+    try:
+        for name in dir(kernel):
+            if name.startswith("_") or name == "shutdown":
+                continue
+            attr = inspect.getattr_static(kernel, name, None)
+            if isinstance(attr, staticmethod | classmethod):
+                attr = attr.__func__
+            if inspect.iscoroutinefunction(attr):
+                return True
+    except Exception:
+        return True
+    return False
+
+
 class WorkerLoop:
-    """Serves one kernel over one pair of fds until Shutdown or EOF."""
+    """Serves one kernel over one pair of fds until Shutdown or EOF.
+
+    Two modes. While every call returns a plain value, the loop blocks in ``read(2)`` and
+    answers each call in turn: no event loop at all (the fast path, and less memory). A
+    kernel with an ``async def`` method, or any call that returns an awaitable, moves the
+    loop onto asyncio for good: then ``async def`` methods run as concurrent tasks and
+    sync ones still run one at a time on the same thread."""
 
     def __init__(
         self,
@@ -141,47 +166,101 @@ class WorkerLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[int] | None = None
 
-    async def run(self) -> int:
-        """Serve until Shutdown (exit code 0) or EOF on ``fd_in`` (the supervisor is gone)."""
+    def serve(self) -> int:
+        """Serve until Shutdown (exit code 0) or EOF on ``fd_in`` (the supervisor is gone);
+        blocking for as long as the kernel lets it, then on asyncio."""
+        if needs_loop(self._kernel):
+            return asyncio.run(self.serve_async())
+        while True:
+            msgs = self._receive(os.read(self._fd_in, _READ_CHUNK))
+            if msgs is None:
+                return self._exit_code
+            for i, msg in enumerate(msgs):
+                if isinstance(msg, Call):
+                    pending = self._dispatch(msg)
+                    if pending is not None:  # from here on, an event loop serves
+                        first = self._await_reply(msg.id, pending)
+                        return asyncio.run(self.serve_async(msgs[i + 1 :], first))
+                elif isinstance(msg, Shutdown):
+                    outcome = self._shutdown_hook()
+                    if outcome is not None:
+                        asyncio.run(self._await_hook(outcome))
+                    return 0
+                else:
+                    return self._unexpected(msg)
+
+    async def serve_async(
+        self, backlog: list[ToWorker] | None = None, first: Coroutine[Any, Any, None] | None = None
+    ) -> int:
+        """Serve on the running loop: ``first`` (a reply being awaited) and the ``backlog``
+        of messages already read, then whatever arrives."""
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        os.set_blocking(self._fd_in, False)
-        loop.add_reader(self._fd_in, self._on_readable)
+        if first is not None:
+            self._spawn(first)
+        reading = self._handle(backlog or [])
+        if reading:
+            os.set_blocking(self._fd_in, False)
+            loop.add_reader(self._fd_in, self._on_readable)
         try:
             return await self._done
         finally:
-            loop.remove_reader(self._fd_in)
+            if reading:
+                loop.remove_reader(self._fd_in)
+
+    _exit_code = 0
+
+    def _receive(self, data: bytes) -> list[ToWorker] | None:
+        """The messages in ``data``; None once there will be no more (``_exit_code`` says
+        why: EOF is 0, the supervisor being gone; a bad frame is 2)."""
+        if not data:
+            self._exit_code = 0  # supervisor gone: nobody can receive results any more
+            return None
+        try:
+            return self._decoder.feed(data)
+        except ProtocolViolation as exc:
+            print(f"corral worker: bad frame from supervisor: {exc}", file=sys.stderr)
+            self._exit_code = 2
+            return None
+
+    def _unexpected(self, msg: ToWorker) -> int:
+        print(f"corral worker: unexpected {type(msg).__name__}", file=sys.stderr)
+        return 2
 
     def _finish(self, code: int) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(code)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _on_readable(self) -> None:
         try:
             data = os.read(self._fd_in, _READ_CHUNK)
         except BlockingIOError:
             return
-        if not data:
-            self._finish(0)  # supervisor gone: nobody can receive results any more
-            return
-        try:
-            msgs = self._decoder.feed(data)
-        except ProtocolViolation as exc:
-            print(f"corral worker: bad frame from supervisor: {exc}", file=sys.stderr)
-            self._finish(2)
-            return
+        msgs = self._receive(data)
+        if msgs is None:
+            self._finish(self._exit_code)
+        elif not self._handle(msgs):
+            asyncio.get_running_loop().remove_reader(self._fd_in)
+
+    def _handle(self, msgs: list[ToWorker]) -> bool:
+        """Act on ``msgs`` on the loop; False once nothing more is to be read."""
         for msg in msgs:
             if isinstance(msg, Call):
-                self._dispatch(msg)
+                pending = self._dispatch(msg)
+                if pending is not None:
+                    self._spawn(self._await_reply(msg.id, pending))
             elif isinstance(msg, Shutdown):
-                asyncio.get_running_loop().remove_reader(self._fd_in)
-                task = asyncio.get_running_loop().create_task(self._shutdown())
-                self._tasks.add(task)
-                return
+                self._spawn(self._shutdown())
+                return False
             else:
-                print(f"corral worker: unexpected {type(msg).__name__}", file=sys.stderr)
-                self._finish(2)
-                return
+                self._finish(self._unexpected(msg))
+                return False
+        return True
 
     def _lookup(self, name: str) -> Callable[..., Any] | None:
         """The bound public method, or None. Raises whatever a kernel's attribute lookup
@@ -198,35 +277,34 @@ class WorkerLoop:
         self._methods[name] = fn
         return fn
 
-    def _dispatch(self, call: Call) -> None:
+    def _dispatch(self, call: Call) -> Awaitable[Any] | None:
+        """Run ``call``; reply unless its method returned an awaitable, which is returned."""
         try:
             fn = self._lookup(call.method)
         except _KERNEL_FAILURES as exc:
             self._send_failure(call.id, "kernel", exc)
-            return
+            return None
         if fn is None:
             why = "private" if call.method.startswith("_") else "not a public method of the kernel"
             err = AttributeError(f"{call.method!r} is {why}")
             self._send_failure(call.id, "method", err)
-            return
+            return None
         try:
             args, kwargs = _args_decoder.decode(call.args)
         except (msgspec.DecodeError, RecursionError) as exc:
             self._send_failure(call.id, "arguments", exc)
-            return
+            return None
         try:
             value = fn(*args, **kwargs)
         except _KERNEL_FAILURES as exc:
             self._send_failure(call.id, "kernel", exc)
-            return
+            return None
         if type(value) not in _PLAIN and inspect.isawaitable(value):
-            task = asyncio.get_running_loop().create_task(self._await_reply(call.id, value))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self._send_result(call.id, value)
+            return value
+        self._send_result(call.id, value)
+        return None
 
-    async def _await_reply(self, call_id: int, awaitable: Any) -> None:
+    async def _await_reply(self, call_id: int, awaitable: Awaitable[Any]) -> None:
         try:
             value = await awaitable
         except _KERNEL_FAILURES as exc:
@@ -255,36 +333,73 @@ class WorkerLoop:
         error = remote_error(exc, self._max_frame)  # bounded, valid UTF-8: always encodable
         write_all(self._fd_out, encode_frame(CallFailed(call_id, kind, error)))
 
-    async def _shutdown(self) -> None:
+    def _shutdown_hook(self) -> Awaitable[Any] | None:
+        """Call the kernel's ``shutdown()`` if it has one; what it returned if awaitable.
+        Its failures are printed (the worker's stderr), not raised."""
         hook = getattr(self._kernel, "shutdown", None)
         if callable(hook):
             try:
                 outcome = hook()
                 if inspect.isawaitable(outcome):
-                    await outcome
+                    return outcome
             except Exception:
                 traceback.print_exc()
+        return None
+
+    @staticmethod
+    async def _await_hook(outcome: Awaitable[Any]) -> None:
+        try:
+            await outcome
+        except Exception:
+            traceback.print_exc()
+
+    async def _shutdown(self) -> None:
+        outcome = self._shutdown_hook()
+        if outcome is not None:
+            await self._await_hook(outcome)
         self._finish(0)
 
 
-async def _serve(start: Start, fd_in: int, fd_out: int, decoder: FrameDecoder[ToWorker]) -> int:
-    try:
-        kernel = await make_kernel(start)
-    except Exception as exc:
-        write_all(fd_out, encode_frame(StartFailed(remote_error(exc, start.max_frame_bytes))))
-        return 1
+def _start_failed(start: Start, fd_out: int, exc: BaseException) -> int:
+    """Report that the factory raised ``exc``; the worker's exit code."""
+    write_all(fd_out, encode_frame(StartFailed(remote_error(exc, start.max_frame_bytes))))
+    return 1
+
+
+def _hello(fd_out: int) -> None:
     write_all(fd_out, encode_frame(Hello(PROTOCOL_VERSION, os.getpid())))
-    return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).run()
+
+
+async def _serve_awaited(
+    start: Start, made: Awaitable[Any], fd_in: int, fd_out: int, decoder: FrameDecoder[ToWorker]
+) -> int:
+    """An async factory's kernel: built and served on one loop."""
+    try:
+        kernel = await made
+    except Exception as exc:
+        return _start_failed(start, fd_out, exc)
+    _hello(fd_out)
+    return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).serve_async()
 
 
 def run_worker(fd_in: int, fd_out: int) -> int:
-    """Run one worker to completion; returns the process exit code."""
+    """Run one worker to completion; returns the process exit code.
+
+    A sync factory is called with no event loop running; an async one (or one that
+    returns an awaitable) is awaited on the loop that then serves its kernel."""
     try:
         start, decoder = read_start(fd_in)
     except (EOFError, ProtocolViolation) as exc:
         print(f"corral worker: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(start, fd_in, fd_out, decoder))
+    try:
+        made = load_factory(start)(start.tenant)
+    except Exception as exc:
+        return _start_failed(start, fd_out, exc)
+    if inspect.isawaitable(made):
+        return asyncio.run(_serve_awaited(start, made, fd_in, fd_out, decoder))
+    _hello(fd_out)
+    return WorkerLoop(made, fd_in, fd_out, decoder, start.max_frame_bytes).serve()
 
 
 def run_and_exit(body: Callable[[], int]) -> NoReturn:

@@ -1,0 +1,118 @@
+"""Kernels for the worker loop's two modes (blocking, and asyncio): each reports what it
+runs on, so a test can tell which mode served it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+
+def loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class SyncKernel:
+    """No ``async def`` anywhere: served without an event loop until a call returns an
+    awaitable."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.notes: dict[str, Any] = {}
+
+    def on_loop(self) -> bool:
+        return loop_running()
+
+    def put(self, key: str, value: Any) -> int:
+        self.notes[key] = value
+        return len(self.notes)
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def unencodable(self) -> object:
+        return object()
+
+    def crash(self, code: int) -> None:
+        os._exit(code)
+
+    def later(self, value: Any, delay: float = 0.0) -> Any:
+        """A plain method that returns an awaitable: the worker has to await it."""
+
+        async def wait() -> Any:
+            await asyncio.sleep(delay)
+            return value
+
+        return wait()
+
+    def later_fail(self, message: str) -> Any:
+        async def wait() -> None:
+            raise KeyError(message)
+
+        return wait()
+
+    def shutdown(self) -> None:
+        self._mark(f"sync shutdown on_loop={loop_running()}")
+
+    def _mark(self, line: str) -> None:
+        if self.tenant.startswith("/"):  # the tenant key is a mark file's path
+            with open(self.tenant, "a") as mark:
+                mark.write(line + "\n")
+
+
+class AsyncShutdownKernel(SyncKernel):
+    """Sync methods, but an ``async def shutdown``: still served without a loop; the
+    hook gets one of its own."""
+
+    async def shutdown(self) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super()._mark(f"async shutdown on_loop={loop_running()}")
+
+
+class MixedKernel(SyncKernel):
+    """One ``async def`` method: served on asyncio from the start, sync methods included."""
+
+    async def ping(self) -> str:
+        await asyncio.sleep(0)
+        return "pong"
+
+
+class StaticAsync(SyncKernel):
+    @staticmethod
+    async def ping() -> str:
+        return "pong"
+
+
+class HostileDir(SyncKernel):
+    def __dir__(self) -> list[str]:
+        raise RuntimeError("no listing")
+
+
+class TrapProperty(SyncKernel):
+    """A property that would raise if the mode check ran it."""
+
+    @property
+    def trap(self) -> int:
+        raise RuntimeError("the mode check must not run kernel attributes")
+
+
+def make(tenant: str) -> SyncKernel:
+    return SyncKernel(tenant)
+
+
+def make_async_shutdown(tenant: str) -> SyncKernel:
+    return AsyncShutdownKernel(tenant)
+
+
+def make_mixed(tenant: str) -> SyncKernel:
+    return MixedKernel(tenant)
+
+
+async def make_awaited(tenant: str) -> SyncKernel:
+    """An async factory: its (all-sync) kernel is served on the loop that built it."""
+    await asyncio.sleep(0)
+    return SyncKernel(tenant)

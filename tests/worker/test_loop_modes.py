@@ -1,0 +1,201 @@
+"""The worker loop's two modes: blocking while the kernel is synchronous, asyncio from a
+kernel's first ``async def`` (or awaitable result) on. Each mode must keep the same
+contract: every call answered once, typed errors, the shutdown hook run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import corral
+from corral import KernelError, Sandbox, Supervisor, WorkerCrashedError
+from corral.ipc import Call, FrameDecoder, FromWorker, Hello, Result, Start, encode_frame
+from corral.ipc.framing import DEFAULT_MAX_FRAME_BYTES
+from corral.worker._loop import needs_loop
+from tests.worker import modes
+
+M = "tests.worker.modes"
+FAST = {"shutdown_timeout": 5.0, "term_timeout": 1.0, "start_timeout": 20.0}
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# -- which mode -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kernel", "expected"),
+    [
+        (modes.SyncKernel("t"), False),
+        (modes.AsyncShutdownKernel("t"), False),  # shutdown is not a call target
+        (modes.TrapProperty("t"), False),  # and its property was not run
+        (modes.MixedKernel("t"), True),
+        (modes.StaticAsync("t"), True),
+        (modes.HostileDir("t"), True),  # cannot list it: give it a loop
+        (json, False),  # a module of plain functions
+        (modes, True),  # a module with an async function (make_awaited)
+    ],
+)
+def test_needs_loop(kernel: object, expected: bool) -> None:
+    assert needs_loop(kernel) is expected
+
+
+async def test_sync_kernel_runs_without_a_loop(start_method: str) -> None:
+    async with Supervisor(f"{M}:make", start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        assert await sup.call("a", "on_loop") is False
+        assert [await sup.call("a", "put", f"k{i}", i) for i in range(5)] == [1, 2, 3, 4, 5]
+
+
+async def test_async_kernel_and_async_factory_run_on_a_loop(start_method: str) -> None:
+    for factory in ("make_mixed", "make_awaited"):
+        async with Supervisor(f"{M}:{factory}", start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+            assert await sup.call("a", "on_loop") is True, factory
+
+
+async def test_blocking_mode_errors_are_typed() -> None:
+    async with Supervisor(f"{M}:make", **FAST) as sup:
+        with pytest.raises(KernelError) as info:
+            await sup.call("a", "fail", "boom")
+        assert (
+            info.value.remote_type == "builtins.ValueError" and "boom" in info.value.remote_message
+        )
+        with pytest.raises(corral.InvalidCallError) as bad:
+            await sup.call("a", "nope")
+        assert bad.value.kind == "method"
+        with pytest.raises(corral.InvalidCallError) as bad:
+            await sup.call("a", "unencodable")
+        assert bad.value.kind == "result"
+        with pytest.raises(corral.InvalidCallError) as bad:
+            await sup.call("a", "_private")
+        assert bad.value.kind == "method"
+        assert await sup.call("a", "on_loop") is False  # still the blocking loop
+        with pytest.raises(WorkerCrashedError) as crashed:
+            await sup.call("a", "crash", 7)
+        assert crashed.value.exitcode == 7
+
+
+async def test_an_awaitable_result_moves_the_worker_onto_a_loop() -> None:
+    """The first awaitable arrives among many calls read in one go: the calls behind it
+    (already read, not yet run) must all be answered too, each with its own value."""
+    async with Supervisor(f"{M}:make", **FAST) as sup:
+        assert await sup.call("a", "on_loop") is False
+        calls = [sup.call("a", "later", "first", 0.05)]
+        calls += [sup.call("a", "put", f"k{i}", i) for i in range(200)]
+        calls.append(sup.call("a", "later", "last"))
+        results = await asyncio.gather(*calls)
+        assert results[0] == "first" and results[-1] == "last"
+        assert sorted(results[1:-1]) == list(range(1, 201))
+        assert await sup.call("a", "on_loop") is True
+        with pytest.raises(KernelError) as info:
+            await sup.call("a", "later_fail", "gone")
+        assert info.value.remote_type == "builtins.KeyError"
+        assert await sup.call("a", "put", "x", 0) == 201  # the same kernel, still serving
+
+
+@pytest.mark.parametrize(
+    ("factory", "line"),
+    [
+        ("make", "sync shutdown on_loop=False"),
+        ("make_async_shutdown", "async shutdown on_loop=True"),
+        ("make_mixed", "sync shutdown on_loop=True"),
+    ],
+)
+async def test_shutdown_hook_runs_in_each_mode(tmp_path: Path, factory: str, line: str) -> None:
+    mark = tmp_path / "mark"
+    async with Supervisor(f"{M}:{factory}", sandbox=Sandbox.none(), **FAST) as sup:
+        await sup.call(str(mark), "put", "k", 1)
+        await sup.evict(str(mark))
+        assert mark.read_text() == line + "\n"
+
+
+class RawWorker:
+    """``python -m corral.worker worker FD_IN FD_OUT`` on two real pipes, driven by hand
+    (blocking reads with a deadline), for what a Supervisor never sends."""
+
+    def __init__(self, factory: str) -> None:
+        to_worker_r, self.to_worker = os.pipe()
+        self.from_worker, from_worker_w = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "corral.worker", "worker", str(to_worker_r), str(from_worker_w)],
+            pass_fds=(to_worker_r, from_worker_w),
+            stderr=subprocess.PIPE,
+        )
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+        self.decoder: FrameDecoder[FromWorker] = FrameDecoder(FromWorker)
+        self.inbox: list[FromWorker] = []
+        start = Start("t", factory, None, list(sys.path), DEFAULT_MAX_FRAME_BYTES)
+        self.send(encode_frame(start))
+        assert isinstance(self.receive(), Hello)
+
+    def send(self, data: bytes) -> None:
+        os.write(self.to_worker, data)
+
+    def receive(self, deadline: float = 20.0) -> FromWorker:
+        end = time.monotonic() + deadline
+        while not self.inbox:
+            ready, _, _ = select.select([self.from_worker], [], [], end - time.monotonic())
+            assert ready, "no reply before the deadline"
+            data = os.read(self.from_worker, 65536)
+            assert data, "the worker closed its pipe"
+            self.inbox += self.decoder.feed(data)
+        return self.inbox.pop(0)
+
+    def call(self, call_id: int, method: str, *args: object) -> Any:
+        self.send(
+            encode_frame(
+                Call(call_id, method, msgspec.Raw(msgspec.msgpack.encode([list(args), {}])))
+            )
+        )
+        reply = self.receive()
+        assert isinstance(reply, Result) and reply.id == call_id, reply
+        return msgspec.msgpack.decode(reply.value)
+
+    def exit_code(self) -> int:
+        os.close(self.to_worker)
+        try:
+            return self.process.wait(20)
+        finally:
+            os.close(self.from_worker)
+            assert self.process.stderr is not None
+            self.stderr = self.process.stderr.read().decode()
+            self.process.stderr.close()
+
+
+@pytest.mark.parametrize("factory", ["make", "make_mixed"])
+async def test_worker_exits_0_on_eof(factory: str) -> None:
+    """The supervisor going away (its pipe closing) ends the worker, blocked in read()
+    or waiting on its loop."""
+    worker = RawWorker(f"{M}:{factory}")
+    assert worker.call(1, "put", "k", 1) == 1
+    assert worker.call(2, "on_loop") is (factory == "make_mixed")
+    assert worker.exit_code() == 0
+
+
+@pytest.mark.parametrize("factory", ["make", "make_mixed"])
+@pytest.mark.parametrize(
+    ("junk", "complaint"),
+    [
+        (b"\x00\x00\x00\x01\xc1", "bad frame from supervisor"),
+        (encode_frame(Start("t", "x:y", None, [], 1024)), "unexpected Start"),
+    ],
+)
+async def test_worker_exits_2_on_a_bad_message(factory: str, junk: bytes, complaint: str) -> None:
+    worker = RawWorker(f"{M}:{factory}")
+    assert worker.call(1, "put", "k", 1) == 1
+    worker.send(junk)
+    assert worker.exit_code() == 2
+    assert complaint in worker.stderr
