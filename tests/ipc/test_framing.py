@@ -77,7 +77,7 @@ def test_encode_frame_is_big_endian_length_then_msgpack_body() -> None:
     msg = MESSAGES[1]
     frame = encode_frame(msg)
     body = msgspec.msgpack.encode(msg)
-    assert isinstance(frame, bytearray)
+    assert isinstance(frame, bytes)
     assert bytes(frame) == len(body).to_bytes(4, "big") + body
     assert encode_record(msg) == body
 

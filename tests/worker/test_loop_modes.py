@@ -199,3 +199,16 @@ async def test_worker_exits_2_on_a_bad_message(factory: str, junk: bytes, compla
     worker.send(junk)
     assert worker.exit_code() == 2
     assert complaint in worker.stderr
+
+
+@pytest.mark.parametrize("value", [None, 1, "text", b"\x00" * 70_000, [1, {"a": [2.5]}], True])
+def test_a_reply_is_the_bytes_of_an_ipc_result(value: object) -> None:
+    """The worker encodes a result with its envelope in one pass: the supervisor must read
+    exactly what encoding ``ipc.Result`` with the value as Raw would give."""
+    from corral.worker._loop import _ResultOut
+
+    one_pass = msgspec.msgpack.encode(_ResultOut(7, value))
+    two_pass = msgspec.msgpack.encode(Result(7, msgspec.Raw(msgspec.msgpack.encode(value))))
+    assert one_pass == two_pass
+    decoded = FrameDecoder(FromWorker).feed(len(one_pass).to_bytes(4, "big") + one_pass)
+    assert decoded == [Result(7, msgspec.Raw(msgspec.msgpack.encode(value)))]

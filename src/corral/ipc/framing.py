@@ -12,7 +12,8 @@ it returns. See :mod:`corral.ipc.messages` for the message types.
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+import struct
+from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
@@ -34,25 +35,26 @@ MAX_FRAME_LIMIT = 2**32 - 1  # the largest length a 4-byte header can state
 M = TypeVar("M")
 
 _encoder = msgspec.msgpack.Encoder()
+_pack_header = struct.Struct(">I").pack  # HEADER_BYTES, big-endian
+_unpack_header = struct.Struct(">I").unpack_from
 
 
 class ProtocolViolation(Exception):
     """The peer sent bytes that are not a valid frame of the expected messages."""
 
 
-def encode_frame(msg: Any, *, max_frame_bytes: int = MAX_FRAME_LIMIT) -> bytearray:
+def encode_frame(msg: Any, *, max_frame_bytes: int = MAX_FRAME_LIMIT) -> bytes:
     """Encode ``msg`` as one frame (header + msgpack body).
 
     Raises:
         ValueError: the body is larger than ``max_frame_bytes``.
         TypeError, OverflowError, RecursionError: msgpack cannot carry ``msg``.
     """
-    buf = bytearray(HEADER_BYTES)
-    _encoder.encode_into(msg, buf, HEADER_BYTES)
-    size = len(buf) - HEADER_BYTES
-    _check_limit(size, max_frame_bytes)
-    buf[:HEADER_BYTES] = size.to_bytes(HEADER_BYTES, "big")
-    return buf
+    body = _encoder.encode(msg)
+    size = len(body)
+    if size > max_frame_bytes:
+        _check_limit(size, max_frame_bytes)
+    return _pack_header(size) + body
 
 
 def encode_frame_parts(
@@ -67,7 +69,7 @@ def encode_frame_parts(
     head = body[:-1]
     size = len(head) + len(tail)
     _check_limit(size, max_frame_bytes)
-    return size.to_bytes(HEADER_BYTES, "big") + head, tail
+    return _pack_header(size) + head, tail
 
 
 def _check_limit(size: int, max_frame_bytes: int) -> None:
@@ -122,32 +124,34 @@ class FrameDecoder(Generic[M]):
         if not data:
             return []
         # Decoded Raw payloads point into the bytes they came from: keep only immutable ones.
-        chunk = data if isinstance(data, bytes) else bytes(data)
+        data = data if isinstance(data, bytes) else bytes(data)
         if self._chunks:
-            self._chunks.append(chunk)
-            self._held += len(chunk)
+            self._chunks.append(data)
+            self._held += len(data)
             if self._held < self._wanted:
                 return []
-            chunk = b"".join(self._chunks)
+            data = b"".join(self._chunks)
             self._chunks.clear()
             self._held = 0
-        return self._frames(chunk)
-
-    def _frames(self, data: bytes) -> list[M]:
-        """Decode every whole frame in ``data``; hold what is left (after checking its
-        header, if it has one, so that an over-cap length is refused before buffering)."""
+        # Every whole frame in ``data`` is decoded; what is left is held (after checking
+        # its header, if it has one, so that an over-cap length is refused before buffering).
         out: list[M] = []
         view = memoryview(data)
         pos, end = 0, len(data)
+        decode, limit = self._decoder.decode, self._max
         while end - pos >= HEADER_BYTES:
-            size = int.from_bytes(view[pos : pos + HEADER_BYTES], "big")
-            self._check_size(size)
             start = pos + HEADER_BYTES
+            size = _unpack_header(data, pos)[0]
+            if size == 0 or size > limit:
+                self._poison(f"frame length {size} is outside 1..{limit} bytes")
             if end - start < size:
-                self._wanted = HEADER_BYTES + size
+                self._wanted = start - pos + size
                 break
-            out.append(self._decode(view[start : start + size]))
             pos = start + size
+            try:
+                out.append(decode(view[start:pos]))
+            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+                self._poison(f"undecodable frame: {exc}"[:500])
         else:
             self._wanted = HEADER_BYTES
         if pos < end:
@@ -156,18 +160,7 @@ class FrameDecoder(Generic[M]):
             self._held = len(rest)
         return out
 
-    def _check_size(self, size: int) -> None:
-        if size == 0 or size > self._max:
-            self._poison(f"frame length {size} is outside 1..{self._max} bytes")
-
-    def _decode(self, body: bytes | memoryview) -> M:
-        try:
-            return self._decoder.decode(body)
-        except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-            self._poison(f"undecodable frame: {exc}"[:500])
-            raise  # unreachable: _poison raises
-
-    def _poison(self, message: str) -> None:
+    def _poison(self, message: str) -> NoReturn:
         self._poisoned = ProtocolViolation(message)
         self._chunks.clear()
         self._held = 0

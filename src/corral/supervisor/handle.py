@@ -99,7 +99,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     stop_reason: str | None  # set once corral decided to stop it
 
 
-class _Pending(NamedTuple):
+class _Pending(msgspec.Struct):
     future: asyncio.Future[Any]
     deadline: float | None  # loop time; None: no limit
     timeout: float | None  # seconds, for the message
@@ -291,11 +291,10 @@ class WorkerHandle:
         """
         assert self._writer is not None and self.is_serving, self.state
         call_id = next(self._ids)
-        parts: tuple[bytes | bytearray, ...]
         if len(payload) > _COPY_MAX:  # large arguments go out by reference, not copied
-            parts = encode_frame_parts(Call(call_id, method, _NIL), payload)
+            head, tail = encode_frame_parts(Call(call_id, method, _NIL), payload)
         else:
-            parts = (encode_frame(Call(call_id, method, msgspec.Raw(payload))),)
+            head, tail = encode_frame(Call(call_id, method, msgspec.Raw(payload))), b""
         fut: asyncio.Future[Any] = self._loop.create_future()
         deadline = None
         if timeout is not None:
@@ -307,7 +306,10 @@ class WorkerHandle:
         if self.state is S.READY:
             transition(self, Event.CALL_SENT)
             self._listener.worker_busy(self)
-        self._writer.write(*parts)
+        if tail:
+            self._writer.write(head, tail)
+        else:
+            self._writer.write(head)
         return fut
 
     def _arm_watchdog(self, when: float) -> None:
@@ -386,7 +388,18 @@ class WorkerHandle:
         for msg in msgs:
             if (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD:
                 return  # being killed: late messages are of no use to anyone
-            self._on_message(msg)
+            if type(msg) is Result and msg.id in self._inflight:  # the usual reply, inline
+                try:
+                    value = msgspec.msgpack.decode(msg.value)
+                except (msgspec.DecodeError, RecursionError, ValueError):
+                    self._on_message(msg)  # the slow path says what went wrong
+                    continue
+                pending = self._complete(msg.id)
+                assert pending is not None
+                if not pending.future.done():  # the caller may have been cancelled
+                    pending.future.set_result(value)
+            else:
+                self._on_message(msg)
 
     def _on_message(self, msg: FromWorker) -> None:
         if isinstance(msg, Result):

@@ -90,12 +90,14 @@ class WorkerTable(Generic[H]):
         self._idle.pop(tenant, None)
         return self._entries.pop(tenant, None)
 
-    def mark_idle(self, tenant: str) -> None:
-        """The worker is READY with nothing in flight, from now."""
+    def mark_idle(self, tenant: str) -> bool:
+        """The worker is READY with nothing in flight, from now. True if it is now the
+        only idle entry (the one that expires next)."""
         if tenant in self._entries:
             self._idle[tenant] = self._clock()
             self._idle.move_to_end(tenant)
             self._entries.move_to_end(tenant)
+        return len(self._idle) == 1 and tenant in self._idle
 
     def mark_busy(self, tenant: str) -> None:
         """The worker has a call in flight, or is stopping: not a victim, not expiring."""

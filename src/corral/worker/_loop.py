@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import struct
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,13 +34,11 @@ from corral.ipc import (
     Hello,
     ProtocolViolation,
     RemoteError,
-    Result,
     Shutdown,
     Start,
     StartFailed,
     ToWorker,
     encode_frame,
-    encode_frame_parts,
 )
 from corral.worker._loader import load_factory
 from corral.worker._os import write_all
@@ -47,10 +46,21 @@ from corral.worker._os import write_all
 _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 64 * 1024
 _READ_CHUNK = 64 * 1024
-_COPY_MAX = 64 * 1024  # results up to this size are copied into their frame
-_NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the placeholder encode_frame_parts replaces
+_UNKNOWN: Any = object()  # a method name not looked up yet
 
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
+_encoder = msgspec.msgpack.Encoder()
+_pack_header = struct.Struct(">I").pack  # a frame's length, as ipc.framing writes it
+
+
+class _ResultOut(msgspec.Struct, frozen=True, array_like=True, tag="result"):
+    """``ipc.Result`` as this side writes it: the same bytes on the wire, with the value
+    encoded in the same pass as the envelope rather than first on its own."""
+
+    id: int
+    value: Any
+
+
 # Results that cannot be awaitable, checked by type before the slower isawaitable().
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
@@ -263,12 +273,8 @@ class WorkerLoop:
         return True
 
     def _lookup(self, name: str) -> Callable[..., Any] | None:
-        """The bound public method, or None. Raises whatever a kernel's attribute lookup
-        raises (a property, ``__getattr__``); such lookups are not cached."""
-        try:
-            return self._methods[name]
-        except KeyError:
-            pass
+        """The bound public method, or None, cached by name. Raises whatever a kernel's
+        attribute lookup raises (a property, ``__getattr__``); such lookups are not cached."""
         fn = None
         if not name.startswith("_"):
             candidate = getattr(self._kernel, name, None)
@@ -279,11 +285,13 @@ class WorkerLoop:
 
     def _dispatch(self, call: Call) -> Awaitable[Any] | None:
         """Run ``call``; reply unless its method returned an awaitable, which is returned."""
-        try:
-            fn = self._lookup(call.method)
-        except _KERNEL_FAILURES as exc:
-            self._send_failure(call.id, "kernel", exc)
-            return None
+        fn = self._methods.get(call.method, _UNKNOWN)
+        if fn is _UNKNOWN:
+            try:
+                fn = self._lookup(call.method)
+            except _KERNEL_FAILURES as exc:
+                self._send_failure(call.id, "kernel", exc)
+                return None
         if fn is None:
             why = "private" if call.method.startswith("_") else "not a public method of the kernel"
             err = AttributeError(f"{call.method!r} is {why}")
@@ -313,21 +321,20 @@ class WorkerLoop:
             self._send_result(call_id, value)
 
     def _send_result(self, call_id: int, value: Any) -> None:
-        parts: tuple[bytes | bytearray, ...]
         try:
-            encoded = msgspec.msgpack.encode(value)
-            if len(encoded) > _COPY_MAX:  # large results go out as they are, not copied
-                parts = encode_frame_parts(
-                    Result(call_id, _NIL), encoded, max_frame_bytes=self._max_frame
-                )
-            else:
-                result = Result(call_id, msgspec.Raw(encoded))
-                parts = (encode_frame(result, max_frame_bytes=self._max_frame),)
+            body = _encoder.encode(_ResultOut(call_id, value))  # value and envelope: one pass
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             why = TypeError(f"the result cannot be sent: {_safe_str(exc)}")
             self._send_failure(call_id, "result", why)
             return
-        write_all(self._fd_out, *parts)
+        if len(body) > self._max_frame:
+            why = TypeError(
+                f"the result cannot be sent: its frame of {len(body)} bytes exceeds the "
+                f"limit of {self._max_frame} bytes"
+            )
+            self._send_failure(call_id, "result", why)
+            return
+        write_all(self._fd_out, _pack_header(len(body)), body)  # one writev, nothing joined
 
     def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
         error = remote_error(exc, self._max_frame)  # bounded, valid UTF-8: always encodable

@@ -72,10 +72,14 @@ def limit_data_segment(limit: int) -> None:
 def write_all(fd: int, *parts: bytes | bytearray) -> None:
     """Write every byte of ``parts``, in order, to a blocking fd (a pipe write may be
     partial); the parts are not joined first."""
-    total = sum(len(part) for part in parts)
-    n = os.write(fd, parts[0]) if len(parts) == 1 else os.writev(fd, parts)
-    if n == total:  # the usual case: one write
-        return
+    if len(parts) == 1:
+        n = os.write(fd, parts[0])
+        if n == len(parts[0]):  # the usual case: one write
+            return
+    else:
+        n = os.writev(fd, parts)
+        if n == sum(map(len, parts)):
+            return
     views = [memoryview(part) for part in parts]
     while views:
         while n and views:
