@@ -49,7 +49,7 @@ from corral.supervisor.config import (
     worker_environment,
 )
 from corral.supervisor.handle import HandleOptions, WorkerHandle, WorkerInfo
-from corral.supervisor.lifecycle import StopReason, StopReport, WorkerState
+from corral.supervisor.lifecycle import SERVING, StopReason, StopReport, WorkerState
 from corral.supervisor.memory import (
     MemoryPolicy,
     MemorySample,
@@ -578,10 +578,11 @@ class Supervisor:
                 f"over max_frame_bytes={self._max_frame}"
             )
         handle = self._table.get(tenant)  # the warm path: a serving worker, no await
-        while handle is None or not handle.is_serving:
+        while handle is None or handle.state not in SERVING:
             handle = await self._acquire(tenant)
         value = await handle.send_call(method, payload, timeout_s)
-        self._restarts.record_success(tenant)
+        if tenant in self._restarts.failing:
+            self._restarts.record_success(tenant)
         return value
 
     async def get_or_create(self, tenant: str) -> WorkerInfo:

@@ -10,7 +10,7 @@ worker then serves a call successfully is forgiven. Sync, clock injected.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 __all__ = ["BackoffPolicy", "RestartTracker"]
 
@@ -47,6 +47,8 @@ class RestartTracker:
         self._policy = policy
         self._clock = clock
         self._records: dict[str, _TenantRecord] = {}
+        # Read-only view for the warm path: ``tenant in failing`` costs no method call.
+        self.failing: Mapping[str, object] = self._records
 
     def __len__(self) -> int:
         return len(self._records)

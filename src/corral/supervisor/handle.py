@@ -52,7 +52,15 @@ from corral.ipc import (
     encode_frame,
     encode_frame_parts,
 )
-from corral.supervisor.lifecycle import Event, Rung, StopReason, StopReport, WorkerState, transition
+from corral.supervisor.lifecycle import (
+    SERVING,
+    Event,
+    Rung,
+    StopReason,
+    StopReport,
+    WorkerState,
+    transition,
+)
 from corral.supervisor.pipes import LogSink, PipeWriter
 from corral.supervisor.process import Launcher, LaunchError
 
@@ -140,6 +148,12 @@ class WorkerHandle:
         self._opts = options
         self._spawn_task = spawn_task
         self._loop = asyncio.get_running_loop()
+        # The loop's clock; asyncio's own is time.monotonic, called here without a frame.
+        self._loop_time: Callable[[], float] = (
+            time.monotonic
+            if type(self._loop).time is asyncio.BaseEventLoop.time
+            else self._loop.time
+        )
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
         self._decoder: FrameDecoder[FromWorker] = FrameDecoder(
@@ -175,7 +189,7 @@ class WorkerHandle:
     @property
     def is_serving(self) -> bool:
         """True if new calls may be sent (READY or BUSY)."""
-        return self.state is S.READY or self.state is S.BUSY
+        return self.state in SERVING
 
     def info(self) -> WorkerInfo:
         offset = time.time() - time.monotonic()
@@ -289,7 +303,7 @@ class WorkerHandle:
 
         The caller must have checked :attr:`is_serving`.
         """
-        assert self._writer is not None and self.is_serving, self.state
+        assert self._writer is not None and self.state in SERVING, self.state
         call_id = next(self._ids)
         if len(payload) > _COPY_MAX:  # large arguments go out by reference, not copied
             head, tail = encode_frame_parts(Call(call_id, method, _NIL), payload)
@@ -298,7 +312,7 @@ class WorkerHandle:
         fut: asyncio.Future[Any] = self._loop.create_future()
         deadline = None
         if timeout is not None:
-            deadline = self._loop.time() + timeout
+            deadline = self._loop_time() + timeout
             if deadline < self._watchdog_at:
                 self._arm_watchdog(deadline)
         self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
@@ -306,7 +320,10 @@ class WorkerHandle:
         if self.state is S.READY:
             transition(self, Event.CALL_SENT)
             self._listener.worker_busy(self)
-        if tail:
+        if len(self._inflight) > 1:  # calls in a burst: one writev at the end of it
+            self._writer.write_soon(head)
+            self._writer.write_soon(tail)
+        elif tail:
             self._writer.write(head, tail)
         else:
             self._writer.write(head)
@@ -355,9 +372,13 @@ class WorkerHandle:
 
     def _complete(self, call_id: int) -> _Pending | None:
         pending = self._inflight.pop(call_id, None)
-        if pending is None:
-            return None
-        self.requests += 1
+        if pending is not None:
+            self._completed(1)
+        return pending
+
+    def _completed(self, count: int) -> None:
+        """``count`` calls were answered (and taken out of ``_inflight``)."""
+        self.requests += count
         self.last_used = time.monotonic()
         if not self._inflight:
             if self.state is S.BUSY:
@@ -366,7 +387,6 @@ class WorkerHandle:
             elif self.state is S.DRAINING:
                 transition(self, Event.ALL_REPLIED)
                 self._begin_stop(Rung.ASK)
-        return pending
 
     # -- reading the worker's pipe -----------------------------------------------------------
 
@@ -385,21 +405,24 @@ class WorkerHandle:
         except ProtocolViolation as exc:
             self._protocol_violation(f"sent a malformed frame: {exc}")
             return
+        inflight, replied = self._inflight, 0
         for msg in msgs:
             if (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD:
-                return  # being killed: late messages are of no use to anyone
-            if type(msg) is Result and msg.id in self._inflight:  # the usual reply, inline
+                break  # being killed: late messages are of no use to anyone
+            if type(msg) is Result and msg.id in inflight:  # the usual reply, inline
                 try:
                     value = msgspec.msgpack.decode(msg.value)
                 except (msgspec.DecodeError, RecursionError, ValueError):
                     self._on_message(msg)  # the slow path says what went wrong
                     continue
-                pending = self._complete(msg.id)
-                assert pending is not None
-                if not pending.future.done():  # the caller may have been cancelled
-                    pending.future.set_result(value)
+                future = inflight.pop(msg.id).future
+                replied += 1
+                if not future.done():  # the caller may have been cancelled
+                    future.set_result(value)
             else:
                 self._on_message(msg)
+        if replied:  # the bookkeeping of _complete, once for the whole read
+            self._completed(replied)
 
     def _on_message(self, msg: FromWorker) -> None:
         if isinstance(msg, Result):

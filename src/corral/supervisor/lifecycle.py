@@ -46,6 +46,9 @@ class WorkerState(_FastEnum):
     DEAD = "dead"
 
 
+SERVING = frozenset({WorkerState.READY, WorkerState.BUSY})  # states that take new calls
+
+
 class Event(_FastEnum):
     HELLO_RECEIVED = "hello_received"
     START_FAILED = "start_failed"  # StartFailed message, or no Hello in time (process alive)

@@ -30,8 +30,11 @@ _LOG_BURST = 1000.0
 class PipeWriter:
     """Non-blocking writes to a pipe: direct when possible, else queued until writable.
 
-    What is queued is kept by reference (memoryviews), never copied: a 16 MiB argument
-    goes out of the caller's bytes in pipe-sized writes.
+    What is queued is kept by reference (the caller's buffers, or memoryviews of their
+    unwritten ends), never copied: a 16 MiB argument
+    goes out of the caller's bytes in pipe-sized writes. :meth:`write_soon` queues on
+    purpose, so that a burst of frames written in one loop iteration costs one ``writev``
+    rather than a ``write`` (and a wake-up of the reader) per frame.
     """
 
     _IOV_MAX = 64  # buffers per writev
@@ -42,15 +45,17 @@ class PipeWriter:
         self._fd = fd
         self._loop = loop
         self._on_broken = on_broken  # called once if the worker closed its end
-        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._broken = False
+        self._soon = False  # a flush is scheduled with call_soon
+        self._waiting = False  # add_writer is registered: the pipe was full
 
     def write(self, *parts: bytes | bytearray) -> None:
         """Send ``parts`` in order, as one stream. The caller must not change them."""
         if self._broken or self._fd < 0:
             return
         if self._queue:
-            self._queue.extend(memoryview(part) for part in parts)
+            self._queue.extend(memoryview(part) for part in parts if part)
             return
         try:
             n = os.write(self._fd, parts[0]) if len(parts) == 1 else os.writev(self._fd, parts)
@@ -66,30 +71,57 @@ class PipeWriter:
             self._queue.append(memoryview(part)[n:])
             n = 0
         if self._queue:
-            self._loop.add_writer(self._fd, self._flush)
+            self._wait_writable()
+
+    def write_soon(self, data: bytes) -> None:
+        """Like :meth:`write`, but sent at the end of this loop iteration together with
+        whatever else is written meanwhile."""
+        if self._broken or self._fd < 0 or not data:
+            return
+        self._queue.append(data)
+        if not self._soon and not self._waiting:
+            self._soon = True
+            self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._soon = False
+        if not self._waiting:  # else the writer callback flushes when there is room
+            self._flush()
 
     def _flush(self) -> None:
+        """Write what is queued until it is all out or the pipe is full."""
         queue = self._queue
-        try:
-            n = os.writev(self._fd, list(itertools.islice(queue, self._IOV_MAX)))
-        except BlockingIOError:
-            return
-        except OSError:
-            self._break()
-            return
-        while n:
-            head = queue[0]
-            if n < len(head):
-                queue[0] = head[n:]
+        while queue:
+            batch = list(itertools.islice(queue, self._IOV_MAX))
+            try:
+                n = os.writev(self._fd, batch)
+            except BlockingIOError:
                 break
-            n -= len(head)
-            queue.popleft()
-        if not queue:
+            except OSError:
+                self._break()
+                return
+            full = n < sum(map(len, batch))
+            while queue and n >= len(queue[0]):  # the parts written out in full
+                n -= len(queue.popleft())
+            if n:
+                queue[0] = memoryview(queue[0])[n:]
+            if full:
+                break
+        if queue:
+            self._wait_writable()
+        elif self._waiting:
+            self._waiting = False
             self._loop.remove_writer(self._fd)
+
+    def _wait_writable(self) -> None:
+        if not self._waiting:
+            self._waiting = True
+            self._loop.add_writer(self._fd, self._flush)
 
     def _break(self) -> None:
         self._broken = True
         self._queue.clear()
+        self._waiting = False
         self._loop.remove_writer(self._fd)
         self._on_broken()
 
@@ -98,6 +130,7 @@ class PipeWriter:
             self._loop.remove_writer(self._fd)
             os.close(self._fd)
             self._fd = -1
+        self._waiting = False
         self._queue.clear()
 
 
