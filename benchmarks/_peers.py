@@ -18,7 +18,8 @@ Peers (what a user would otherwise pick):
 
 Starts (the floor for a cold start): :func:`fork_start` (a plain ``os.fork()``),
 :func:`interpreter_start` (a fresh ``sys.executable``) and :class:`Interpreter` /
-:class:`BareForkserver`, long-lived ones whose memory is measured.
+:class:`BareForkserver`, long-lived ones whose memory is measured, and
+:class:`MpForkserverChild`, a child of multiprocessing's forkserver.
 
 Every child here is reaped by whoever started it: ``close()`` ends it and waits.
 """
@@ -38,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import _kernel
@@ -49,6 +51,7 @@ __all__ = [
     "AsyncRawPipe",
     "BareForkserver",
     "Interpreter",
+    "MpForkserverChild",
     "MpPipe",
     "Pool",
     "RawPipe",
@@ -474,6 +477,55 @@ class Interpreter(_Child):
     def __init__(self) -> None:
         super().__init__(_INTERPRETER.format(once=False))
         self.pid = self.ask_pid()
+
+
+# multiprocessing's forkserver, from a fresh interpreter that imports nothing else (with
+# ``-c`` there is no main module for the server to import): the child's target is a
+# standard-library call that blocks on a pipe, so nothing of ours is imported either.
+_MP_FORKSERVER = """\
+import multiprocessing, multiprocessing.connection, sys
+if __name__ == "__main__":
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["msgspec"])
+    theirs, mine = context.Pipe(duplex=False)  # an os.pipe: (read end, write end)
+    child = context.Process(target=multiprocessing.connection.Connection.recv, args=(theirs,))
+    child.start()
+    print(child.pid, flush=True)
+    sys.stdin.read()
+    mine.send(None)
+    child.join()
+"""
+
+
+class MpForkserverChild:
+    """A child of multiprocessing's forkserver (msgspec preloaded), idle on a pipe: what
+    the standard library's forkserver start gives a worker before it runs code of its own.
+    ``pid`` is the child's, once it is blocked reading its pipe."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _MP_FORKSERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.pid = int(self.process.stdout.readline())
+        deadline = time.monotonic() + 20
+        while "pipe" not in Path(f"/proc/{self.pid}/wchan").read_text():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the forkserver child did not reach its pipe read")
+            time.sleep(0.005)  # polling a condition, with a deadline
+
+    def close(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.close()  # EOF: the parent tells its child to go, joins it
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 class BareForkserver(_Child):

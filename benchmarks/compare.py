@@ -74,8 +74,10 @@ CORRAL_NONE = "corral, Sandbox.none()"
 CORRAL_ASYNC = "corral, kernel with an async method"
 FORK = "plain os.fork()"
 INTERPRETER = "fresh interpreter"
-BARE = "bare forkserver child"
+BARE = "minimal fork-server child"
+MP_FORKSERVER = "multiprocessing forkserver child"
 POOLS = (PPE, LOKY, PEBBLE)
+AWAITED = {name: f"{name}, awaited" for name in POOLS}  # a pool's future awaited on the loop
 ORDER = (
     RAW,
     ARAW,
@@ -83,8 +85,10 @@ ORDER = (
     PPE,
     LOKY,
     PEBBLE,
+    *AWAITED.values(),
     FORK,
     INTERPRETER,
+    MP_FORKSERVER,
     BARE,
     CORRAL_ASYNC,
     CORRAL_NONE,
@@ -346,6 +350,7 @@ async def warm_one_caller(c: Contenders, n: Counts) -> dict[str, Outcome]:
     }
     for name, pool in c.pools.items():
         measures[name] = one_caller(partial(pool.call, _kernel.put, "k"))
+        measures[AWAITED[name]] = one_async_caller(partial(pool.acall, _kernel.put, "k"))
     measures[CORRAL_ASYNC] = one_async_caller(partial(c.sup_async.call, "warm", "put", "k"))
     measures[CORRAL_NONE] = one_async_caller(partial(c.sup_none.call, "warm", "put", "k"))
     measures[CORRAL] = one_async_caller(partial(c.sup.call, "warm", "put", "k"))
@@ -405,7 +410,12 @@ def idle_memory(c: Contenders) -> dict[str, Outcome]:
     out: dict[str, Outcome] = {}
     for name, ids in pids.items():
         out[name] = Samples([float(uss(pid)) for pid in ids])
-    for name, make in ((BARE, _peers.BareForkserver), (INTERPRETER, _peers.Interpreter)):
+    starts: tuple[tuple[str, Callable[[], Any]], ...] = (
+        (MP_FORKSERVER, _peers.MpForkserverChild),
+        (BARE, _peers.BareForkserver),
+        (INTERPRETER, _peers.Interpreter),
+    )
+    for name, make in starts:
         children = []
         try:
             for _ in range(3):
@@ -726,7 +736,9 @@ def report(results: Results, n: Counts) -> list[str]:
         WARM,
         f"put('k', i) on a warm worker, {n.warm_rounds * n.warm_chunk:,} calls each in chunks "
         f"of {n.warm_chunk}. The pools (one worker each; {starts}) block on "
-        "submit().result(); the raw children run the same put. corral runs _kernel.py's "
+        "submit().result() (their best case, but a call that blocks an asyncio host's "
+        "loop), or, awaited, have their future awaited as run_in_executor does (what an "
+        "asyncio host has to do); the raw children run the same put. corral runs _kernel.py's "
         "Echo, whose methods are all plain (its worker answers from a blocking loop); "
         f"'{CORRAL_ASYNC}' adds one async def method to it (the worker then runs asyncio).",
     )
@@ -762,9 +774,12 @@ def report(results: Results, n: Counts) -> list[str]:
     section(
         MEMORY,
         "USS (memory no other process shares) of each contender's idle workers after the "
-        f"call scenarios, median over the workers measured. {BARE}: forked from a fresh "
-        f"Python that imported msgspec; {INTERPRETER}: imported msgspec and psutil; both "
-        "after one round trip.",
+        f"call scenarios, median over the workers measured. {MP_FORKSERVER}: started by "
+        "multiprocessing's forkserver (msgspec preloaded) from a fresh Python, idle in a "
+        "pipe read; "
+        f"{BARE}: forked from a fresh Python that imported msgspec, serving a minimal loop "
+        f"(the floor for a Python child); {INTERPRETER}: imported msgspec and psutil; the "
+        "last two after one round trip.",
     )
     memory_columns: list[Column] = [
         ("USS", lambda s: mib(s.median)),
@@ -833,9 +848,13 @@ class Target:
     goal: str
     passed: bool
 
+    reachable: bool = True  # False: a measured floor in the same run rules the goal out
+
     @property
     def verdict(self) -> str:
-        return "PASS" if self.passed else "MISS"
+        if self.passed:
+            return "PASS"
+        return "MISS" if self.reachable else "MISS (beyond the floor)"
 
     @property
     def ratio_text(self) -> str:
@@ -861,14 +880,27 @@ def targets(results: Results) -> list[Target]:
         )
     ]
     for name in POOLS:
+        awaited = AWAITED[name]
         out.append(
             at_least(
-                f"warm call, corral's speed-up over {name}",
-                f"{ms(warm[name])} vs {ms(warm[CORRAL])}",
-                warm[name] / warm[CORRAL],
+                f"warm call, corral's speed-up over {awaited}",
+                f"{ms(warm[awaited])} vs {ms(warm[CORRAL])}",
+                warm[awaited] / warm[CORRAL],
                 6,
             )
         )
+    for name in POOLS:
+        # The most any asyncio caller could reach against a blocking pool call: the async
+        # raw pipe's own speed-up. Below the goal, the goal is out of reach here.
+        ceiling = warm[name] / warm[ARAW]
+        target = at_least(
+            f"warm call, corral's speed-up over {name} blocking",
+            f"{ms(warm[name])} vs {ms(warm[CORRAL])}; the async raw pipe's: {ceiling:.2f}x",
+            warm[name] / warm[CORRAL],
+            6,
+        )
+        target.reachable = ceiling >= 6
+        out.append(target)
     batch, raw_batch = (_samples(results.pipelined[k]).median for k in (CORRAL, RAW))
     out.append(
         at_least(
@@ -888,15 +920,17 @@ def targets(results: Results) -> list[Target]:
                 goal,
             )
         )
-    worker, bare = (_samples(results.memory[k]).median for k in (CORRAL, BARE))
-    out.append(
-        at_most(
-            f"idle worker USS, corral vs a {BARE}",
-            f"{mib(worker)} vs {mib(bare)}",
-            worker / bare,
-            1.5,
+    worker = _samples(results.memory[CORRAL]).median
+    for name in (MP_FORKSERVER, BARE):
+        other = _samples(results.memory[name]).median
+        out.append(
+            at_most(
+                f"idle worker USS, corral vs a {name}",
+                f"{mib(worker)} vs {mib(other)}",
+                worker / other,
+                1.5,
+            )
         )
-    )
     evict = results.table["eviction"]
     small, large = evict[TABLE_SIZES[0]].median, evict[TABLE_SIZES[-1]].median
     out.append(

@@ -29,10 +29,15 @@ CONTENDERS = [
     "ProcessPoolExecutor",
     "loky",
     "pebble",
+    "ProcessPoolExecutor, awaited",
+    "loky, awaited",
+    "pebble, awaited",
     "corral, Sandbox.none()",
+    "corral, kernel with an async method",
     "plain os.fork()",
     "fresh interpreter",
-    "bare forkserver child",
+    "multiprocessing forkserver child",
+    "minimal fork-server child",
 ]
 
 
