@@ -313,3 +313,26 @@ def test_statistics_through_a_life_cycle(clock: FakeClock) -> None:
         TableStatistics(entries=1, idle=1, max_workers=3),
         TableStatistics(entries=0, idle=0, max_workers=3),
     ]
+
+
+def test_marks_for_a_stale_handle_are_ignored(clock: FakeClock) -> None:
+    """A handle that is no longer the tenant's entry (replaced) cannot change its marks."""
+    table = make_table(clock, "a")
+    assert table.mark_idle("a", "handle-old") is None
+    assert not table.is_idle("a")
+    table.mark_idle("a", "handle-a")
+    table.mark_busy("a", "handle-old")
+    assert table.is_idle("a")
+    table.mark_busy("a", "handle-a")
+    assert not table.is_idle("a")
+
+
+def test_mark_idle_returns_the_expiry_of_the_only_idle_entry(clock: FakeClock) -> None:
+    table = make_table(clock, "a", "b")
+    assert table.mark_idle("a") == 1010.0  # the only idle entry: it expires next
+    clock.now += 1
+    assert table.mark_idle("b") is None  # a later expiry than a's
+    table.mark_busy("a")
+    clock.now += 1
+    assert table.mark_idle("a") is None  # b is idle: a expires after it
+    assert make_table(clock, "c", idle_ttl=None).mark_idle("c") is None  # no TTL

@@ -745,20 +745,17 @@ class Supervisor:
     # -- HandleListener ----------------------------------------------------------------------
 
     def worker_idle(self, handle: WorkerHandle) -> None:
-        if handle.waiters == 0 and self._table.peek(handle.tenant) is handle:
-            first = self._table.mark_idle(handle.tenant)
+        if handle.waiters == 0:
+            due = self._table.mark_idle(handle.tenant, handle)
             if self._room_waiters:  # (a call ends: usually nobody waits for room)
                 self._notify_room()
             # Wake the sweeper only if this brings its next deadline forward: only the first
             # idle entry can (later ones expire later), not every call completion.
-            if first and self._idle_changed is not None:
-                due = self._table.next_expiry()
-                if due is not None and due < self._sweep_due:
-                    self._idle_changed.set()
+            if due is not None and due < self._sweep_due and self._idle_changed is not None:
+                self._idle_changed.set()
 
     def worker_busy(self, handle: WorkerHandle) -> None:
-        if self._table.peek(handle.tenant) is handle:
-            self._table.mark_busy(handle.tenant)
+        self._table.mark_busy(handle.tenant, handle)
 
     def worker_ready(self, handle: WorkerHandle) -> None:
         self._emit(WorkerEvent("ready", handle.tenant, handle.pid))

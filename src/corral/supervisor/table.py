@@ -90,18 +90,25 @@ class WorkerTable(Generic[H]):
         self._idle.pop(tenant, None)
         return self._entries.pop(tenant, None)
 
-    def mark_idle(self, tenant: str) -> bool:
-        """The worker is READY with nothing in flight, from now. True if it is now the
-        only idle entry (the one that expires next)."""
-        if tenant in self._entries:
-            self._idle[tenant] = self._clock()
-            self._idle.move_to_end(tenant)
-            self._entries.move_to_end(tenant)
-        return len(self._idle) == 1 and tenant in self._idle
+    def mark_idle(self, tenant: str, handle: H | None = None) -> float | None:
+        """The worker is READY with nothing in flight, from now (only if ``tenant``'s entry
+        is ``handle``, when given). Returns when it expires if it is now the only idle
+        entry (so the next to expire), else None."""
+        entry = self._entries.get(tenant)
+        if entry is None or (handle is not None and entry is not handle):
+            return None
+        now = self._idle[tenant] = self._clock()
+        self._idle.move_to_end(tenant)
+        self._entries.move_to_end(tenant)
+        if self.idle_ttl is not None and len(self._idle) == 1:
+            return now + self.idle_ttl
+        return None
 
-    def mark_busy(self, tenant: str) -> None:
-        """The worker has a call in flight, or is stopping: not a victim, not expiring."""
-        self._idle.pop(tenant, None)
+    def mark_busy(self, tenant: str, handle: H | None = None) -> None:
+        """The worker has a call in flight, or is stopping: not a victim, not expiring
+        (only if ``tenant``'s entry is ``handle``, when given)."""
+        if handle is None or self._entries.get(tenant) is handle:
+            self._idle.pop(tenant, None)
 
     def idle_count(self) -> int:
         return len(self._idle)
