@@ -318,12 +318,14 @@ def test_statistics_through_a_life_cycle(clock: FakeClock) -> None:
 def test_marks_for_a_stale_handle_are_ignored(clock: FakeClock) -> None:
     """A handle that is no longer the tenant's entry (replaced) cannot change its marks."""
     table = make_table(clock, "a")
+    current = table.peek("a")
+    assert current is not None
     assert table.mark_idle("a", "handle-old") is None
     assert not table.is_idle("a")
-    table.mark_idle("a", "handle-a")
+    table.mark_idle("a", current)
     table.mark_busy("a", "handle-old")
     assert table.is_idle("a")
-    table.mark_busy("a", "handle-a")
+    table.mark_busy("a", current)
     assert not table.is_idle("a")
 
 
