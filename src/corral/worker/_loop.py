@@ -181,12 +181,21 @@ class WorkerLoop:
         blocking for as long as the kernel lets it, then on asyncio."""
         if needs_loop(self._kernel):
             return asyncio.run(self.serve_async())
+        try:
+            return self._serve_blocking()
+        except ProtocolViolation:
+            self._receive(b"\0")  # the poisoned decoder raises again: reported as on a loop
+            return self._exit_code
+
+    def _serve_blocking(self) -> int:
+        fd_in, feed = self._fd_in, self._decoder.feed
         while True:
-            msgs = self._receive(os.read(self._fd_in, _READ_CHUNK))
+            data = os.read(fd_in, _READ_CHUNK)
+            msgs = feed(data) if data else None  # (a bad frame raises: see serve)
             if msgs is None:
-                return self._exit_code
+                return 0  # supervisor gone: nobody can receive results any more
             for i, msg in enumerate(msgs):
-                if isinstance(msg, Call):
+                if type(msg) is Call:
                     pending = self._dispatch(msg)
                     if pending is not None:  # from here on, an event loop serves
                         first = self._await_reply(msg.id, pending)
@@ -334,7 +343,12 @@ class WorkerLoop:
             )
             self._send_failure(call_id, "result", why)
             return
-        write_all(self._fd_out, _pack_header(len(body)), body)  # one writev, nothing joined
+        header = _pack_header(len(body))
+        n = os.writev(self._fd_out, (header, body))  # one call, nothing joined
+        if n < 4:  # the pipe took part of it (a large result): the rest, not copied
+            write_all(self._fd_out, header[n:], body)
+        elif n < len(body) + 4:
+            write_all(self._fd_out, memoryview(body)[n - 4 :])
 
     def _send_failure(self, call_id: int, kind: ErrorKind, exc: BaseException) -> None:
         error = remote_error(exc, self._max_frame)  # bounded, valid UTF-8: always encodable

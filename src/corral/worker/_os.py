@@ -69,7 +69,7 @@ def limit_data_segment(limit: int) -> None:
     libc.mallopt(M_ARENA_MAX, 2)  # for this (forked) one
 
 
-def write_all(fd: int, *parts: bytes | bytearray) -> None:
+def write_all(fd: int, *parts: bytes | bytearray | memoryview) -> None:
     """Write every byte of ``parts``, in order, to a blocking fd (a pipe write may be
     partial); the parts are not joined first."""
     if len(parts) == 1:
