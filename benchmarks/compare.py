@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import gc
 import importlib.metadata
 import itertools
 import json
@@ -597,9 +598,16 @@ async def churn(c: Contenders, n: Counts) -> Churn:
         return Samples(values, k, sum(values))
 
     measures = {FORK: _sync(fork_cycles), CORRAL: corral_cycles}
-    await corral_cycles(n.churn_chunk)  # anything created once, lazily, exists now
+    # Warm up for two memory-check intervals: anything created once, lazily (the memory
+    # probe's thread starts with the first sample), exists before counting starts; and
+    # what earlier scenarios left for the collector is collected on both sides.
+    warm_until = time.monotonic() + 2.0
+    while time.monotonic() < warm_until:
+        await corral_cycles(n.churn_chunk)
+    gc.collect()
     before = HostResources.now()
     cycles = await interleave(measures, n.churn_cycles // n.churn_chunk, n.churn_chunk)
+    gc.collect()
     after = HostResources.now()
     out: dict[str, Outcome] = {name: NotApplicable(FORKED) for name in (RAW, ARAW, MP)}
     out.update({name: NotApplicable(NO_START) for name in POOLS})
