@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,24 +163,50 @@ class RawWorker:
         )
         reply = self.receive()
         assert isinstance(reply, Result) and reply.id == call_id, reply
-        return msgspec.msgpack.decode(reply.value)
+        return reply.value
 
     def exit_code(self) -> int:
         os.close(self.to_worker)
+        self.to_worker = -1
         try:
             return self.process.wait(20)
         finally:
-            os.close(self.from_worker)
-            assert self.process.stderr is not None
+            self.close()
+
+    def close(self) -> None:
+        """Idempotent: kill the worker if it is still there, close every fd."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for fd in (self.to_worker, self.from_worker):
+            if fd >= 0:
+                os.close(fd)
+        self.to_worker = self.from_worker = -1
+        assert self.process.stderr is not None
+        if not self.process.stderr.closed:
             self.stderr = self.process.stderr.read().decode()
             self.process.stderr.close()
 
 
+@pytest.fixture
+def raw_worker() -> Iterator[Callable[[str], RawWorker]]:
+    """Makes RawWorkers; whatever a test leaves (a failed assertion) is closed after it."""
+    made: list[RawWorker] = []
+
+    def make(factory: str) -> RawWorker:
+        made.append(RawWorker(factory))
+        return made[-1]
+
+    yield make
+    for worker in made:
+        worker.close()
+
+
 @pytest.mark.parametrize("factory", ["make", "make_mixed"])
-async def test_worker_exits_0_on_eof(factory: str) -> None:
+async def test_worker_exits_0_on_eof(factory: str, raw_worker: Callable[[str], RawWorker]) -> None:
     """The supervisor going away (its pipe closing) ends the worker, blocked in read()
     or waiting on its loop."""
-    worker = RawWorker(f"{M}:{factory}")
+    worker = raw_worker(f"{M}:{factory}")
     assert worker.call(1, "put", "k", 1) == 1
     assert worker.call(2, "on_loop") is (factory == "make_mixed")
     assert worker.exit_code() == 0
@@ -193,8 +220,10 @@ async def test_worker_exits_0_on_eof(factory: str) -> None:
         (encode_frame(Start("t", "x:y", None, [], 1024)), "unexpected Start"),
     ],
 )
-async def test_worker_exits_2_on_a_bad_message(factory: str, junk: bytes, complaint: str) -> None:
-    worker = RawWorker(f"{M}:{factory}")
+async def test_worker_exits_2_on_a_bad_message(
+    factory: str, junk: bytes, complaint: str, raw_worker: Callable[[str], RawWorker]
+) -> None:
+    worker = raw_worker(f"{M}:{factory}")
     assert worker.call(1, "put", "k", 1) == 1
     worker.send(junk)
     assert worker.exit_code() == 2
@@ -202,13 +231,11 @@ async def test_worker_exits_2_on_a_bad_message(factory: str, junk: bytes, compla
 
 
 @pytest.mark.parametrize("value", [None, 1, "text", b"\x00" * 70_000, [1, {"a": [2.5]}], True])
-def test_a_reply_is_the_bytes_of_an_ipc_result(value: object) -> None:
-    """The worker encodes a result with its envelope in one pass: the supervisor must read
-    exactly what encoding ``ipc.Result`` with the value as Raw would give."""
-    from corral.worker._loop import _ResultOut
-
-    one_pass = msgspec.msgpack.encode(_ResultOut(7, value))
+def test_a_reply_is_the_bytes_of_a_result_with_a_raw_value(value: object) -> None:
+    """A result's value is encoded with its envelope in one pass: the same bytes as the
+    value encoded on its own and carried as Raw, and decoded back in one pass too."""
+    one_pass = msgspec.msgpack.encode(Result(7, value))
     two_pass = msgspec.msgpack.encode(Result(7, msgspec.Raw(msgspec.msgpack.encode(value))))
     assert one_pass == two_pass
     decoded = FrameDecoder(FromWorker).feed(len(one_pass).to_bytes(4, "big") + one_pass)
-    assert decoded == [Result(7, msgspec.Raw(msgspec.msgpack.encode(value)))]
+    assert decoded == [Result(7, value)]

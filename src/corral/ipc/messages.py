@@ -8,12 +8,13 @@ and the warden channel (supervisor <-> the process that forks workers, over a
 Structs are ``array_like`` (compact, fast) and tagged; a decoder built from a
 union rejects unknown tags, wrong types and extra fields. Plugin payloads are
 ``msgspec.Raw`` so that the envelope is decoded strictly and the payload only
-by whoever needs it.
+by whoever needs it (a call's arguments, by the worker, which reports bad ones per
+call); a result's value is decoded with its envelope.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -101,10 +102,12 @@ class StartFailed(_Msg, frozen=True, tag="start_failed"):
 
 
 class Result(_Msg, frozen=True, tag="result"):
-    """The return value of call ``id``, msgpack-encoded."""
+    """The return value of call ``id``: any msgpack value, encoded and decoded in the
+    same pass as the envelope (the supervisor needs it at once; a value that does not
+    decode makes the whole frame a protocol violation)."""
 
     id: int
-    value: msgspec.Raw
+    value: Any
 
 
 ErrorKind = Literal["kernel", "method", "arguments", "result"]

@@ -410,34 +410,18 @@ class WorkerHandle:
             if (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD:
                 break  # being killed: late messages are of no use to anyone
             if type(msg) is Result and msg.id in inflight:  # the usual reply, inline
-                try:
-                    value = msgspec.msgpack.decode(msg.value)
-                except (msgspec.DecodeError, RecursionError, ValueError):
-                    self._on_message(msg)  # the slow path says what went wrong
-                    continue
                 future = inflight.pop(msg.id).future
                 replied += 1
                 if not future.done():  # the caller may have been cancelled
-                    future.set_result(value)
+                    future.set_result(msg.value)
             else:
                 self._on_message(msg)
         if replied:  # the bookkeeping of _complete, once for the whole read
             self._completed(replied)
 
     def _on_message(self, msg: FromWorker) -> None:
-        if isinstance(msg, Result):
-            pending = self._complete(msg.id)
-            if pending is None:
-                self._protocol_violation(f"replied to unknown call id {msg.id}")
-                return
-            try:
-                value = msgspec.msgpack.decode(msg.value)
-            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-                what = f"sent an undecodable result: {exc}"[:300]
-                _resolve(pending, error=self._protocol_error(pending.method, what))
-                self._protocol_violation(what)
-                return
-            _resolve(pending, result=value)
+        if isinstance(msg, Result):  # (a known id was handled in _on_readable)
+            self._protocol_violation(f"replied to unknown call id {msg.id}")
         elif isinstance(msg, CallFailed):
             pending = self._complete(msg.id)
             if pending is None:

@@ -34,6 +34,7 @@ from corral.ipc import (
     Hello,
     ProtocolViolation,
     RemoteError,
+    Result,
     Shutdown,
     Start,
     StartFailed,
@@ -51,16 +52,6 @@ _UNKNOWN: Any = object()  # a method name not looked up yet
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 _encoder = msgspec.msgpack.Encoder()
 _pack_header = struct.Struct(">I").pack  # a frame's length, as ipc.framing writes it
-
-
-class _ResultOut(msgspec.Struct, frozen=True, array_like=True, tag="result"):
-    """``ipc.Result`` as this side writes it: the same bytes on the wire, with the value
-    encoded in the same pass as the envelope rather than first on its own."""
-
-    id: int
-    value: Any
-
-
 # Results that cannot be awaitable, checked by type before the slower isawaitable().
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
@@ -331,7 +322,7 @@ class WorkerLoop:
 
     def _send_result(self, call_id: int, value: Any) -> None:
         try:
-            body = _encoder.encode(_ResultOut(call_id, value))  # value and envelope: one pass
+            body = _encoder.encode(Result(call_id, value))  # value and envelope: one pass
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             why = TypeError(f"the result cannot be sent: {_safe_str(exc)}")
             self._send_failure(call_id, "result", why)
