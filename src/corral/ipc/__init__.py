@@ -14,6 +14,7 @@ from corral.ipc.framing import (
     encode_frame,
     encode_frame_parts,
     encode_record,
+    frame_header,
 )
 from corral.ipc.messages import *  # noqa: F403
 from corral.ipc.messages import __all__ as _messages_all
@@ -28,5 +29,6 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_record",
+    "frame_header",
     *_messages_all,
 ]

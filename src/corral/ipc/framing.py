@@ -26,6 +26,7 @@ __all__ = [
     "RecordDecoder",
     "encode_frame",
     "encode_record",
+    "frame_header",
 ]
 
 HEADER_BYTES = 4
@@ -35,7 +36,9 @@ MAX_FRAME_LIMIT = 2**32 - 1  # the largest length a 4-byte header can state
 M = TypeVar("M")
 
 _encoder = msgspec.msgpack.Encoder()
-_pack_header = struct.Struct(">I").pack  # HEADER_BYTES, big-endian
+# A frame's header for a body of the given size (HEADER_BYTES, big-endian), without a
+# Python frame: for warm paths that encode the body themselves.
+frame_header = struct.Struct(">I").pack
 _unpack_header = struct.Struct(">I").unpack_from
 
 
@@ -54,7 +57,7 @@ def encode_frame(msg: Any, *, max_frame_bytes: int = MAX_FRAME_LIMIT) -> bytes:
     size = len(body)
     if size > max_frame_bytes:
         _check_limit(size, max_frame_bytes)
-    return _pack_header(size) + body
+    return frame_header(size) + body
 
 
 def encode_frame_parts(
@@ -69,7 +72,7 @@ def encode_frame_parts(
     head = body[:-1]
     size = len(head) + len(tail)
     _check_limit(size, max_frame_bytes)
-    return _pack_header(size) + head, tail
+    return frame_header(size) + head, tail
 
 
 def _check_limit(size: int, max_frame_bytes: int) -> None:

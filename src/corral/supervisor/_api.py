@@ -63,6 +63,7 @@ from corral.supervisor.table import WorkerTable
 
 __all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]
 
+_encode = msgspec.msgpack.Encoder().encode  # call arguments
 log = logging.getLogger("corral")
 
 
@@ -569,7 +570,7 @@ class Supervisor:
             if len(self._method_names) < 4096:
                 self._method_names.add(method)
         try:
-            payload = msgspec.msgpack.encode((args, kwargs or {}))
+            payload = _encode((args, kwargs or {}))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidCallError(f"arguments for {method!r} cannot be sent: {exc}") from exc
         if len(payload) + _FRAME_OVERHEAD > self._max_frame:

@@ -51,6 +51,7 @@ from corral.ipc import (
     StartFailed,
     encode_frame,
     encode_frame_parts,
+    frame_header,
 )
 from corral.supervisor.lifecycle import (
     SERVING,
@@ -69,6 +70,7 @@ __all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
 log = logging.getLogger("corral")
 
 _READ_CHUNK = 64 * 1024
+_encode = msgspec.msgpack.Encoder().encode
 _COPY_MAX = 64 * 1024  # call arguments up to this size are copied into their frame
 _NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the placeholder encode_frame_parts replaces
 
@@ -308,7 +310,8 @@ class WorkerHandle:
         if len(payload) > _COPY_MAX:  # large arguments go out by reference, not copied
             head, tail = encode_frame_parts(Call(call_id, method, _NIL), payload)
         else:
-            head, tail = encode_frame(Call(call_id, method, msgspec.Raw(payload))), b""
+            body = _encode(Call(call_id, method, msgspec.Raw(payload)))  # encode_frame,
+            head, tail = frame_header(len(body)) + body, b""  # inline: a frame less a call
         fut: asyncio.Future[Any] = self._loop.create_future()
         deadline = None
         if timeout is not None:
@@ -322,7 +325,8 @@ class WorkerHandle:
             self._listener.worker_busy(self)
         if len(self._inflight) > 1:  # calls in a burst: one writev at the end of it
             self._writer.write_soon(head)
-            self._writer.write_soon(tail)
+            if tail:
+                self._writer.write_soon(tail)
         elif tail:
             self._writer.write(head, tail)
         else:

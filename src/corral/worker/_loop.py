@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import struct
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
@@ -40,6 +39,7 @@ from corral.ipc import (
     StartFailed,
     ToWorker,
     encode_frame,
+    frame_header,
 )
 from corral.worker._loader import load_factory
 from corral.worker._os import write_all
@@ -51,7 +51,6 @@ _UNKNOWN: Any = object()  # a method name not looked up yet
 
 _args_decoder = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 _encoder = msgspec.msgpack.Encoder()
-_pack_header = struct.Struct(">I").pack  # a frame's length, as ipc.framing writes it
 # Results that cannot be awaitable, checked by type before the slower isawaitable().
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
@@ -334,7 +333,7 @@ class WorkerLoop:
             )
             self._send_failure(call_id, "result", why)
             return
-        header = _pack_header(len(body))
+        header = frame_header(len(body))
         n = os.writev(self._fd_out, (header, body))  # one call, nothing joined
         if n < 4:  # the pipe took part of it (a large result): the rest, not copied
             write_all(self._fd_out, header[n:], body)
