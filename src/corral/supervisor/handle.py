@@ -14,6 +14,7 @@ anything else kills the worker (``ProtocolError``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -150,11 +151,14 @@ class WorkerHandle:
         self._opts = options
         self._spawn_task = spawn_task
         self._loop = asyncio.get_running_loop()
-        # The loop's clock; asyncio's own is time.monotonic, called here without a frame.
-        self._loop_time: Callable[[], float] = (
-            time.monotonic
-            if type(self._loop).time is asyncio.BaseEventLoop.time
-            else self._loop.time
+        # The loop's clock and futures; asyncio's own are time.monotonic and asyncio.Future,
+        # called here without the loop method's frame.
+        standard = type(self._loop).time is asyncio.BaseEventLoop.time
+        self._loop_time: Callable[[], float] = time.monotonic if standard else self._loop.time
+        self._new_future: Callable[[], asyncio.Future[Any]] = (
+            functools.partial(asyncio.Future, loop=self._loop)
+            if type(self._loop).create_future is asyncio.BaseEventLoop.create_future
+            else self._loop.create_future
         )
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
@@ -312,7 +316,7 @@ class WorkerHandle:
         else:
             body = _encode(Call(call_id, method, msgspec.Raw(payload)))  # encode_frame,
             head, tail = frame_header(len(body)) + body, b""  # inline: a frame less a call
-        fut: asyncio.Future[Any] = self._loop.create_future()
+        fut: asyncio.Future[Any] = self._new_future()
         deadline = None
         if timeout is not None:
             deadline = self._loop_time() + timeout
@@ -410,18 +414,23 @@ class WorkerHandle:
             self._protocol_violation(f"sent a malformed frame: {exc}")
             return
         inflight, replied = self._inflight, 0
+        killed = self._being_killed()
         for msg in msgs:
-            if (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD:
-                break  # being killed: late messages are of no use to anyone
+            if killed:
+                break  # late messages are of no use to anyone
             if type(msg) is Result and msg.id in inflight:  # the usual reply, inline
                 future = inflight.pop(msg.id).future
                 replied += 1
                 if not future.done():  # the caller may have been cancelled
-                    future.set_result(msg.value)
+                    future.set_result(msg.value)  # (its callbacks run later: no state change)
             else:
                 self._on_message(msg)
+                killed = self._being_killed()
         if replied:  # the bookkeeping of _complete, once for the whole read
             self._completed(replied)
+
+    def _being_killed(self) -> bool:
+        return (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD
 
     def _on_message(self, msg: FromWorker) -> None:
         if isinstance(msg, Result):  # (a known id was handled in _on_readable)
