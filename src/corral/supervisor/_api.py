@@ -570,7 +570,7 @@ class Supervisor:
             if len(self._method_names) < 4096:
                 self._method_names.add(method)
         try:
-            payload = _encode((args, kwargs or {}))
+            payload = _encode((args, {} if kwargs is None else kwargs))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidCallError(f"arguments for {method!r} cannot be sent: {exc}") from exc
         if len(payload) + _FRAME_OVERHEAD > self._max_frame:

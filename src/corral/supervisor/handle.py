@@ -317,13 +317,13 @@ class WorkerHandle:
             body = _encode(Call(call_id, method, msgspec.Raw(payload)))  # encode_frame,
             head, tail = frame_header(len(body)) + body, b""  # inline: a frame less a call
         fut: asyncio.Future[Any] = self._new_future()
+        self.last_used = now = time.monotonic()
         deadline = None
         if timeout is not None:
-            deadline = self._loop_time() + timeout
+            deadline = (now if self._loop_time is time.monotonic else self._loop_time()) + timeout
             if deadline < self._watchdog_at:
                 self._arm_watchdog(deadline)
         self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
-        self.last_used = time.monotonic()
         if self.state is S.READY:
             transition(self, Event.CALL_SENT)
             self._listener.worker_busy(self)
