@@ -1027,7 +1027,8 @@ def as_json(results: Results, found: list[Target], env: dict[str, str]) -> dict[
 def target_lines(found: list[Target]) -> list[str]:
     width = max(len(t.what) for t in found)
     return [
-        f"  {t.verdict}  {t.what:<{width}}  {t.ratio_text:>6}  (goal {t.goal}; {t.measured})"
+        f"  {t.verdict.split()[0]}  {t.what:<{width}}  {t.ratio_text:>6}  (goal {t.goal}; "
+        f"{t.measured}){'' if t.reachable else '; beyond the floor measured in this run'}"
         for t in found
     ]
 
@@ -1045,7 +1046,7 @@ def readme_table(found: list[Target], env: dict[str, str]) -> str:
         "|---|---|---|---|---|",
     ]
     for t in found:
-        verdict = "PASS" if t.passed else "**MISS**"
+        verdict = "PASS" if t.passed else f"**{t.verdict}**"
         lines.append(f"| {t.what} | {t.measured} | {t.ratio_text} | {t.goal} | {verdict} |")
     return "\n".join(lines)
 
