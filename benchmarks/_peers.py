@@ -460,25 +460,6 @@ class _Child:
         self.process.stdout.close()
 
 
-def interpreter_start() -> float:
-    """Seconds from ``subprocess.Popen`` of a fresh interpreter (importing msgspec and
-    psutil) to its answer to one message."""
-    t0 = time.perf_counter()
-    child = _Child(_INTERPRETER.format(once=True))
-    child.ask_pid()
-    elapsed = time.perf_counter() - t0
-    child.close()
-    return elapsed
-
-
-class Interpreter(_Child):
-    """A fresh interpreter (msgspec, psutil imported) that stays up until closed."""
-
-    def __init__(self) -> None:
-        super().__init__(_INTERPRETER.format(once=False))
-        self.pid = self.ask_pid()
-
-
 # multiprocessing's forkserver, from a fresh interpreter that imports nothing else (with
 # ``-c`` there is no main module for the server to import): the child's target is a
 # standard-library call that blocks on a pipe, so nothing of ours is imported either.
@@ -497,18 +478,13 @@ if __name__ == "__main__":
 """
 
 
-class MpForkserverChild:
+class MpForkserverChild(_Child):
     """A child of multiprocessing's forkserver (msgspec preloaded), idle on a pipe: what
     the standard library's forkserver start gives a worker before it runs code of its own.
     ``pid`` is the child's, once it is blocked reading its pipe."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _MP_FORKSERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        super().__init__(_MP_FORKSERVER)
         assert self.process.stdout is not None
         self.pid = int(self.process.stdout.readline())
         deadline = time.monotonic() + 20
@@ -517,15 +493,24 @@ class MpForkserverChild:
                 raise TimeoutError("the forkserver child did not reach its pipe read")
             time.sleep(0.005)  # polling a condition, with a deadline
 
-    def close(self) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()  # EOF: the parent tells its child to go, joins it
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
+
+def interpreter_start() -> float:
+    """Seconds from ``subprocess.Popen`` of a fresh interpreter (importing msgspec and
+    psutil) to its answer to one message."""
+    t0 = time.perf_counter()
+    child = _Child(_INTERPRETER.format(once=True))
+    child.ask_pid()
+    elapsed = time.perf_counter() - t0
+    child.close()
+    return elapsed
+
+
+class Interpreter(_Child):
+    """A fresh interpreter (msgspec, psutil imported) that stays up until closed."""
+
+    def __init__(self) -> None:
+        super().__init__(_INTERPRETER.format(once=False))
+        self.pid = self.ask_pid()
 
 
 class BareForkserver(_Child):
