@@ -140,6 +140,12 @@ def needs_loop(kernel: Any) -> bool:
     return False
 
 
+def _bad_frame(exc: ProtocolViolation) -> int:
+    """Report a frame from the supervisor that does not decode; the worker's exit code."""
+    print(f"corral worker: bad frame from supervisor: {exc}", file=sys.stderr)
+    return 2
+
+
 class WorkerLoop:
     """Serves one kernel over one pair of fds until Shutdown or EOF.
 
@@ -173,9 +179,8 @@ class WorkerLoop:
             return asyncio.run(self.serve_async())
         try:
             return self._serve_blocking()
-        except ProtocolViolation:
-            self._receive(b"\0")  # the poisoned decoder raises again: reported as on a loop
-            return self._exit_code
+        except ProtocolViolation as exc:
+            return _bad_frame(exc)
 
     def _serve_blocking(self) -> int:
         fd_in, feed = self._fd_in, self._decoder.feed
@@ -228,8 +233,7 @@ class WorkerLoop:
         try:
             return self._decoder.feed(data)
         except ProtocolViolation as exc:
-            print(f"corral worker: bad frame from supervisor: {exc}", file=sys.stderr)
-            self._exit_code = 2
+            self._exit_code = _bad_frame(exc)
             return None
 
     def _unexpected(self, msg: ToWorker) -> int:
