@@ -31,10 +31,10 @@ class PipeWriter:
     """Non-blocking writes to a pipe: direct when possible, else queued until writable.
 
     What is queued is kept by reference (the caller's buffers, or memoryviews of their
-    unwritten ends), never copied: a 16 MiB argument
-    goes out of the caller's bytes in pipe-sized writes. :meth:`write_soon` queues on
-    purpose, so that a burst of frames written in one loop iteration costs one ``writev``
-    rather than a ``write`` (and a wake-up of the reader) per frame.
+    unwritten ends), never copied: a 16 MiB argument goes out of the caller's bytes in
+    pipe-sized writes. :meth:`write_soon` queues on purpose, so that a burst of frames
+    written in one loop iteration costs one ``writev`` rather than a ``write`` (and a
+    wake-up of the reader) per frame.
     """
 
     _IOV_MAX = 64  # buffers per writev
