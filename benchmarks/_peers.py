@@ -485,13 +485,26 @@ class MpForkserverChild(_Child):
 
     def __init__(self) -> None:
         super().__init__(_MP_FORKSERVER)
-        assert self.process.stdout is not None
-        self.pid = int(self.process.stdout.readline())
-        deadline = time.monotonic() + 20
-        while "pipe" not in Path(f"/proc/{self.pid}/wchan").read_text():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the forkserver child did not reach its pipe read")
-            time.sleep(0.005)  # polling a condition, with a deadline
+        try:
+            assert self.process.stdout is not None
+            self.pid = int(self.process.stdout.readline())
+            deadline = time.monotonic() + 20
+            while not _blocked_reading_a_pipe(self.pid):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the forkserver child did not reach its pipe read")
+                time.sleep(0.005)  # polling a condition, with a deadline
+        except BaseException:
+            self.close()
+            raise
+
+
+def _blocked_reading_a_pipe(pid: int) -> bool:
+    """Where the kernel shows wait channels: asleep in a pipe read. Where it does not
+    (``wchan`` reads 0): asleep at all."""
+    wchan = Path(f"/proc/{pid}/wchan").read_text()
+    if wchan in ("", "0"):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+    return "pipe" in wchan
 
 
 def interpreter_start() -> float:

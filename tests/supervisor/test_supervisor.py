@@ -539,3 +539,13 @@ async def test_structs_and_dataclasses_travel_as_maps_and_rss_is_sampled() -> No
                 await asyncio.sleep(0.05)  # ok-sleep: waiting for the periodic sampler
         rss = sup.stats().workers[0].rss
         assert rss is not None and 1 << 20 < rss < 1 << 30
+
+
+def test_call_and_invoke_present_as_coroutine_functions() -> None:
+    """They are plain methods returning a coroutine (a frame less per call), marked so that
+    introspection sees coroutine functions: hosts' autospec mocks must stay awaitable."""
+    from unittest import mock
+
+    for name in ("call", "invoke"):
+        assert asyncio.iscoroutinefunction(getattr(Supervisor, name)), name
+        assert isinstance(getattr(mock.create_autospec(Supervisor), name), mock.AsyncMock), name

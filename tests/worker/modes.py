@@ -87,9 +87,36 @@ class StaticAsync(SyncKernel):
         return "pong"
 
 
+class Tripped(BaseException):
+    """Raised by a kernel's trap: the mode check ran kernel code."""
+
+
 class HostileDir(SyncKernel):
+    """Traps the mode check would spring if it listed or looked up attributes."""
+
     def __dir__(self) -> list[str]:
-        raise RuntimeError("no listing")
+        raise Tripped("__dir__ ran")
+
+    def __getattr__(self, name: str) -> Any:
+        raise Tripped(f"__getattr__({name!r}) ran")
+
+
+class BackgroundFactoryKernel(SyncKernel):
+    """All-sync, but made by a plain factory that started a task on the loop that
+    ``asyncio.get_event_loop()`` gave it: that loop must serve, or the task never runs."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(tenant)
+        self.ticks = 0
+        asyncio.get_event_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0.001)  # ok-sleep: the kernel's background work
+
+    def ticked(self) -> int:
+        return self.ticks
 
 
 class TrapProperty(SyncKernel):
@@ -110,6 +137,16 @@ def make_async_shutdown(tenant: str) -> SyncKernel:
 
 def make_mixed(tenant: str) -> SyncKernel:
     return MixedKernel(tenant)
+
+
+def make_background(tenant: str) -> SyncKernel:
+    return BackgroundFactoryKernel(tenant)
+
+
+def make_needing_loop(tenant: str) -> SyncKernel:
+    """A plain factory that needs a running loop (it asks for one): told how to get it."""
+    asyncio.get_running_loop()
+    return SyncKernel(tenant)
 
 
 async def make_awaited(tenant: str) -> SyncKernel:

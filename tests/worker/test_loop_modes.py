@@ -38,20 +38,22 @@ def start_method(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kernel", "expected"),
+    ("make", "expected"),
     [
-        (modes.SyncKernel("t"), False),
-        (modes.AsyncShutdownKernel("t"), False),  # shutdown is not a call target
-        (modes.TrapProperty("t"), False),  # and its property was not run
-        (modes.MixedKernel("t"), True),
-        (modes.StaticAsync("t"), True),
-        (modes.HostileDir("t"), True),  # cannot list it: give it a loop
-        (json, False),  # a module of plain functions
-        (modes, True),  # a module with an async function (make_awaited)
+        pytest.param(lambda: modes.SyncKernel("t"), False, id="sync"),
+        # shutdown is not a call target
+        pytest.param(lambda: modes.AsyncShutdownKernel("t"), False, id="async-shutdown"),
+        pytest.param(lambda: modes.TrapProperty("t"), False, id="property-not-run"),
+        pytest.param(lambda: modes.MixedKernel("t"), True, id="one-async-method"),
+        pytest.param(lambda: modes.StaticAsync("t"), True, id="async-staticmethod"),
+        # its __dir__ and __getattr__ raise a BaseException: never called
+        pytest.param(lambda: modes.HostileDir("t"), False, id="hostile-dir-getattr"),
+        pytest.param(lambda: json, False, id="module-of-plain-functions"),
+        pytest.param(lambda: modes, True, id="module-with-an-async-function"),
     ],
 )
-def test_needs_loop(kernel: object, expected: bool) -> None:
-    assert needs_loop(kernel) is expected
+def test_needs_loop(make: Callable[[], object], expected: bool) -> None:
+    assert needs_loop(make()) is expected
 
 
 async def test_sync_kernel_runs_without_a_loop(start_method: str) -> None:
@@ -64,6 +66,21 @@ async def test_async_kernel_and_async_factory_run_on_a_loop(start_method: str) -
     for factory in ("make_mixed", "make_awaited"):
         async with Supervisor(f"{M}:{factory}", start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
             assert await sup.call("a", "on_loop") is True, factory
+
+
+async def test_a_plain_factory_runs_without_a_running_loop() -> None:
+    """A plain factory asking for the running loop gets a StartError that says how to
+    have one; a task it starts on the loop get_event_loop() gives it keeps running while
+    the kernel serves (that loop serves)."""
+    async with Supervisor(f"{M}:make_needing_loop", **FAST) as sup:
+        with pytest.raises(corral.StartError, match="make the factory `async def`"):
+            await sup.call("a", "on_loop")
+    async with Supervisor(f"{M}:make_background", **FAST) as sup:
+        first = await sup.call("a", "ticked")
+        async with asyncio.timeout(10):
+            while await sup.call("a", "ticked") == first:
+                pass  # each call is a round trip: the task ticks between them
+        assert await sup.call("a", "on_loop") is True
 
 
 async def test_blocking_mode_errors_are_typed() -> None:
@@ -122,6 +139,10 @@ async def test_shutdown_hook_runs_in_each_mode(tmp_path: Path, factory: str, lin
         assert mark.read_text() == line + "\n"
 
 
+def call_frame(call_id: int, method: str, *args: object) -> bytes:
+    return encode_frame(Call(call_id, method, msgspec.Raw(msgspec.msgpack.encode([args, {}]))))
+
+
 class RawWorker:
     """``python -m corral.worker worker FD_IN FD_OUT`` on two real pipes, driven by hand
     (blocking reads with a deadline), for what a Supervisor never sends."""
@@ -138,7 +159,10 @@ class RawWorker:
         os.close(from_worker_w)
         self.decoder: FrameDecoder[FromWorker] = FrameDecoder(FromWorker)
         self.inbox: list[FromWorker] = []
-        start = Start("t", factory, None, list(sys.path), DEFAULT_MAX_FRAME_BYTES)
+        self.factory = factory
+
+    def start(self) -> None:
+        start = Start("t", self.factory, None, list(sys.path), DEFAULT_MAX_FRAME_BYTES)
         self.send(encode_frame(start))
         assert isinstance(self.receive(), Hello)
 
@@ -148,7 +172,8 @@ class RawWorker:
     def receive(self, deadline: float = 20.0) -> FromWorker:
         end = time.monotonic() + deadline
         while not self.inbox:
-            ready, _, _ = select.select([self.from_worker], [], [], end - time.monotonic())
+            left = max(0.0, end - time.monotonic())
+            ready, _, _ = select.select([self.from_worker], [], [], left)
             assert ready, "no reply before the deadline"
             data = os.read(self.from_worker, 65536)
             assert data, "the worker closed its pipe"
@@ -156,11 +181,7 @@ class RawWorker:
         return self.inbox.pop(0)
 
     def call(self, call_id: int, method: str, *args: object) -> Any:
-        self.send(
-            encode_frame(
-                Call(call_id, method, msgspec.Raw(msgspec.msgpack.encode([list(args), {}])))
-            )
-        )
+        self.send(call_frame(call_id, method, *args))
         reply = self.receive()
         assert isinstance(reply, Result) and reply.id == call_id, reply
         return reply.value
@@ -194,7 +215,8 @@ def raw_worker() -> Iterator[Callable[[str], RawWorker]]:
     made: list[RawWorker] = []
 
     def make(factory: str) -> RawWorker:
-        made.append(RawWorker(factory))
+        made.append(RawWorker(factory))  # closed after the test even if it fails to start
+        made[-1].start()
         return made[-1]
 
     yield make
@@ -239,3 +261,26 @@ def test_a_reply_is_the_bytes_of_a_result_with_a_raw_value(value: object) -> Non
     assert one_pass == two_pass
     decoded = FrameDecoder(FromWorker).feed(len(one_pass).to_bytes(4, "big") + one_pass)
     assert decoded == [Result(7, value)]
+
+
+async def test_calls_read_with_the_first_awaitable_are_handed_to_the_loop(
+    raw_worker: Callable[[str], RawWorker],
+) -> None:
+    """One write holds a call whose method returns an awaitable and 48 calls behind it:
+    the worker reads them together, switches to asyncio at the first, and must answer
+    every one of the rest (the backlog) once, with its own value."""
+    worker = raw_worker(f"{M}:make")
+    assert worker.call(1, "on_loop") is False
+    burst = [call_frame(2, "later", "first")]
+    burst += [call_frame(3 + i, "put", f"k{i}", i) for i in range(48)]
+    burst.append(call_frame(51, "on_loop"))
+    worker.send(b"".join(burst))
+    replies = {}
+    for _ in range(50):
+        reply = worker.receive()
+        assert isinstance(reply, Result) and reply.id not in replies, reply
+        replies[reply.id] = reply.value
+    assert replies[2] == "first"
+    assert [replies[3 + i] for i in range(48)] == list(range(1, 49))
+    assert replies[51] is True  # on the loop now
+    assert worker.exit_code() == 0

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import inspect
 import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -64,6 +65,21 @@ from corral.supervisor.table import WorkerTable
 __all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]
 
 _encode = msgspec.msgpack.Encoder().encode  # call arguments
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _coroutine_function(fn: _F) -> _F:
+    """Mark a plain method that returns a coroutine as a coroutine function, for whoever
+    asks (``asyncio.iscoroutinefunction``, ``mock.create_autospec``, frameworks; on 3.12+
+    ``inspect.iscoroutinefunction`` too)."""
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        return mark(fn)  # type: ignore[no-any-return]
+    fn._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return fn
+
+
 log = logging.getLogger("corral")
 
 
@@ -503,6 +519,7 @@ class Supervisor:
 
     # -- calls -------------------------------------------------------------------------------
 
+    @_coroutine_function
     def call(
         self, tenant: str, method: str, /, *args: Any, **kwargs: Any
     ) -> Coroutine[Any, Any, Any]:
@@ -533,6 +550,7 @@ class Supervisor:
         """
         return self._invoke(tenant, method, args, kwargs, "default")
 
+    @_coroutine_function
     def invoke(
         self,
         tenant: str,

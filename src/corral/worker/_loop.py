@@ -18,7 +18,9 @@ import inspect
 import os
 import sys
 import traceback
+import types
 from collections.abc import Awaitable, Callable, Coroutine
+from inspect import CO_COROUTINE
 from typing import Any, NoReturn
 
 import msgspec
@@ -123,21 +125,42 @@ def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
 
 
 def needs_loop(kernel: Any) -> bool:
-    """Whether any public method of ``kernel`` but ``shutdown`` is ``async def`` (looked up
-    without running the kernel's own attribute code). A kernel whose ``dir()`` fails is
-    given a loop. An async ``shutdown()`` hook gets a loop of its own when it runs."""
+    """Whether any public function of ``kernel`` but ``shutdown`` is ``async def``.
+
+    Read from the namespaces themselves (the instance's ``__dict__`` and each class's on
+    its MRO, as ``inspect.getattr_static`` reads them), so that no code of the kernel's
+    runs: no ``__dir__``, ``__getattr__`` or property. What cannot be read that way gets a
+    loop. An async ``shutdown()`` hook gets a loop of its own when it runs."""
     try:
-        for name in dir(kernel):
-            if name.startswith("_") or name == "shutdown":
-                continue
-            attr = inspect.getattr_static(kernel, name, None)
-            if isinstance(attr, staticmethod | classmethod):
-                attr = attr.__func__
-            if inspect.iscoroutinefunction(attr):
-                return True
+        cls = type(kernel)
+        namespaces = [_TYPE_DICT(klass) for klass in _TYPE_MRO(cls)]
+        try:
+            instance = object.__getattribute__(kernel, "__dict__")
+        except AttributeError:
+            pass  # no instance dict (__slots__)
+        else:
+            namespaces.append(instance)
+        for namespace in namespaces:  # a class's mappingproxy, or the instance's dict
+            items = namespace.items() if type(namespace) is types.MappingProxyType else None
+            for name, value in items if items is not None else dict.items(namespace):
+                if type(name) is str and not name.startswith("_") and name != "shutdown":
+                    if _is_async_function(value):
+                        return True
     except Exception:
         return True
     return False
+
+
+_TYPE_DICT = type.__dict__["__dict__"].__get__  # a class's own namespace, no metaclass code
+_TYPE_MRO = type.__dict__["__mro__"].__get__
+
+
+def _is_async_function(value: object) -> bool:
+    """``async def`` (plain, or in a staticmethod or classmethod), by exact type: nothing
+    of the value's own runs."""
+    if type(value) is staticmethod or type(value) is classmethod:
+        value = value.__func__
+    return type(value) is types.FunctionType and bool(value.__code__.co_flags & CO_COROUTINE)
 
 
 def _bad_frame(exc: ProtocolViolation) -> int:
@@ -173,10 +196,9 @@ class WorkerLoop:
         self._done: asyncio.Future[int] | None = None
 
     def serve(self) -> int:
-        """Serve until Shutdown (exit code 0) or EOF on ``fd_in`` (the supervisor is gone);
-        blocking for as long as the kernel lets it, then on asyncio."""
-        if needs_loop(self._kernel):
-            return asyncio.run(self.serve_async())
+        """Serve until Shutdown (exit code 0) or EOF on ``fd_in`` (the supervisor is gone)
+        without an event loop, until a call returns an awaitable; then on asyncio. For a
+        kernel that needs a loop from the start, see :meth:`serve_async`."""
         try:
             return self._serve_blocking()
         except ProtocolViolation as exc:
@@ -388,7 +410,8 @@ def _hello(fd_out: int) -> None:
 async def _serve_awaited(
     start: Start, made: Awaitable[Any], fd_in: int, fd_out: int, decoder: FrameDecoder[ToWorker]
 ) -> int:
-    """An async factory's kernel: built and served on one loop."""
+    """An async factory's kernel: built and served on one loop (what the factory made may
+    be bound to it)."""
     try:
         kernel = await made
     except Exception as exc:
@@ -397,24 +420,63 @@ async def _serve_awaited(
     return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).serve_async()
 
 
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    """The thread's current (not running) event loop, read without making one: what
+    ``asyncio.get_event_loop()`` made and set when called with no loop running. Read from
+    asyncio's default policy; None where that cannot be read."""
+    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    loop = getattr(local, "_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
+        return loop
+    return None
+
+
+def _run(loop: asyncio.AbstractEventLoop | None, main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(main)``, on ``loop`` if given (with the same cleanup at the end)."""
+    if loop is None:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
+        return runner.run(main)
+
+
+def _factory_error(exc: Exception) -> Exception:
+    """A plain factory that wanted a running loop is told how to get one."""
+    if isinstance(exc, RuntimeError) and "no running event loop" in str(exc):
+        hinted = RuntimeError(
+            f"{exc} (corral calls a plain factory with no event loop running: make the "
+            "factory `async def` to run on the loop that then serves its kernel)"
+        )
+        hinted.__cause__ = exc
+        return hinted
+    return exc
+
+
 def run_worker(fd_in: int, fd_out: int) -> int:
     """Run one worker to completion; returns the process exit code.
 
-    A sync factory is called with no event loop running; an async one (or one that
-    returns an awaitable) is awaited on the loop that then serves its kernel."""
+    A plain factory is called with no event loop running; an async one (or one that
+    returns an awaitable) is awaited on the loop that then serves its kernel. A loop the
+    plain factory made current (``asyncio.get_event_loop()``) is the one that serves, so
+    that what it scheduled there runs."""
     try:
         start, decoder = read_start(fd_in)
     except (EOFError, ProtocolViolation) as exc:
         print(f"corral worker: {exc}", file=sys.stderr)
         return 2
+    before = _current_loop()
     try:
         made = load_factory(start)(start.tenant)
     except Exception as exc:
-        return _start_failed(start, fd_out, exc)
+        return _start_failed(start, fd_out, _factory_error(exc))
+    made_loop = _current_loop()
+    loop = made_loop if made_loop is not before else None
     if inspect.isawaitable(made):
-        return asyncio.run(_serve_awaited(start, made, fd_in, fd_out, decoder))
+        return _run(loop, _serve_awaited(start, made, fd_in, fd_out, decoder))
     _hello(fd_out)
-    return WorkerLoop(made, fd_in, fd_out, decoder, start.max_frame_bytes).serve()
+    worker = WorkerLoop(made, fd_in, fd_out, decoder, start.max_frame_bytes)
+    if loop is not None or needs_loop(made):
+        return _run(loop, worker.serve_async())
+    return worker.serve()
 
 
 def run_and_exit(body: Callable[[], int]) -> NoReturn:
