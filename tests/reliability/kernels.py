@@ -28,19 +28,17 @@ LOCK_DIR_ENV = "CORRAL_RELIABILITY_LOCKS"
 OVERLAP_MARK = "CORRAL-RELIABILITY-OVERLAP"
 SLOW_PREFIX = "slow-"  # tenants whose factory takes SLOW_START_S to return
 SLOW_START_S = 0.3
+SYNC_PREFIX = "sync-"  # tenants whose kernel has plain methods only
 
 
-class ReliabilityKernel:
-    """Answers with its identity; has levers for faults (crash, hang, raise, garbage)."""
+class SyncReliabilityKernel:
+    """Answers with its identity; has levers for faults (crash, hang, raise, garbage).
+    Only plain methods: its worker serves it without an event loop."""
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
         self.pid = os.getpid()
         self.overlap = self._take_lock()
-        self.async_running = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
-        self._gates: dict[str, asyncio.Event] = {}
 
     def _take_lock(self) -> bool:
         directory = os.environ.get(LOCK_DIR_ENV)
@@ -69,6 +67,37 @@ class ReliabilityKernel:
     def echo(self, req: int, nonce: str) -> dict[str, Any]:
         """Sync: runs on the worker's main thread, in arrival order."""
         return self._answer(req, nonce)
+
+    def whoami(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "pid": self.pid, "overlap": self.overlap}
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def fail(self, req: int, nonce: str) -> None:
+        """The kernel raises: ``KernelError`` whose message names tenant, request and nonce."""
+        raise ValueError(f"{self.tenant}|{req}|{nonce}")
+
+    def crash(self, code: int) -> None:
+        os._exit(code)
+
+    def hang(self) -> None:
+        """Sync: blocks the worker's only thread until it is killed."""
+        time.sleep(3600)  # ok-sleep: a kernel that hangs on purpose
+
+    def garbage(self) -> None:
+        """Write a frame whose body is not msgpack to the reply pipe: a protocol violation."""
+        os.write(4, b"\x00\x00\x00\x05" + b"\xc1" * 5)
+
+
+class ReliabilityKernel(SyncReliabilityKernel):
+    """The same, with async methods too: its worker serves it on asyncio."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(tenant)
+        self.async_running = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._gates: dict[str, asyncio.Event] = {}
 
     async def aecho(self, req: int, nonce: str, delay: float = 0.0) -> dict[str, Any]:
         """Async: runs as a task, concurrently with other async calls."""
@@ -111,32 +140,16 @@ class ReliabilityKernel:
         await self._quiet.wait()
         return self.async_running
 
-    def whoami(self) -> dict[str, Any]:
-        return {"tenant": self.tenant, "pid": self.pid, "overlap": self.overlap}
-
-    # -- faults -------------------------------------------------------------------------------
-
-    def fail(self, req: int, nonce: str) -> None:
-        """The kernel raises: ``KernelError`` whose message names tenant, request and nonce."""
-        raise ValueError(f"{self.tenant}|{req}|{nonce}")
-
-    def crash(self, code: int) -> None:
-        os._exit(code)
-
-    def hang(self) -> None:
-        """Sync: blocks the worker's only thread until it is killed."""
-        time.sleep(3600)  # ok-sleep: a kernel that hangs on purpose
-
     async def ahang(self) -> None:
         """Async: never finishes; other calls on the worker go on until it is killed."""
         await asyncio.Event().wait()
 
-    def garbage(self) -> None:
-        """Write a frame whose body is not msgpack to the reply pipe: a protocol violation."""
-        os.write(4, b"\x00\x00\x00\x05" + b"\xc1" * 5)
 
-
-def make(tenant: str) -> ReliabilityKernel:
+def make(tenant: str) -> SyncReliabilityKernel:
+    """``sync-`` tenants get the kernel with plain methods only (no event loop in their
+    worker); every other tenant the one with async methods too."""
     if tenant.startswith(SLOW_PREFIX):
         time.sleep(SLOW_START_S)  # ok-sleep: a slow factory (e.g. loading a model), on purpose
+    if tenant.startswith(SYNC_PREFIX):
+        return SyncReliabilityKernel(tenant)
     return ReliabilityKernel(tenant)

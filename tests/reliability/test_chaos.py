@@ -79,10 +79,14 @@ from tests.reliability import (
     table_problems,
     temporary_directory,
 )
+from tests.reliability.kernels import SYNC_PREFIX
 
 SECONDS = float(os.environ.get("CORRAL_CHAOS_SECONDS", "30"))
-TENANTS = [f"t{i:03d}" for i in range(120)]
-HOT = TENANTS[:6]  # most calls go to these: warm workers with concurrent calls
+# A third of the tenants have a kernel of plain methods only (served without an event
+# loop); their async kinds are sent to the plain twins (aecho -> echo, ahang -> hang).
+TENANTS = [f"{SYNC_PREFIX}{i:03d}" if i % 3 == 1 else f"t{i:03d}" for i in range(120)]
+HOT = TENANTS[:6]  # most calls go to these: warm workers with concurrent calls (2 sync)
+PLAIN_TWIN = {"aecho": "echo", "ahang": "hang"}
 HOT_SHARE = 0.8  # the rest go to any of the 120: constant LRU churn
 MAX_WORKERS = 12
 CALLERS = 40
@@ -233,6 +237,8 @@ class Chaos:
 
     async def _send(self, tenant: str, kind: str, req: int, nonce: str) -> Any:
         sup = self.sup
+        if tenant.startswith(SYNC_PREFIX):
+            kind = PLAIN_TWIN.get(kind, kind)
         if kind == "echo":
             return await sup.call(tenant, "echo", req, nonce)
         if kind == "aecho":
