@@ -43,13 +43,16 @@ from tests.reliability import (
     table_problems,
     temporary_directory,
 )
+from tests.reliability.kernels import SYNC_PREFIX
 
 LONG = os.environ.get("CORRAL_SOAK") == "long"
 CYCLES = 5_000 if LONG else 600
 CALLS = 300_000 if LONG else 40_000
 LANES = 4  # start/evict cycles run in this many concurrent lanes
 LANE_TENANTS = 10  # each lane cycles through this many tenants (each restarted many times)
-WARM_TENANTS = [f"warm-{i}" for i in range(8)]
+# Half the tenants run a kernel of plain methods only (no event loop in their worker);
+# their aecho calls go to the plain echo.
+WARM_TENANTS = [f"warm-{i}" if i % 2 else f"{SYNC_PREFIX}warm-{i}" for i in range(8)]
 CALLERS = 32
 MAX_WORKERS = len(WARM_TENANTS) + LANES  # room for all: no LRU, so every stop is counted
 DEADLINE = 30.0  # the test's own bound on any one operation; past it, it hangs
@@ -68,6 +71,11 @@ pytestmark = pytest.mark.timeout(3600 if LONG else 180)
 scratch_fixture = pytest.fixture(temporary_directory, name="scratch")
 
 
+def lane_tenant(lane: int, index: int) -> str:
+    """Odd lanes cycle tenants with plain-method kernels."""
+    return f"{SYNC_PREFIX if lane % 2 else ''}cycle-{lane}-{index}"
+
+
 class Soak:
     """The cycling lanes, the callers, and what they checked."""
 
@@ -83,6 +91,8 @@ class Soak:
         self._next_sample = 0.25
 
     async def _checked_call(self, tenant: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        if tenant.startswith(SYNC_PREFIX) and method == "aecho":
+            method, kwargs = "echo", {}
         req, nonce = next(self.reqs), secrets.token_hex(8)
         async with asyncio.timeout(DEADLINE):
             value = await self.sup.call(tenant, method, req, nonce, **kwargs)
@@ -95,7 +105,7 @@ class Soak:
 
     async def lane(self, lane: int, cycles: int) -> None:
         for i in range(cycles):
-            tenant = f"cycle-{lane}-{i % LANE_TENANTS}"
+            tenant = lane_tenant(lane, i % LANE_TENANTS)
             async with asyncio.timeout(DEADLINE):
                 info = await self.sup.get_or_create(tenant)
             pid = info.pid
@@ -139,7 +149,7 @@ class Soak:
 
 
 async def test_soak_start_evict_cycles_and_calls_leak_nothing(scratch: Path) -> None:
-    tenants = WARM_TENANTS + [f"cycle-{a}-{b}" for a in range(LANES) for b in range(LANE_TENANTS)]
+    tenants = WARM_TENANTS + [lane_tenant(a, b) for a in range(LANES) for b in range(LANE_TENANTS)]
     options = {
         "max_workers": MAX_WORKERS,
         "idle_ttl": None,
