@@ -182,6 +182,17 @@ class Faults:
     def warden_died(self, at: float) -> None:
         self._at["warden"][len(self._at["warden"])] = at  # keyed by count: keep them all
 
+    def near(self, at: float) -> str:
+        """Where ``at`` falls among the recorded warden kills, for a failure's message."""
+        kills = sorted(self._at["warden"].values())
+        if not kills:
+            return " [no warden kill recorded]"
+        before = [at - when for when in kills if when <= at]
+        after = [when - at for when in kills if when > at]
+        last = f"{min(before):.2f}s after the last" if before else "before the first"
+        nxt = f", {min(after):.2f}s before the next" if after else ""
+        return f" [{last} of {len(kills)} warden kills{nxt}]"
+
     def warden_explains(self, at: float) -> bool:
         """A warden was killed at most WARDEN_WINDOW before ``at``: every worker it had,
         and every start in progress, failed with it."""
@@ -403,7 +414,9 @@ class Chaos:
             if ok:
                 self.explained += 1
             else:
-                self.failures.append(f"unexplained {e.kind} outcome for {e.tenant}: {e.text}")
+                self.failures.append(
+                    f"unexplained {e.kind} outcome for {e.tenant}: {e.text}{faults.near(at)}"
+                )
         self.stop_log.judge(self.faults, self.failures, until)
 
 
