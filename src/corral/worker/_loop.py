@@ -244,20 +244,6 @@ class WorkerLoop:
             if reading:
                 loop.remove_reader(self._fd_in)
 
-    _exit_code = 0
-
-    def _receive(self, data: bytes) -> list[ToWorker] | None:
-        """The messages in ``data``; None once there will be no more (``_exit_code`` says
-        why: EOF is 0, the supervisor being gone; a bad frame is 2)."""
-        if not data:
-            self._exit_code = 0  # supervisor gone: nobody can receive results any more
-            return None
-        try:
-            return self._decoder.feed(data)
-        except ProtocolViolation as exc:
-            self._exit_code = _bad_frame(exc)
-            return None
-
     def _unexpected(self, msg: ToWorker) -> int:
         print(f"corral worker: unexpected {type(msg).__name__}", file=sys.stderr)
         return 2
@@ -276,10 +262,15 @@ class WorkerLoop:
             data = os.read(self._fd_in, _READ_CHUNK)
         except BlockingIOError:
             return
-        msgs = self._receive(data)
-        if msgs is None:
-            self._finish(self._exit_code)
-        elif not self._handle(msgs):
+        if not data:
+            self._finish(0)  # supervisor gone: nobody can receive results any more
+            return
+        try:
+            msgs = self._decoder.feed(data)
+        except ProtocolViolation as exc:
+            self._finish(_bad_frame(exc))
+            return
+        if not self._handle(msgs):
             asyncio.get_running_loop().remove_reader(self._fd_in)
 
     def _handle(self, msgs: list[ToWorker]) -> bool:
