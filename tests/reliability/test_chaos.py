@@ -165,6 +165,7 @@ class Faults:
 
     def __init__(self) -> None:
         self._at: dict[str, dict[int, float]] = defaultdict(dict)
+        self._warden_kills: list[float] = []  # a few dozen at most: never pruned
 
     def note(self, kind: str, pid: int | None, at: float) -> None:
         if pid is not None:
@@ -180,11 +181,11 @@ class Faults:
                 del pids[pid]
 
     def warden_died(self, at: float) -> None:
-        self._at["warden"][len(self._at["warden"])] = at  # keyed by count: keep them all
+        self._warden_kills.append(at)
 
     def near(self, at: float) -> str:
         """Where ``at`` falls among the recorded warden kills, for a failure's message."""
-        kills = sorted(self._at["warden"].values())
+        kills = self._warden_kills  # in time order
         if not kills:
             return " [no warden kill recorded]"
         before = [at - when for when in kills if when <= at]
@@ -196,7 +197,7 @@ class Faults:
     def warden_explains(self, at: float) -> bool:
         """A warden was killed at most WARDEN_WINDOW before ``at``: every worker it had,
         and every start in progress, failed with it."""
-        return any(0 <= at - when <= WARDEN_WINDOW for when in self._at["warden"].values())
+        return any(0 <= at - when <= WARDEN_WINDOW for when in self._warden_kills)
 
 
 @dataclass
@@ -458,6 +459,10 @@ class StopLog:
             if end.reason in ("crashed", "start_failed") and (
                 faults.explains("sigkill", pid, at) or faults.explains("crash", pid, at)
             ):
+                continue
+            # The chaos task's own SIGKILL ended it, whatever corral was doing with it (a
+            # draining worker, say: its reason is already set, and no rung climbed yet).
+            if end.returncode == -signal.SIGKILL and faults.explains("sigkill", pid, at):
                 continue
             if end.reason == "protocol_error" and faults.explains("garbage", pid, at):
                 continue
