@@ -325,7 +325,7 @@ class WorkerHandle:
                 self._arm_watchdog(deadline)
         self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
         if self.state is S.READY:
-            transition(self, Event.CALL_SENT)
+            self.state = S.BUSY  # = transition(self, Event.CALL_SENT), spelled out: warm path
             self._listener.worker_busy(self)
         if len(self._inflight) > 1:  # calls in a burst: one writev at the end of it
             self._writer.write_soon(head)
@@ -390,7 +390,7 @@ class WorkerHandle:
         self.last_used = time.monotonic()
         if not self._inflight:
             if self.state is S.BUSY:
-                transition(self, Event.ALL_REPLIED)
+                self.state = S.READY  # = transition(self, Event.ALL_REPLIED), spelled out
                 self._listener.worker_idle(self)
             elif self.state is S.DRAINING:
                 transition(self, Event.ALL_REPLIED)
