@@ -98,6 +98,7 @@ ORDER = (
 
 # Scenarios, in the order they run (tests/test_benchmarks.py looks for these names)
 WARM = "warm call, one caller"
+WARM_ONE_CPU = "warm call, one caller, everything on one CPU"
 WARM_64 = "warm call, 64 callers on one worker"
 WARM_32 = "warm call, 32 tenants on 32 workers"
 PIPELINED = "pipelined throughput, 1,000 calls in flight"
@@ -283,6 +284,59 @@ def batch(run: Callable[[int], object]) -> Measure:
     return measure
 
 
+# --- where the processes run ----------------------------------------------------------------
+
+
+class Placement:
+    """Which CPUs this process and the processes it started may run on, for the call
+    scenarios: the same for every contender, so that no row is faster or slower by where
+    the scheduler happened to put its worker. (On this kind of VM a round trip with both
+    ends on one CPU costs 1.3-1.5x one with an end on each.)
+
+    ``apart()``: this process's threads on the first CPU, every descendant on the others
+    (a worker forked later inherits its parent's CPUs: corral's warden is a descendant).
+    ``together()``: everything on the first CPU. ``release()``: everything back on all
+    the CPUs this process started with. With one CPU, nothing is pinned."""
+
+    def __init__(self) -> None:
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.host, self.workers = {self.cpus[0]}, set(self.cpus[1:]) or {self.cpus[0]}
+        self.pinned = len(self.cpus) > 1
+
+    def describe(self) -> str:
+        if not self.pinned:
+            return "one CPU: nothing pinned"
+        return f"this process on CPU {self.cpus[0]}, its children on {_cpu_list(self.workers)}"
+
+    def apart(self) -> None:
+        self._pin(self.host, self.workers)
+
+    def together(self) -> None:
+        self._pin(self.host, self.host)
+
+    def release(self) -> None:
+        self._pin(set(self.cpus), set(self.cpus))
+
+    def _pin(self, host: set[int], children: set[int]) -> None:
+        if not self.pinned:
+            return
+        _pin_threads(os.getpid(), host)
+        for child in psutil.Process().children(recursive=True):
+            _pin_threads(child.pid, children)
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (a thread started later inherits its starter's CPUs)."""
+    with contextlib.suppress(OSError):  # gone meanwhile
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ", ".join(str(cpu) for cpu in sorted(cpus))
+
+
 # --- the contenders -----------------------------------------------------------------------
 
 
@@ -296,6 +350,7 @@ class Contenders:
     sup_none: Supervisor  # the same, Sandbox.none()
     sup_async: Supervisor  # _kernel's AsyncEcho (served on asyncio), default sandbox
     sup_starts: Supervisor  # _kernel's Echo, for cold starts and churn
+    place: Placement = field(default_factory=Placement)
 
 
 async def open_contenders(stack: contextlib.AsyncExitStack) -> Contenders:
@@ -327,7 +382,8 @@ async def open_contenders(stack: contextlib.AsyncExitStack) -> Contenders:
     ]
     for sup in sups:
         await stack.enter_async_context(sup)
-    return Contenders(raw, araw, mp, pools, *sups)
+    sup, sup_none, sup_async, sup_starts = sups
+    return Contenders(raw, araw, mp, pools, sup, sup_none, sup_async, sup_starts)
 
 
 def put_calls(c: Contenders) -> dict[str, AsyncCall]:
@@ -373,6 +429,7 @@ async def warm_32_tenants(c: Contenders, n: Counts) -> dict[str, Outcome]:
     try:
         for _ in tenants:
             pipes.append(_peers.AsyncRawPipe(loop))
+        c.place.apart()  # the new raw children were forked from this (pinned) process
         measures = {
             ARAW: many_callers([partial(p.call, "put", "k") for p in pipes]),
             CORRAL: many_callers([partial(c.sup.call, t, "put", "k") for t in tenants]),
@@ -621,7 +678,9 @@ async def churn(c: Contenders, n: Counts) -> Churn:
 @dataclass
 class Results:
     pool_starts: dict[str, str]  # how each pool starts its worker
+    placement: str  # where the call scenarios ran
     warm: dict[str, Outcome]
+    warm_one_cpu: dict[str, Outcome]  # the same, with everything on one CPU
     warm_64: dict[str, Outcome]
     warm_32: dict[str, Outcome]
     pipelined: dict[str, Outcome]
@@ -639,19 +698,37 @@ async def run(n: Counts) -> Results:
         assert await c.sup_none.call("warm", "put", "k", 0) == 1
         assert await c.sup_async.call("warm", "put", "k", 0) == 1
         assert c.raw.call("put", "k", 0) == 1 and await c.araw.call("put", "k", 0) == 1
-        return Results(
-            pool_starts={name: pool.start_method for name, pool in c.pools.items()},
-            warm=await warm_one_caller(c, n),
-            warm_64=await warm_64_callers(c, n),
-            warm_32=await warm_32_tenants(c, n),
-            pipelined=await pipelined(c, n),
-            memory=idle_memory(c),  # before any worker has held a 16 MiB payload
-            table=table_ops(n),
+        place = c.place
+        try:
+            place.together()
+            warm_one_cpu = await warm_one_caller(c, n)
+            place.apart()  # the call scenarios: this process on one CPU, workers on another
+            warm = await warm_one_caller(c, n)
+            warm_64, warm_32 = await warm_64_callers(c, n), await warm_32_tenants(c, n)
+            piped = await pipelined(c, n)
+            place.release()  # starts, memory and the table as the scheduler places them
+            memory = idle_memory(c)  # before any worker has held a 16 MiB payload
+            table = table_ops(n)
             # Before the payloads too: they leave this process hundreds of MiB bigger, and
             # forking a bigger process takes longer (corral's starts do not fork it).
-            cold=await cold_starts(c, n),
-            churn=await churn(c, n),
-            payloads=await payloads(c, n),
+            cold, churned = await cold_starts(c, n), await churn(c, n)
+            place.apart()
+            sized = await payloads(c, n)
+        finally:
+            place.release()
+        return Results(
+            pool_starts={name: pool.start_method for name, pool in c.pools.items()},
+            placement=place.describe(),
+            warm=warm,
+            warm_one_cpu=warm_one_cpu,
+            warm_64=warm_64,
+            warm_32=warm_32,
+            pipelined=piped,
+            memory=memory,
+            table=table,
+            cold=cold,
+            churn=churned,
+            payloads=sized,
         )
 
 
@@ -748,9 +825,18 @@ def report(results: Results, n: Counts) -> list[str]:
         "loop), or, awaited, have their future awaited as run_in_executor does (what an "
         "asyncio host has to do); the raw children run the same put. corral runs _kernel.py's "
         "Echo, whose methods are all plain (its worker answers from a blocking loop); "
-        f"'{CORRAL_ASYNC}' adds one async def method to it (the worker then runs asyncio).",
+        f"'{CORRAL_ASYNC}' adds one async def method to it (the worker then runs asyncio). "
+        f"This and the other call scenarios run pinned: {results.placement}.",
     )
     out += outcome_table(results.warm, LATENCY, BY_MEDIAN)
+
+    section(
+        WARM_ONE_CPU,
+        "The same, run before it with this process and every child pinned to one CPU, so "
+        "that each round trip is two context switches on it: what a host whose workers "
+        "share its CPU pays (no target).",
+    )
+    out += outcome_table(results.warm_one_cpu, LATENCY, BY_MEDIAN)
 
     section(
         WARM_64,
@@ -1006,6 +1092,7 @@ def as_json(results: Results, found: list[Target], env: dict[str, str]) -> dict[
 
     scenarios = {
         WARM: results.warm,
+        WARM_ONE_CPU: results.warm_one_cpu,
         WARM_64: results.warm_64,
         WARM_32: results.warm_32,
         PIPELINED: results.pipelined,
@@ -1017,6 +1104,7 @@ def as_json(results: Results, found: list[Target], env: dict[str, str]) -> dict[
     }
     return {
         "environment": env,
+        "placement": results.placement,
         "units": "seconds per call, batch or cycle; bytes for memory; ns per table operation",
         "scenarios": encode(scenarios),
         "churn_growth": results.churn.growth._asdict(),
@@ -1033,11 +1121,12 @@ def target_lines(found: list[Target]) -> list[str]:
     ]
 
 
-def readme_table(found: list[Target], env: dict[str, str]) -> str:
+def readme_table(found: list[Target], env: dict[str, str], placement: str) -> str:
     intro = (
         f"Measured on {env['date']} with `{env['command']}`: {env['machine']}; "
-        f"{env['versions']}. One row per target; the script also prints every scenario "
-        "and contender (medians, p99, and n/a with the reason where one does not apply)."
+        f"{env['versions']}. The call scenarios ran pinned ({placement}). One row per "
+        "target; the script also prints every scenario and contender (medians, p99, and "
+        "n/a with the reason where one does not apply)."
     )
     lines = [
         textwrap.fill(intro, 84),
@@ -1104,7 +1193,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(as_json(results, found, env), indent=1))
     if args.write_readme:
-        write_readme(readme_table(found, env))
+        write_readme(readme_table(found, env, results.placement))
     left = leftover_children()
     if left:
         print(f"processes left behind: {left}", file=sys.stderr)

@@ -13,6 +13,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
 
 SCENARIOS = [
     "warm call, one caller",
+    "warm call, one caller, everything on one CPU",
     "warm call, 64 callers on one worker",
     "warm call, 32 tenants on 32 workers",
     "pipelined throughput, 1,000 calls in flight",
