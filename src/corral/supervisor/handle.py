@@ -316,6 +316,17 @@ class WorkerHandle:
         else:
             body = _encode(Call(call_id, method, msgspec.Raw(payload)))  # encode_frame,
             head, tail = frame_header(len(body)) + body, b""  # inline: a frame less a call
+        # Written first, booked after: the worker starts on it while the books are kept
+        # (its reply is read only once this returns to the loop). A pipe found broken
+        # here kills the worker, and the call, booked below, fails with it.
+        if self._inflight:  # calls in a burst: one writev at the end of it
+            self._writer.write_soon(head)
+            if tail:
+                self._writer.write_soon(tail)
+        elif tail:
+            self._writer.write(head, tail)
+        else:
+            self._writer.write(head)
         fut: asyncio.Future[Any] = self._new_future()
         self.last_used = now = time.monotonic()
         deadline = None
@@ -327,14 +338,6 @@ class WorkerHandle:
         if self.state is S.READY:
             self.state = S.BUSY  # = transition(self, Event.CALL_SENT), spelled out: warm path
             self._listener.worker_busy(self)
-        if len(self._inflight) > 1:  # calls in a burst: one writev at the end of it
-            self._writer.write_soon(head)
-            if tail:
-                self._writer.write_soon(tail)
-        elif tail:
-            self._writer.write(head, tail)
-        else:
-            self._writer.write(head)
         return fut
 
     def _arm_watchdog(self, when: float) -> None:
