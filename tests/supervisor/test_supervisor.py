@@ -166,6 +166,24 @@ async def test_lru_evicts_the_least_recently_used_idle_worker(start_method: str)
         assert sup.keys() == ["b", "d"]
 
 
+async def test_a_caller_waiting_for_room_stops_one_victim_not_each_worker_turning_idle() -> None:
+    # Regression: a worker turning idle while the caller's first victim was still stopping
+    # woke the caller, which stopped that worker too.
+    opts = {"shutdown_timeout": 1.0, "term_timeout": 1.0}  # a's stop takes a second
+    async with Supervisor("tests.kernels:stubborn", max_workers=2, **opts) as sup:
+        assert await sup.call("a", "echo", 1) == 1
+        held = asyncio.create_task(sup.call("b", "hold", "gate"))
+        assert await sup.call("b", "wait_entered", "gate") is True
+        c = asyncio.create_task(sup.call("c", "echo", 3))  # no room: a, idle, is the victim
+        # The release is sent after c's first step: a is stopping, and b turns idle now.
+        assert await sup.call("b", "release", "gate") is True
+        assert await held == "released gate"
+        async with asyncio.timeout(10):
+            assert await c == 3
+        assert sup.keys() == ["b", "c"]
+        assert sup.stats().stops == {"lru": 1}
+
+
 async def test_idle_ttl_is_enforced_by_the_reaper_without_access() -> None:
     async with Supervisor(K, idle_ttl=0.3, **FAST) as sup:
         pid = await pid_of(sup, "t")

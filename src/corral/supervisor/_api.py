@@ -680,6 +680,7 @@ class Supervisor:
     async def _acquire(self, tenant: str) -> WorkerHandle:
         """A handle for ``tenant`` that is READY or BUSY (or was, a moment ago)."""
         deadline: float | None = None
+        evicted: WorkerHandle | None = None  # the victim this caller is waiting to see go
         while True:
             self._check_open()
             handle = self._table.get(tenant)
@@ -703,11 +704,14 @@ class Supervisor:
                 )
             if self._table.has_room():
                 return await self._start_worker(tenant)
-            victim = self._table.lru_victim()
-            if victim is not None:
-                victim_handle = self._table.peek(victim)
-                assert victim_handle is not None
-                victim_handle.evict(StopReason.LRU)
+            # One victim at a time per caller: while the last one is still on its way out,
+            # a worker turning idle meanwhile is not stopped as well.
+            if evicted is None or evicted.state is WorkerState.DEAD:
+                victim = self._table.lru_victim()
+                if victim is not None:
+                    evicted = self._table.peek(victim)
+                    assert evicted is not None
+                    evicted.evict(StopReason.LRU)
             if deadline is None:
                 deadline = asyncio.get_running_loop().time() + self._pool_timeout
             assert self._room is not None
