@@ -394,10 +394,18 @@ class WorkerHandle:
         if not self._inflight:
             if self.state is S.BUSY:
                 self.state = S.READY  # = transition(self, Event.ALL_REPLIED), spelled out
-                self._listener.worker_idle(self)
+                # The table's idle mark waits for the tasks these replies wake: a caller
+                # that sends its next call at once never takes the worker through it.
+                self._loop.call_soon(self._idle_now)
             elif self.state is S.DRAINING:
                 transition(self, Event.ALL_REPLIED)
                 self._begin_stop(Rung.ASK)
+
+    def _idle_now(self) -> None:
+        """Idle in the table (an LRU victim, TTL running) if still READY with nothing in
+        flight one loop iteration after its last reply."""
+        if self.state is S.READY and not self._inflight:
+            self._listener.worker_idle(self)
 
     # -- reading the worker's pipe -----------------------------------------------------------
 
