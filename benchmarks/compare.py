@@ -995,15 +995,19 @@ def targets(results: Results) -> list[Target]:
         )
         target.reachable = ceiling >= 6
         out.append(target)
-    batch, raw_batch = (_samples(results.pipelined[k]).median for k in (CORRAL, RAW))
-    out.append(
-        at_least(
-            "pipelined throughput, corral vs the raw pipe",
-            f"a batch in {ms(batch)} vs {ms(raw_batch)}",
-            raw_batch / batch,  # throughputs' ratio: the batch times', inverted
-            0.35,
-        )
+    batch, raw_batch, araw_batch = (
+        _samples(results.pipelined[k]).median for k in (CORRAL, RAW, ARAW)
     )
+    # The most an asyncio caller (1,000 tasks) could reach: the async raw pipe's own ratio.
+    ceiling = raw_batch / araw_batch
+    target = at_least(
+        "pipelined throughput, corral vs the raw pipe",
+        f"a batch in {ms(batch)} vs {ms(raw_batch)}; the async raw pipe's: {ceiling:.2f}x",
+        raw_batch / batch,  # throughputs' ratio: the batch times', inverted
+        0.35,
+    )
+    target.reachable = ceiling >= 0.35
+    out.append(target)
     cold = {k: _samples(results.cold[k]).median for k in (CORRAL, FORK, INTERPRETER)}
     for name, goal in ((FORK, 2.5), (INTERPRETER, 0.25)):
         out.append(
@@ -1116,7 +1120,7 @@ def target_lines(found: list[Target]) -> list[str]:
     width = max(len(t.what) for t in found)
     return [
         f"  {t.verdict.split()[0]}  {t.what:<{width}}  {t.ratio_text:>6}  (goal {t.goal}; "
-        f"{t.measured}){'' if t.reachable else '; beyond the floor measured in this run'}"
+        f"{t.measured}){'' if t.passed or t.reachable else '; beyond the floor in this run'}"
         for t in found
     ]
 
