@@ -24,6 +24,7 @@ import corral
 from corral import Supervisor
 from corral.supervisor.handle import WorkerHandle
 from corral.supervisor.memory import MemorySample
+from corral.supervisor.process import ExitCallback, Launcher, SpawnedProcess
 from tests.helpers import pid_gone, run_host, wait_pid_gone
 from tests.kernels import Kernel
 
@@ -188,6 +189,51 @@ async def test_worker_that_closes_its_request_pipe_fails_calls_fast() -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         assert await sup.call("t", "close_requests") is True
         with pytest.raises(corral.WorkerError):
+            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 5)
+
+
+class _ExitOnKill:
+    """The real launcher, except that ``signal(SIGKILL)`` reports the worker reaped before
+    it returns (the Launcher protocol allows it; the warden reports exits later)."""
+
+    def __init__(self, inner: Launcher) -> None:
+        self._inner = inner
+        self._on_exit: dict[int, ExitCallback] = {}
+        self.memory_enforcement = ""
+        self.sandbox_report: dict[str, str] = {}
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+        reported: list[bool] = []
+
+        def once(returncode: int | None, oom_killed: bool) -> None:
+            if not reported:
+                reported.append(True)
+                on_exit(returncode, oom_killed)
+
+        proc = await self._inner.spawn(once, memory_limit)
+        self._on_exit[proc.pid] = once
+        return proc
+
+    def signal(self, pid: int, signum: int) -> None:
+        self._inner.signal(pid, signum)
+        if signum == signal.SIGKILL and pid in self._on_exit:
+            self._on_exit.pop(pid)(-signal.SIGKILL, False)
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        await self._inner.aclose(grace)
+
+
+# Regression: a call is booked after its frame is written; when the write found the pipe
+# broken and the launcher reported the kill's exit on the spot, the call was booked on a
+# dead worker and never resolved (a hang with timeout=None).
+async def test_a_call_whose_worker_is_reported_dead_while_it_is_sent_still_fails() -> None:
+    inner = Supervisor(EVIL)._launcher  # never started: only its launcher is used
+    async with Supervisor(EVIL, launcher=_ExitOnKill(inner), **FAST) as sup:
+        assert await sup.call("t", "close_requests") is True
+        with pytest.raises(corral.WorkerCrashedError, match="closed its pipe"):
             await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 5)
 
 

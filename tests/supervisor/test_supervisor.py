@@ -184,6 +184,24 @@ async def test_a_caller_waiting_for_room_stops_one_victim_not_each_worker_turnin
         assert sup.stats().stops == {"lru": 1}
 
 
+async def test_a_worker_is_marked_idle_one_loop_iteration_after_its_last_reply() -> None:
+    # The table's idle mark waits for the tasks a reply wakes (a caller that calls again at
+    # once never takes the worker through the table); by then it must still be idle.
+    async with Supervisor(K, **FAST) as sup:
+        assert await sup.call("t", "echo", 1) == 1
+        handle = handle_of(sup, "t")
+        assert handle.state.value == "ready"  # at once, for stats() and the caller
+        await asyncio.sleep(0)  # ok-sleep: one loop iteration, not a wait for time
+        assert sup._table.is_idle("t")
+        assert await sup.call("t", "echo", 2) == 2
+        assert not sup._table.is_idle("t")  # not yet...
+        handle.evict(StopReason.EVICTED)  # ...and stopped within that iteration:
+        await asyncio.sleep(0)  # ok-sleep: one loop iteration, not a wait for time
+        assert not sup._table.is_idle("t")  # a stopping worker is never marked idle
+        async with asyncio.timeout(10):
+            assert (await handle.wait_dead()).reason is StopReason.EVICTED
+
+
 async def test_idle_ttl_is_enforced_by_the_reaper_without_access() -> None:
     async with Supervisor(K, idle_ttl=0.3, **FAST) as sup:
         pid = await pid_of(sup, "t")

@@ -705,8 +705,9 @@ class Supervisor:
             if self._table.has_room():
                 return await self._start_worker(tenant)
             # One victim at a time per caller: while the last one is still on its way out,
-            # a worker turning idle meanwhile is not stopped as well.
-            if evicted is None or evicted.state is WorkerState.DEAD:
+            # a worker turning idle meanwhile is not stopped as well (unless that victim is
+            # past all corral can do to end it: settled and still not reaped).
+            if evicted is None or evicted.is_settled:
                 victim = self._table.lru_victim()
                 if victim is not None:
                     evicted = self._table.peek(victim)

@@ -184,6 +184,7 @@ class WorkerHandle:
         self._stopping: asyncio.Task[None] | None = None
         self._start_error: StartError | None = None
         self._eof_killed = False  # we SIGKILLed it because its pipe closed
+        self._death_status = ""  # how it died, in words, once DEAD (for late calls)
         self._detail = ""  # what went wrong, for error messages: "sent an undecodable frame"
 
     # -- queries -----------------------------------------------------------------------------
@@ -196,6 +197,12 @@ class WorkerHandle:
     def is_serving(self) -> bool:
         """True if new calls may be sent (READY or BUSY)."""
         return self.state in SERVING
+
+    @property
+    def is_settled(self) -> bool:
+        """Reaped, or SIGKILLed ``kill_timeout`` ago and still not reaped (see
+        :meth:`wait_settled`): nothing more will come of waiting for it."""
+        return self._settled.is_set()
 
     def info(self) -> WorkerInfo:
         offset = time.time() - time.monotonic()
@@ -328,6 +335,11 @@ class WorkerHandle:
         else:
             self._writer.write(head)
         fut: asyncio.Future[Any] = self._new_future()
+        if self.state is S.DEAD:  # ... and a launcher reported its exit on the spot
+            assert self.report is not None
+            report, status = self.report, self._death_status
+            fut.set_exception(self._death_error(report.reason, report.returncode, status, method))
+            return fut
         self.last_used = now = time.monotonic()
         deadline = None
         if timeout is not None:
@@ -682,6 +694,7 @@ class WorkerHandle:
                 pid=self.pid,
             )
             self._ready.set_exception(error)
+        self._death_status = status
         inflight, self._inflight = self._inflight, {}
         self._disarm_watchdog()
         for pending in inflight.values():

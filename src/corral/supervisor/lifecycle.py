@@ -1,7 +1,8 @@
 """Worker lifecycle: the states, the events, and the one function that moves
 a handle from one state to the next.
 
-``transition()`` is the only code that writes ``handle.state``. An unknown
+``transition()`` writes ``handle.state`` (the handle writes out the warm call's two,
+READY -> BUSY and BUSY -> READY, after checking the from-state). An unknown
 (state, event) pair raises :class:`~corral.errors.InvariantError`: that is a
 bug in corral, not a worker fault.
 

@@ -91,7 +91,8 @@ class Launcher(Protocol):
 
     def signal(self, pid: int, signum: int) -> None:
         """Send ``signum`` to the worker's process group (SIGKILL: its whole tree).
-        Never blocks; a no-op for a worker already reaped."""
+        Never blocks; a no-op for a worker already reaped. May report the exit (call
+        ``on_exit``) before it returns."""
         ...
 
     async def aclose(self, grace: float = 5.0) -> None:
