@@ -184,7 +184,6 @@ class WorkerHandle:
         self._stopping: asyncio.Task[None] | None = None
         self._start_error: StartError | None = None
         self._eof_killed = False  # we SIGKILLed it because its pipe closed
-        self._death_status = ""  # how it died, in words, once DEAD (for late calls)
         self._detail = ""  # what went wrong, for error messages: "sent an undecodable frame"
 
     # -- queries -----------------------------------------------------------------------------
@@ -325,7 +324,7 @@ class WorkerHandle:
             head, tail = frame_header(len(body)) + body, b""  # inline: a frame less a call
         # Written first, booked after: the worker starts on it while the books are kept
         # (its reply is read only once this returns to the loop). A pipe found broken
-        # here kills the worker, and the call, booked below, fails with it.
+        # here is reported from the loop later: the call, booked below, fails with it.
         if self._inflight:  # calls in a burst: one writev at the end of it
             self._writer.write_soon(head)
             if tail:
@@ -335,11 +334,6 @@ class WorkerHandle:
         else:
             self._writer.write(head)
         fut: asyncio.Future[Any] = self._new_future()
-        if self.state is S.DEAD:  # ... and a launcher reported its exit on the spot
-            assert self.report is not None
-            report, status = self.report, self._death_status
-            fut.set_exception(self._death_error(report.reason, report.returncode, status, method))
-            return fut
         self.last_used = now = time.monotonic()
         deadline = None
         if timeout is not None:
@@ -694,7 +688,6 @@ class WorkerHandle:
                 pid=self.pid,
             )
             self._ready.set_exception(error)
-        self._death_status = status
         inflight, self._inflight = self._inflight, {}
         self._disarm_watchdog()
         for pending in inflight.values():

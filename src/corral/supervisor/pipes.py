@@ -44,7 +44,9 @@ class PipeWriter:
     ) -> None:
         self._fd = fd
         self._loop = loop
-        self._on_broken = on_broken  # called once if the worker closed its end
+        # Called once if the worker closed its end: from the loop, never from inside a
+        # write, so a caller's own bookkeeping after write() always runs first.
+        self._on_broken = on_broken
         self._queue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._broken = False
         self._soon = False  # a flush is scheduled with call_soon
@@ -123,7 +125,7 @@ class PipeWriter:
         self._queue.clear()
         self._waiting = False
         self._loop.remove_writer(self._fd)
-        self._on_broken()
+        self._loop.call_soon(self._on_broken)
 
     def close(self) -> None:
         if self._fd >= 0:
