@@ -194,6 +194,220 @@ class HostileKernel(Kernel):
                 f.write(b"s" * size)
         return self.shm_list()
 
+    # -- privileges ------------------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, int]:
+        """This process's capability sets (CapEff, CapPrm, CapInh, CapBnd, CapAmb)."""
+        sets = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Cap"):
+                    name, _, value = line.partition(":")
+                    sets[name] = int(value, 16)
+        return sets
+
+    def privileged_acts(self) -> dict[str, str]:
+        """Acts that need a capability, each harmless if it works (the host name set to
+        what it is): "ok" or the errno name that refused it."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        out = {}
+        name = os.uname().nodename.encode()
+        out["sethostname"] = "ok" if libc.sethostname(name, len(name)) == 0 else _errno_of(ctypes)
+        # CAP_SYS_RESOURCE: raise our own hard limit past what it is
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard + 1))
+            out["raise_rlimit"] = "ok"
+        except (OSError, ValueError) as exc:
+            out["raise_rlimit"] = _errno_name(exc) if isinstance(exc, OSError) else "EPERM"
+        return out
+
+    def plant_setuid(self) -> dict[str, Any]:
+        """Try to leave a setuid/setgid executable in the scratch dir, and to make a file
+        immutable: each attempt's "ok" or errno name, with the scratch dir's path."""
+        import fcntl
+        import shutil
+        import stat
+        import struct
+        import sys
+
+        here = os.getcwd()
+        target = os.path.join(here, "plant")
+        shutil.copyfile(os.path.realpath(sys.executable), target)  # an executable of ours
+        out: dict[str, Any] = {"scratch": here}
+
+        def attempt(name: str, act: Any) -> None:
+            try:
+                act()
+                out[name] = "ok"
+            except OSError as exc:
+                out[name] = _errno_name(exc)
+
+        attempt("chmod_setuid", lambda: os.chmod(target, 0o4755))
+        attempt("chmod_setgid", lambda: os.chmod(target, 0o2755))
+        attempt("fchmod_setuid", lambda: _fchmod(target, 0o4755))
+        attempt(
+            "create_setuid",
+            lambda: os.close(os.open(os.path.join(here, "made"), os.O_CREAT | os.O_WRONLY, 0o4755)),
+        )
+        attempt("mkdir_setgid", lambda: os.mkdir(os.path.join(here, "dir"), 0o2755))
+        fs_ioc_setflags, immutable = 0x40086602, 0x10
+
+        def set_immutable() -> None:
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                fcntl.ioctl(fd, fs_ioc_setflags, struct.pack("l", immutable))
+            finally:
+                os.close(fd)
+
+        attempt("immutable", set_immutable)
+        mode = os.stat(target).st_mode
+        out["mode_bits"] = stat.S_IMODE(mode)
+        made = os.path.join(here, "made")
+        out["made_bits"] = stat.S_IMODE(os.stat(made).st_mode) if os.path.exists(made) else None
+        return out
+
+    def litter(self, count: int) -> str:
+        """Leave ``count`` files in the scratch dir; return its path."""
+        here = os.getcwd()
+        for i in range(count):
+            with open(os.path.join(here, f"litter-{i}"), "wb") as f:
+                f.write(b"x")
+        return here
+
+    # -- other processes -----------------------------------------------------------------------
+
+    def act_on(self, pid: int) -> dict[str, str]:
+        """Act on process ``pid`` in ways that change nothing if they work (each sets what
+        is already set, or sends signal 0): "ok" or the errno name that refused it."""
+        import ctypes
+        import resource
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        out: dict[str, str] = {}
+
+        def attempt(name: str, act: Any) -> None:
+            try:
+                act()
+                out[name] = "ok"
+            except OSError as exc:
+                out[name] = _errno_name(exc)
+
+        def prlimit() -> None:
+            current = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, current)
+
+        def nice() -> None:
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid))
+
+        def affinity() -> None:
+            os.sched_setaffinity(pid, os.sched_getaffinity(pid))
+
+        def scheduler() -> None:
+            os.sched_setscheduler(pid, os.sched_getscheduler(pid), os.sched_getparam(pid))
+
+        def ioprio() -> None:  # ioprio_get / ioprio_set(IOPRIO_WHO_PROCESS, pid, same)
+            prio = libc.syscall(252, 1, pid)
+            if prio < 0 or libc.syscall(251, 1, pid, prio) != 0:
+                raise OSError(ctypes.get_errno(), "ioprio")
+
+        def madvise() -> None:  # process_madvise(pidfd -1, ...): the call itself is refused
+            if libc.syscall(440, -1, None, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "process_madvise")
+
+        def pidfd() -> None:
+            os.close(os.pidfd_open(pid))
+
+        attempt("prlimit", prlimit)
+        attempt("setpriority", nice)
+        attempt("sched_setaffinity", affinity)
+        attempt("sched_setscheduler", scheduler)
+        attempt("ioprio_set", ioprio)
+        attempt("kill", lambda: os.kill(pid, 0))
+        attempt("process_madvise", madvise)
+        attempt("pidfd_open", pidfd)
+        for what in ("environ", "maps", "cmdline"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    f.read(1)
+                out[what] = "ok"
+            except OSError as exc:
+                out[what] = _errno_name(exc)
+        return out
+
+    # -- sockets -------------------------------------------------------------------------------
+
+    def socket_families(self) -> dict[str, str]:
+        """Create (and close) a socket of each family: "ok" or the errno name; and an
+        AF_UNIX socketpair."""
+        import socket
+
+        families = {
+            "AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17,
+            "AF_ALG": 38, "AF_VSOCK": 40, "AF_XDP": 44,
+        }  # fmt: skip
+        out = {}
+        for name, family in families.items():
+            kind = socket.SOCK_RAW if family == 44 else socket.SOCK_STREAM
+            if family in (16, 17):
+                kind = socket.SOCK_RAW if family == 17 else socket.SOCK_DGRAM
+            if family == 38:
+                kind = socket.SOCK_SEQPACKET
+            try:
+                socket.socket(family, kind, 0).close()
+                out[name] = "ok"
+            except OSError as exc:
+                out[name] = _errno_name(exc)
+        try:
+            for end in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM):
+                end.close()
+            out["socketpair"] = "ok"
+        except OSError as exc:
+            out["socketpair"] = _errno_name(exc)
+        return out
+
+    # -- the scratch disk ----------------------------------------------------------------------
+
+    def fill_scratch(self, cap_bytes: int, cap_files: int) -> dict[str, Any]:
+        """Write one file until the disk refuses (or ``cap_bytes``), then create empty
+        files until it refuses (or ``cap_files``); leave them all."""
+        here = os.getcwd()
+        written, error = 0, None
+        chunk = b"d" * _MIB
+        with open(os.path.join(here, "big"), "wb", buffering=0) as f:
+            while written < cap_bytes:
+                try:
+                    written += f.write(chunk)
+                except OSError as exc:
+                    error = _errno_name(exc)
+                    break
+        files, files_error = 0, None
+        while files < cap_files:
+            try:
+                os.close(os.open(os.path.join(here, f"f{files}"), os.O_CREAT | os.O_WRONLY))
+            except OSError as exc:
+                files_error = _errno_name(exc)
+                break
+            files += 1
+        return {"bytes": written, "error": error, "files": files, "files_error": files_error}
+
+
+def _errno_of(ctypes: Any) -> str:
+    return errno.errorcode.get(ctypes.get_errno(), "?")
+
+
+def _fchmod(path: str, mode: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
 
 def make(tenant: str) -> HostileKernel:
     return HostileKernel(tenant)

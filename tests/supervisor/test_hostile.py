@@ -31,6 +31,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -62,7 +63,12 @@ FAST: dict[str, Any] = {
     "drain_timeout": 1.0,
     "restart_intensity": 50,  # attacks crash workers on purpose; no backoff in these tests
 }
-PRESETS: dict[str, Callable[[], Sandbox]] = {"default": Sandbox.default, "strict": Sandbox.strict}
+PRESETS: dict[str, Callable[[], Sandbox]] = {
+    "default": Sandbox.default,
+    "strict": Sandbox.strict,
+    "none": Sandbox.none,  # the control: shows an attack works where nothing stops it
+}
+ROOT = os.geteuid() == 0
 SMALL_PIDS = 32  # max_processes for the bomb tests (used by strict()'s pids cgroup)
 MIB = 1 << 20
 
@@ -155,6 +161,8 @@ class Arena:
         self.sup = sup
         self.preset = preset
         self.strict = preset == "strict"
+        # As root, default() also gets a pids cgroup and a uid of its own per worker.
+        self.bounded = self.strict or ROOT
         self.bystander = 0  # host pid of the bystander's worker (corral's init under strict)
         self.warden: psutil.Process | None = None
         self.suspects: dict[int, psutil.Process] = {}
@@ -323,10 +331,10 @@ async def test_a_fork_bomb_is_bounded_and_dies_with_its_worker(preset: str) -> N
         outcome = await a.ok("fork_bomb", BOMB_CAP)
         forked = outcome["pids"]
         a.watch(reported=forked)
-        if a.strict:  # STRICT: the pids cgroup (and RLIMIT_NPROC) stop it early
+        if a.bounded:  # the pids cgroup (and RLIMIT_NPROC) stop it early
             assert outcome["error"] == "EAGAIN", outcome
             assert 0 < len(forked) < SMALL_PIDS
-        else:  # default() bounds no processes: the kernel's own cap stopped it
+        else:  # without root nothing bounds processes: the kernel's own cap stopped it
             assert (outcome["error"], len(forked)) == (None, BOMB_CAP)
         await a.bystander_carries_on()
         await a.attacker_gone()
@@ -354,7 +362,7 @@ async def test_a_thread_bomb_is_bounded_and_the_worker_goes_on(preset: str) -> N
     async with arena(preset, sandbox={"max_processes": SMALL_PIDS}) as a:
         await a.attacker()
         outcome = await a.ok("thread_bomb", BOMB_CAP)
-        if a.strict:  # STRICT: the pids cgroup counts threads too
+        if a.bounded:  # the pids cgroup counts threads too
             assert outcome["started"] < SMALL_PIDS, outcome
             assert "can't start new thread" in outcome["error"], outcome
         else:
@@ -440,20 +448,11 @@ def host_secrets(canary: str) -> set[str]:
 
 @pytest.mark.parametrize("source", ["own", "parent", "host"])
 async def test_environment_secrets_stay_out_of_reach(
-    preset: str, source: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    preset: str, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker's own environment, its parent's (the warden, or corral's init under
     strict) and the host process's (/proc/<pid>/environ) must show none of the host's
     secrets."""
-    if preset == "default" and source == "host":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="LIMITATION (README threat model): under default() workers keep the "
-                "host's uid, so /proc/<host pid>/environ is readable (Landlock does not stop it)",
-            )
-        )
     canary = uuid.uuid4().hex
     monkeypatch.setenv("CORRAL_HOSTILE_SECRET", canary)  # before the supervisor exists
     secrets = host_secrets(canary)
@@ -745,6 +744,159 @@ async def test_a_hostile_exception_comes_back_bounded(
         await a.attacker_gone()
 
 
+# -- privileges ------------------------------------------------------------------------------
+
+
+needs_root = pytest.mark.skipif(not ROOT, reason="the attack is about a root host")
+
+
+def path_gone(path: str) -> bool:
+    return not os.path.lexists(path)
+
+
+@needs_root
+async def test_a_worker_holds_no_capability(preset: str) -> None:
+    """As root, every capability set is empty (the bounding set too), and acts that need
+    one are refused; under none() the worker has them all (the control)."""
+    async with arena(preset) as a:
+        await a.attacker()
+        assert await a.ok("capabilities") == dict.fromkeys(
+            ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0
+        )
+        acts = await a.ok("privileged_acts")
+        assert acts == {"sethostname": "EPERM", "raise_rlimit": "EPERM"}, acts
+        report = a.sup.stats().sandbox["capabilities"]
+        assert report.startswith("on (all dropped: "), report
+        await a.bystander_carries_on()
+        await a.attacker_gone()
+    async with arena("none") as control:
+        caps = await control.ok("capabilities", tenant=BYSTANDER)
+        assert caps["CapEff"] != 0 and caps["CapBnd"] != 0, caps
+
+
+@needs_root
+async def test_no_setuid_file_can_be_planted_and_the_scratch_goes(preset: str) -> None:
+    """A root worker tries to leave a setuid copy of the interpreter (and an immutable
+    file) in its scratch dir: every attempt is refused, the scratch dir is a nosuid tmpfs,
+    and it is gone once the worker is."""
+    async with arena(preset) as a:
+        await a.attacker()
+        out = await a.ok("plant_setuid")
+        scratch = out.pop("scratch")
+        for attempt in ("chmod_setuid", "chmod_setgid", "fchmod_setuid", "create_setuid"):
+            assert out[attempt] == "EPERM", out
+        assert out["immutable"] != "ok", out
+        assert out["mode_bits"] & 0o6000 == 0 and (out["made_bits"] or 0) & 0o6000 == 0, out
+        assert os.statvfs(scratch).f_flag & os.ST_NOSUID, "the scratch dir is not nosuid"
+        assert os.statvfs(scratch).f_flag & os.ST_NODEV, "the scratch dir is not nodev"
+        await a.bystander_carries_on()
+        await a.attacker_gone()
+        assert path_gone(scratch), "the scratch dir outlived its worker"
+
+
+@needs_root
+async def test_a_full_scratch_dir_says_enospc_and_the_worker_goes_on(preset: str) -> None:
+    size, inodes = 8 * MIB, 256
+    async with arena(preset, sandbox={"scratch_bytes": size, "scratch_inodes": inodes}) as a:
+        await a.attacker()
+        out = await a.ok("fill_scratch", 8 * size, 8 * inodes)
+        assert out["error"] == "ENOSPC" and out["bytes"] <= size, out
+        assert out["files_error"] == "ENOSPC" and out["files"] < inodes, out
+        assert await a.ok("echo", "still serving") == "still serving"
+        scratch = await a.ok("litter", 0)
+        await a.bystander_carries_on()
+        await a.attacker_gone()
+        assert path_gone(scratch)
+        # What it left goes with one unmount: a new tenant starts at once.
+        async with asyncio.timeout(STEP):
+            await a.sup.get_or_create("newcomer")
+
+
+@pytest.mark.parametrize("quota", [True, False], ids=["tmpfs", "plain-dir"])
+async def test_thousands_of_files_left_in_scratch_do_not_outlive_the_worker(
+    preset: str, quota: bool
+) -> None:
+    """A tmpfs goes with one unmount; a plain directory (no root, or no quota asked for)
+    is removed by a child of the warden, which meanwhile goes on starting workers."""
+    async with arena(preset, sandbox=None if quota else {"scratch_bytes": None}) as a:
+        await a.attacker()
+        scratch = await a.ok("litter", 5000)
+        await a.attacker_gone()
+        assert path_gone(scratch)
+        await a.bystander_carries_on()
+
+
+# -- other processes --------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def target_process() -> AsyncIterator[int]:
+    """A process of the test's own (same uid as the host) for a kernel to act on: it only
+    waits for its stdin to close."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE
+    )
+    try:
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        async with asyncio.timeout(STEP):
+            await proc.wait()
+
+
+ACTS = ("prlimit", "setpriority", "sched_setaffinity", "sched_setscheduler", "ioprio_set")
+
+
+@pytest.mark.parametrize("own_uid", [True, False], ids=["own-uid", "host-uid"])
+async def test_a_worker_cannot_act_on_other_processes(preset: str, own_uid: bool) -> None:
+    """Resource limits, scheduling, I/O priority, signals, process_madvise, pidfds and
+    /proc/<pid>/{environ,maps,cmdline} of the host process, a sibling worker and a process
+    of the host's uid are refused, also for a worker that keeps the host's uid (then only
+    seccomp and Landlock stand in the way); on itself the same calls work."""
+    if preset == "strict" and not own_uid:
+        pytest.skip("strict() always runs a worker under a uid of its own")
+    async with (
+        target_process() as other,
+        arena(preset, sandbox=None if own_uid else {"dedicated_uid": False}) as a,
+    ):
+        await a.attacker()
+        for victim in (os.getpid(), a.bystander, other):
+            acts = await a.ok("act_on", victim)
+            landed = sorted(act for act, outcome in acts.items() if outcome == "ok")
+            assert not landed, f"acts on pid {victim} landed: {landed} ({acts})"
+        me = (await a.ok("whoami"))["pid"]
+        own = await a.ok("act_on", me)
+        assert all(own[act] == "ok" for act in (*ACTS, "kill", "environ", "maps")), own
+        assert own["process_madvise"] == "EPERM" and own["pidfd_open"] == "ENOSYS", own
+        await a.bystander_carries_on()
+        await a.attacker_gone()
+
+
+async def test_acting_on_other_processes_works_without_a_sandbox() -> None:
+    """The control for the test above: under none() the same acts land."""
+    async with target_process() as other, arena("none") as a:
+        acts = await a.ok("act_on", other, tenant=BYSTANDER)
+        for act in (*ACTS, "kill", "environ", "maps", "cmdline", "pidfd_open"):
+            assert acts[act] == "ok", acts
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+
+async def test_no_socket_family_is_allowed_but_unix_pairs(preset: str) -> None:
+    async with arena(preset) as a:
+        await a.attacker()
+        out = await a.ok("socket_families")
+        assert out.pop("socketpair") == "ok"  # the one thing a worker's own asyncio needs
+        assert set(out.values()) == {"EACCES"}, out
+        await a.bystander_carries_on()
+        await a.attacker_gone()
+    async with arena("none") as control:
+        out = await control.ok("socket_families", tenant=BYSTANDER)
+        assert out["AF_UNIX"] == out["AF_INET"] == "ok", out
+
+
 # -- who the worker is -------------------------------------------------------------------------
 
 
@@ -759,7 +911,12 @@ async def test_what_the_worker_runs_as_and_sees(preset: str) -> None:
             assert me["interfaces"] == ["lo"], me
             other = await a.ok("identity", tenant=BYSTANDER)
             assert other["uid"] != me["uid"]  # a uid per worker
-        else:  # default() keeps the host's uid and sees the host's processes
+        elif ROOT:  # default() as root: a uid of its own, but the host's pid namespace
+            assert 0 not in (me["uid"], me["gid"]) and me["groups"] == [], me
+            assert me["pid"] == pid and os.getpid() in me["visible"], me
+            other = await a.ok("identity", tenant=BYSTANDER)
+            assert other["uid"] != me["uid"]  # a uid per worker
+        else:  # default() without root keeps the host's uid
             assert (me["uid"], me["pid"]) == (os.getuid(), pid), me
             assert os.getpid() in me["visible"]
         await a.bystander_carries_on()

@@ -413,6 +413,8 @@ class WardenLauncher:
             if self._sandbox.needs_root_probe:
                 # A worker's own uid must be able to read what it will import.
                 argv.append(f"root={self._sandbox.uid_range[0]}")
+                if self._sandbox.namespaces:
+                    argv.append("namespaces")
                 readable = (*(p for p in sys.path if p), *self._sandbox.extra_read_paths)
                 argv.extend(f"read={path}" for path in readable)
             # One short fork/exec per warden (normally once per supervisor); workers never

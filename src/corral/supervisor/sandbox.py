@@ -5,13 +5,16 @@ The layers a worker can get, from cheapest to strongest:
 * always (part of how corral starts workers): environment allowlist set at exec,
   only the protocol fds open, stdio captured, a session of its own, a parent-death
   signal, and a memory cgroup or rlimit when memory limits are set;
-* ``Sandbox.default()`` adds what needs no privileges: a private scratch directory
-  as cwd (removed afterwards), resource limits (no core dumps, open files, file
-  size), no-new-privs, Landlock (filesystem read-only outside the scratch dir, no
-  TCP, signals and abstract unix sockets scoped to the worker) where the kernel has
-  it, and a seccomp deny-list (no network or unix sockets, no ptrace, mount,
-  namespaces, bpf, io_uring, keyrings, ...), applied last;
-* ``Sandbox.strict()`` also requires what needs root: a cgroup per worker for the
+* ``Sandbox.default()`` adds, best effort: a private scratch directory as cwd
+  (removed afterwards; as root a size- and inode-limited nosuid,nodev tmpfs), resource
+  limits (no core dumps, open files, file size), every capability dropped (as root),
+  no-new-privs, Landlock (filesystem read-only outside the scratch dir, no other
+  process's /proc entries, no TCP, signals and abstract unix sockets scoped to the
+  worker) where the kernel has it, a seccomp filter (no sockets but AF_UNIX pairs, no
+  acting on other processes, no setuid/setgid modes, no ptrace, mount, namespaces,
+  bpf, io_uring, keyrings, ...), applied last; and as root a uid of its own per
+  worker and a cgroup bounding its processes and threads;
+* ``Sandbox.strict()`` requires the root-only layers: a cgroup per worker for the
   whole tree (pids limit, whole-tree kill), a dedicated uid/gid per worker (it can
   neither signal nor read other processes; RLIMIT_NPROC applies), and PID, mount,
   network, IPC and UTS namespaces (pid 2 under a tiny init; a private /proc and a
@@ -36,6 +39,9 @@ from corral.ipc import SandboxSpec
 __all__ = ["Sandbox", "SandboxUnavailableError"]
 
 
+SCRATCH_BYTES = 128 * 2**20  # the presets' scratch tmpfs (root): small beside any disk
+
+
 class SandboxUnavailableError(Exception):
     """A layer the sandbox requires is not available on this host."""
 
@@ -45,20 +51,28 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         scratch_dir: a fresh private directory as the worker's cwd, HOME and TMPDIR.
+        scratch_bytes: as root, the scratch dir is a tmpfs of this many bytes (mounted
+            nosuid,nodev; its pages count against the worker's memory cgroup); a kernel
+            that fills it gets ``OSError(ENOSPC)`` and goes on. None (the class
+            default; the presets use 128 MiB): a plain directory.
+        scratch_inodes: the most files and directories that tmpfs holds.
         rlimits: hard resource limits by name ("core", "cpu", "nofile", "fsize"). "cpu"
             counts a worker's whole life, so it is off by default (call timeouts bound
             each call).
         no_new_privs: setuid binaries gain nothing.
         landlock: filesystem, TCP and signal/abstract-socket scoping (kernel >= 5.13).
-        seccomp: the syscall deny-list.
+        seccomp: the syscall filter (see ARCHITECTURE.md for what it allows).
+        drop_capabilities: a worker started by a root host drops every capability
+            (effective, permitted, inheritable, ambient and the bounding set) and can
+            never regain one at exec.
         extra_read_paths: more paths the kernel may read under Landlock.
-        cgroup_tree: a pids cgroup per worker (root, cgroup v1): at most
-            ``max_processes`` processes and threads in its tree, and the whole tree,
-            setsid'd descendants included, is killed when the worker stops.
         dedicated_uid: each live worker runs as a uid/gid of its own from
             ``uid_range`` (root). The interpreter, corral and the kernel's code must
             be readable by other users (not in a private home directory).
             ``RLIMIT_NPROC`` is set to ``max_processes``.
+        cgroup_tree: a pids cgroup per worker (root): at most ``max_processes``
+            processes and threads in its tree, and the whole tree, setsid'd
+            descendants included, is killed when the worker stops.
         namespaces: the worker is pid 2 of its own PID namespace under a tiny init
             (when it exits, everything left in the namespace is killed), with private
             mount, network (no interfaces up), IPC and UTS namespaces, a private
@@ -69,12 +83,15 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     scratch_dir: bool = True
+    scratch_bytes: int | None = None
+    scratch_inodes: int = 16_384
     rlimits: dict[str, int] = msgspec.field(
         default_factory=lambda: {"core": 0, "nofile": 1024, "fsize": 1 << 30}
     )
     no_new_privs: bool = True
     landlock: bool = True
     seccomp: bool = True
+    drop_capabilities: bool = True
     extra_read_paths: tuple[str, ...] = ()
     dedicated_uid: bool = False
     cgroup_tree: bool = False
@@ -87,21 +104,36 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def none(cls) -> Sandbox:
         """No isolation beyond the process boundary (trusted code)."""
-        return cls(scratch_dir=False, rlimits={}, no_new_privs=False, landlock=False, seccomp=False)
+        return cls(
+            scratch_dir=False,
+            rlimits={},
+            no_new_privs=False,
+            landlock=False,
+            seccomp=False,
+            drop_capabilities=False,
+        )
 
     @classmethod
     def default(cls) -> Sandbox:
-        """Every layer that needs no privileges, where the host supports it."""
-        return cls(best_effort=True)
+        """Every layer the host supports but namespaces, best effort: as root that
+        includes a uid of its own per worker, a pids cgroup and a size-limited scratch
+        tmpfs; without root each of those is reported unavailable (with a warning)."""
+        return cls(
+            dedicated_uid=True, cgroup_tree=True, scratch_bytes=SCRATCH_BYTES, best_effort=True
+        )
 
     @classmethod
     def strict(cls) -> Sandbox:
-        """``default()`` plus the root-only layers, all required."""
-        return cls(dedicated_uid=True, cgroup_tree=True, namespaces=True)
+        """``default()`` plus namespaces, every layer required."""
+        return cls(
+            dedicated_uid=True, cgroup_tree=True, namespaces=True, scratch_bytes=SCRATCH_BYTES
+        )
 
     def requested(self) -> dict[str, bool]:
         return {
             "scratch_dir": self.scratch_dir,
+            "scratch_quota": self.scratch_dir and self.scratch_bytes is not None,
+            "capabilities": self.drop_capabilities,
             "rlimits": bool(self.rlimits),
             "no_new_privs": self.no_new_privs,
             "landlock": self.landlock,
@@ -131,6 +163,16 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             )
         if first + count > 2**32 - 2:
             raise ValueError(f"Sandbox.uid_range {self.uid_range!r} goes past the largest uid")
+        if self.scratch_bytes is not None and (
+            not isinstance(self.scratch_bytes, int) or self.scratch_bytes < 1 << 20
+        ):
+            raise ValueError(
+                f"Sandbox.scratch_bytes must be None or an int >= 1 MiB, got {self.scratch_bytes!r}"
+            )
+        if not isinstance(self.scratch_inodes, int) or self.scratch_inodes < 64:
+            raise ValueError(
+                f"Sandbox.scratch_inodes must be an int >= 64, got {self.scratch_inodes!r}"
+            )
         if not isinstance(self.shm_bytes, int) or self.shm_bytes < 4096:
             raise ValueError(f"Sandbox.shm_bytes must be an int >= 4096, got {self.shm_bytes!r}")
 
@@ -186,6 +228,9 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
             uid_range=self.uid_range if granted["dedicated_uid"] else None,
             namespaces=granted["namespaces"],
             shm_bytes=self.shm_bytes,
+            drop_capabilities=granted["capabilities"],
+            scratch_bytes=self.scratch_bytes if granted["scratch_quota"] else None,
+            scratch_inodes=self.scratch_inodes if granted["scratch_quota"] else None,
         )
         return spec, report
 

@@ -1,8 +1,10 @@
 """``python -m corral.worker``: the child-side entry points.
 
-* ``warden CONTROL_FD HOST_PID [cgroups] [root=UID [read=PATH ...]]`` -- run the
-  forkserver (see ``_warden``); ``root=UID`` checks the root-only sandbox layers, with
-  a worker as that uid having to read each ``read=`` path.
+* ``warden CONTROL_FD HOST_PID [cgroups] [root=UID [namespaces] [read=PATH ...]]`` --
+  run the forkserver (see ``_warden``); ``root=UID`` checks the root-only sandbox
+  layers, with a worker as that uid having to read each ``read=`` path, and
+  ``namespaces`` also whether namespaces can be made (without root, in a user
+  namespace the warden enters for them).
 * ``worker FD_IN FD_OUT`` -- serve one kernel on two pipe fds (see ``_loop``).
 
 Kept cheap to import: only the ipc package and the loop are loaded.
@@ -41,11 +43,12 @@ def main(argv: list[str] | None = None) -> None:
             root,
             want_cgroups=("cgroups", "") in options,
             root_probe_uid=probe_uid[0] if probe_uid else None,
+            want_namespaces=("namespaces", "") in options,
             must_read=[value for key, value in options if key == "read"],
         )
     print(
         "usage: python -m corral.worker (worker FD_IN FD_OUT | "
-        "warden CONTROL_FD HOST_PID [cgroups] [root=UID [read=PATH ...]])",
+        "warden CONTROL_FD HOST_PID [cgroups] [root=UID [namespaces] [read=PATH ...]])",
         file=sys.stderr,
     )
     sys.exit(2)

@@ -320,28 +320,29 @@ def enter_user_namespace() -> None:
             f.write(text)
 
 
-def detect(uid_base: int, must_read: Sequence[str], user_namespace: bool) -> dict[str, str]:
-    """Whether ``dedicated_uid`` and ``namespaces`` work here, tried for real in
-    throwaway children: "available ..." or "unavailable: why". ``user_namespace``: we
-    are in the user namespace :func:`enter_user_namespace` made (not really root)."""
+def detect(
+    uid_base: int, must_read: Sequence[str], user_namespace: bool, namespaces: bool = True
+) -> dict[str, str]:
+    """Whether ``dedicated_uid`` and (if asked for) ``namespaces`` work here, tried for
+    real in throwaway children: "available ..." or "unavailable: why". ``user_namespace``:
+    we are in the user namespace :func:`enter_user_namespace` made (not really root)."""
     if user_namespace:
-        return {
-            "dedicated_uid": "unavailable: needs root (a user namespace maps only our uid)",
-            "namespaces": _namespaces_status(
-                "pid, mount, net, ipc, uts; in a user namespace", user_namespace=True
-            ),
-        }
-    if os.geteuid() != 0:
-        why = "unavailable: needs root, or unprivileged user namespaces"
-        return {"dedicated_uid": why, "namespaces": why}
-    readable = [p for p in must_read if os.path.exists(p)]
-    uid_problem = _try_in_child(_uid_can_read(uid_base, readable))
-    return {
-        "dedicated_uid": f"unavailable: {uid_problem}"
-        if uid_problem
-        else f"available (uids from {uid_base})",
-        "namespaces": _namespaces_status("pid, mount, net, ipc, uts", user_namespace=False),
-    }
+        uid = "unavailable: needs root (a user namespace maps only our uid)"
+    elif os.geteuid() != 0:
+        uid = "unavailable: needs root"
+    else:
+        readable = [p for p in must_read if os.path.exists(p)]
+        problem = _try_in_child(_uid_can_read(uid_base, readable))
+        uid = f"unavailable: {problem}" if problem else f"available (uids from {uid_base})"
+    if not namespaces:
+        ns = "unavailable: not requested"
+    elif user_namespace:
+        ns = _namespaces_status("pid, mount, net, ipc, uts; in a user namespace", True)
+    elif os.geteuid() != 0:
+        ns = "unavailable: needs root, or unprivileged user namespaces"
+    else:
+        ns = _namespaces_status("pid, mount, net, ipc, uts", False)
+    return {"dedicated_uid": uid, "namespaces": ns}
 
 
 def _namespaces_status(what: str, user_namespace: bool) -> str:

@@ -117,7 +117,14 @@ def apply_landlock(read_paths: list[str], write_paths: list[str]) -> int:
         # Everything in the scratch dir but device nodes (a root worker could otherwise
         # make one for a disk or /dev/mem and read around every other rule).
         write = handled & ~(_FS_MAKE_CHAR | _FS_MAKE_BLOCK)
-        for paths, rights in ((read_paths, read), (write_paths, write), (["/dev/null"], null)):
+        readable = [entry for path in read_paths for entry in _own_proc(path)]
+        listable = ["/proc"] if "/proc" in read_paths else []  # which pids exist, no more
+        for paths, rights in (
+            (readable, read),
+            (listable, _FS_READ_DIR),
+            (write_paths, write),
+            (["/dev/null"], null),
+        ):
             for path in paths:
                 _add_path_rule(int(ruleset), path, rights)
         if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, int(ruleset), 0) != 0:
@@ -125,6 +132,28 @@ def apply_landlock(read_paths: list[str], write_paths: list[str]) -> int:
     finally:
         os.close(int(ruleset))
     return abi
+
+
+def _own_proc(path: str) -> list[str]:
+    """``path``, unless it is /proc: then what a process may read of /proc, namely its own
+    directory (``/proc/self`` is resolved once, here) and the entries that belong to no
+    process (meminfo, cpuinfo, sys, ...), but no other process's directory: another
+    process's environ, maps or cmdline stay unreadable even under the same uid. /proc may
+    still be listed (which pids exist). A child the kernel starts cannot read its own
+    directory: it is not the worker's."""
+    if path.rstrip("/") != "/proc":
+        return [path]
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    own = ["/proc/self"]  # opened with O_PATH, which follows it to /proc/<our pid>
+    return own + [
+        f"/proc/{name}" for name in names if not name.isdigit() and name not in _PROC_LINKS
+    ]
+
+
+_PROC_LINKS = ("self", "thread-self")  # they resolve to whoever opens them
 
 
 def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
@@ -147,7 +176,25 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
         os.close(fd)
 
 
-# -- seccomp (a classic BPF deny-list, x86_64) ------------------------------------------------
+# -- seccomp (classic BPF, x86_64) ----------------------------------------------------------------
+#
+# Why not a whole-syscall allow-list: a kernel may load any native extension (numpy, a
+# database driver, a compression library), whose syscalls cannot be enumerated here; a
+# missing entry kills legitimate code at random. So the filter is an allow-list where the
+# set of legitimate uses is known and small, and a deny-list elsewhere:
+#
+# * socket families: socket() is refused for every family (nothing a worker needs leaves
+#   it) and socketpair() is allowed for AF_UNIX only (asyncio's self-pipe);
+# * calls that act on another process (resource limits, scheduling, I/O priority, memory
+#   placement) are allowed only on pid 0 or the worker's own pid; signals to other
+#   processes are Landlock's (scoped signals) and the dedicated uid's;
+# * modes: no file or directory may be given a setuid or setgid bit (chmod family, open
+#   with O_CREAT, mknod), so a root worker cannot plant a setuid binary for others;
+# * syscall numbers past the newest this filter knows get ENOSYS (libraries fall back),
+#   so a new kernel's new calls are refused until they are reviewed here;
+# * the deny-list: debugging or reading other processes, mounts and namespaces, kernel
+#   extension points, keyrings, io_uring (it runs I/O past seccomp), the clock, host
+#   name, kernel log.
 
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _X32_BIT = 0x40000000
@@ -156,83 +203,202 @@ _RET_ERRNO = 0x00050000
 _RET_ALLOW = 0x7FFF0000
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
+_JGT_K = 0x25
 _JGE_K = 0x35
 _JSET_K = 0x45
 _RET_K = 0x06
 
-# x86_64 syscall numbers denied with EPERM: debugging/reading other processes, mounts and
-# namespaces, kernel extension points, keyrings, and io_uring (it runs I/O past seccomp).
+# x86_64 syscall numbers denied with EPERM.
 _DENY_X86_64 = {
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312,
+    "process_madvise": 440, "process_mrelease": 448, "pidfd_getfd": 438,
     "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
     "unshare": 272, "setns": 308, "bpf": 321, "perf_event_open": 298,
     "keyctl": 250, "add_key": 248, "request_key": 249, "userfaultfd": 323,
     "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
     "delete_module": 176, "open_by_handle_at": 304, "swapon": 167, "swapoff": 168,
-    "reboot": 169, "acct": 163, "pidfd_getfd": 438,
+    "reboot": 169, "acct": 163, "syslog": 103, "vhangup": 153, "quotactl": 179,
+    "quotactl_fd": 443, "fanotify_init": 300, "iopl": 172, "ioperm": 173,
+    "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
+    "sethostname": 170, "setdomainname": 171,
     # the new mount API (the old mount() is above)
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "mount_setattr": 442,
 }  # fmt: skip
 # ENOSYS, so that libraries fall back: io_uring to plain I/O, clone3 to clone (whose
-# namespace flags can be checked; clone3 passes them in memory a filter cannot read).
+# namespace flags can be checked; clone3 passes them in memory a filter cannot read),
+# openat2 to openat (whose mode can be checked), pidfd_open to waiting on the child (asyncio
+# tries it on its own pid and falls back), and anything newer than this filter.
 _ENOSYS_X86_64 = {
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "clone3": 435,
+    "openat2": 437, "pidfd_open": 434,
 }  # fmt: skip
+_NEWEST_KNOWN_X86_64 = 462  # mseal (Linux 6.10); reviewed up to here
 _SYS_CLONE_X86_64 = 56
 _CLONE_NEW_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _SYS_SOCKET_X86_64 = 41
-_DENIED_FAMILIES = (
-    socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK, socket.AF_PACKET,
-)  # fmt: skip
+_SYS_SOCKETPAIR_X86_64 = 53
+# Calls whose first argument is the pid they act on: only 0 (self) or the worker itself.
+_OWN_PID_ARG0_X86_64 = {
+    "sched_setparam": 142, "sched_setscheduler": 144, "sched_setaffinity": 203,
+    "migrate_pages": 256, "move_pages": 279, "sched_setattr": 314,
+}  # fmt: skip
+_SYS_PRLIMIT64_X86_64 = 302  # (pid, resource, new, old): also fine on any pid to only read
+_SYS_SETPRIORITY_X86_64 = 141  # (which, who, prio): which must be PRIO_PROCESS
+_SYS_IOPRIO_SET_X86_64 = 251  # (which, who, ioprio): which must be IOPRIO_WHO_PROCESS
+_PRIO_PROCESS = 0
+_IOPRIO_WHO_PROCESS = 1
+# Calls with a file mode argument (its index): no setuid/setgid bit may be set.
+_MODE_ARG_X86_64 = {
+    "open": (2, 2), "creat": (85, 1), "chmod": (90, 1), "fchmod": (91, 1), "mknod": (133, 1),
+    "openat": (257, 3), "mknodat": (259, 2), "fchmodat": (268, 2), "fchmodat2": (452, 2),
+}  # fmt: skip
+_SET_ID_BITS = 0o6000  # S_ISUID | S_ISGID
+
+
+class _Bpf:
+    """A classic BPF program with forward jumps to labels, resolved by :meth:`code`."""
+
+    def __init__(self) -> None:
+        self._ins: list[tuple[int, int | str, int | str, int]] = []
+        self._labels: dict[str, int] = {}
+        self._fresh = 0
+
+    def label(self) -> str:
+        """A new label name (place it with :meth:`here`)."""
+        self._fresh += 1
+        return f"L{self._fresh}"
+
+    def here(self, name: str) -> None:
+        self._labels[name] = len(self._ins)
+
+    def op(self, code: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        self._ins.append((code, jt, jf, k))
+
+    def load_nr(self) -> None:
+        self.op(_LD_W_ABS, 0)  # seccomp_data.nr
+
+    def load_arg(self, index: int, high: bool = False) -> None:
+        self.op(_LD_W_ABS, 16 + 8 * index + (4 if high else 0))  # args[i], little-endian
+
+    def ret(self, value: int) -> None:
+        self.op(_RET_K, value)
+
+    def code(self) -> bytes:
+        out = []
+        for at, (code, jt, jf, k) in enumerate(self._ins):
+            offsets = []
+            for target in (jt, jf):
+                offset = target if isinstance(target, int) else self._labels[target] - at - 1
+                if not 0 <= offset <= 255:
+                    raise ValueError(f"BPF jump out of range at {at}: {offset}")
+                offsets.append(offset)
+            out.append(struct.pack("=HBBI", code, offsets[0], offsets[1], k))
+        return b"".join(out)
 
 
 def seccomp_supported() -> str | None:
-    """None if the deny-list can be installed here, else why not."""
+    """None if the filter can be installed here, else why not."""
     if platform.machine() != "x86_64":
-        return f"seccomp deny-list not written for {platform.machine()} yet"
+        return f"seccomp filter not written for {platform.machine()} yet"
     return None
 
 
-def _filter_x86_64() -> bytes:
-    prog: list[tuple[int, int, int, int]] = []
-
-    def ins(code: int, k: int, jt: int = 0, jf: int = 0) -> None:
-        prog.append((code, jt, jf, k))
-
-    ins(_LD_W_ABS, 4)  # seccomp_data.arch
-    ins(_JEQ_K, _AUDIT_ARCH_X86_64, jt=1)
-    ins(_RET_K, _RET_KILL_PROCESS)  # another ABI (i386 int 0x80): no deny-list applies
-    ins(_LD_W_ABS, 0)  # seccomp_data.nr
-    ins(_JGE_K, _X32_BIT, jf=1)
-    ins(_RET_K, _RET_ERRNO | errno.EPERM)  # x32 numbering
+def _filter_x86_64(own_pid: int) -> bytes:
+    """The filter for a worker whose pid (as it sees itself) is ``own_pid``."""
+    b = _Bpf()
+    eperm, eacces = _RET_ERRNO | errno.EPERM, _RET_ERRNO | errno.EACCES
+    enosys = _RET_ERRNO | errno.ENOSYS
+    b.op(_LD_W_ABS, 4)  # seccomp_data.arch
+    b.op(_JEQ_K, _AUDIT_ARCH_X86_64, jt=1)
+    b.ret(_RET_KILL_PROCESS)  # another ABI (i386 int 0x80): none of these rules applies
+    b.load_nr()
+    b.op(_JGE_K, _X32_BIT, jf=1)
+    b.ret(eperm)  # x32 numbering
     for nr in _DENY_X86_64.values():
-        ins(_JEQ_K, nr, jf=1)
-        ins(_RET_K, _RET_ERRNO | errno.EPERM)
+        b.op(_JEQ_K, nr, jf=1)
+        b.ret(eperm)
     for nr in _ENOSYS_X86_64.values():
-        ins(_JEQ_K, nr, jf=1)
-        ins(_RET_K, _RET_ERRNO | errno.ENOSYS)  # libraries fall back to plain I/O
-    ins(_JEQ_K, _SYS_CLONE_X86_64, jf=4)  # clone: refuse new namespaces (like unshare)
-    ins(_LD_W_ABS, 16)  # seccomp_data.args[0], low 32 bits: the flags
-    ins(_JSET_K, _CLONE_NEW_FLAGS, jf=1)
-    ins(_RET_K, _RET_ERRNO | errno.EPERM)
-    ins(_RET_K, _RET_ALLOW)
-    ins(_JEQ_K, _SYS_SOCKET_X86_64, jt=1)
-    ins(_RET_K, _RET_ALLOW)
-    ins(_LD_W_ABS, 16)  # seccomp_data.args[0], low 32 bits: the address family
-    for family in _DENIED_FAMILIES:
-        ins(_JEQ_K, int(family), jf=1)
-        ins(_RET_K, _RET_ERRNO | errno.EACCES)
-    ins(_RET_K, _RET_ALLOW)
-    return b"".join(struct.pack("=HBBI", *i) for i in prog)
+        b.op(_JEQ_K, nr, jf=1)
+        b.ret(enosys)
+    b.op(_JGT_K, _NEWEST_KNOWN_X86_64, jf=1)
+    b.ret(enosys)
+
+    def pid_is_own(index: int, allow: str, deny: str) -> None:
+        """Jump to ``allow`` if args[index] (an int pid) is 0 or ``own_pid``, else ``deny``.
+        Only the low 32 bits count: the kernel reads a pid_t."""
+        b.load_arg(index)
+        b.op(_JEQ_K, 0, jt=allow)
+        b.op(_JEQ_K, own_pid, jt=allow, jf=deny)
+
+    # clone: refuse new namespaces (like unshare)
+    after = b.label()
+    b.op(_JEQ_K, _SYS_CLONE_X86_64, jf=after)
+    b.load_arg(0)  # the flags (low 32 bits)
+    b.op(_JSET_K, _CLONE_NEW_FLAGS, jf=1)
+    b.ret(eperm)
+    b.ret(_RET_ALLOW)
+    b.here(after)
+    # socket(): no family at all; socketpair(): AF_UNIX only
+    after = b.label()
+    b.op(_JEQ_K, _SYS_SOCKET_X86_64, jf=after)
+    b.ret(eacces)
+    b.here(after)
+    after = b.label()
+    b.op(_JEQ_K, _SYS_SOCKETPAIR_X86_64, jf=after)
+    b.load_arg(0)
+    b.op(_JEQ_K, int(socket.AF_UNIX), jf=1)
+    b.ret(_RET_ALLOW)
+    b.ret(eacces)
+    b.here(after)
+    # calls on a pid: self only
+    allow, deny = b.label(), b.label()
+    for nr in _OWN_PID_ARG0_X86_64.values():
+        after = b.label()
+        b.op(_JEQ_K, nr, jf=after)
+        pid_is_own(0, allow, deny)
+        b.here(after)
+    after = b.label()
+    b.op(_JEQ_K, _SYS_PRLIMIT64_X86_64, jf=after)
+    own = b.label()
+    b.load_arg(2)  # new limits: NULL means this only reads
+    b.op(_JEQ_K, 0, jf=own)
+    b.load_arg(2, high=True)
+    b.op(_JEQ_K, 0, jt=allow)
+    b.here(own)
+    pid_is_own(0, allow, deny)
+    b.here(after)
+    for nr, which in (
+        (_SYS_SETPRIORITY_X86_64, _PRIO_PROCESS),
+        (_SYS_IOPRIO_SET_X86_64, _IOPRIO_WHO_PROCESS),
+    ):
+        after = b.label()
+        b.op(_JEQ_K, nr, jf=after)
+        b.load_arg(0)
+        b.op(_JEQ_K, which, jf=deny)  # a process group or a user: other processes
+        pid_is_own(1, allow, deny)
+        b.here(after)
+    # file modes: no setuid/setgid bits
+    for nr, index in _MODE_ARG_X86_64.values():
+        after = b.label()
+        b.op(_JEQ_K, nr, jf=after)
+        b.load_arg(index)
+        b.op(_JSET_K, _SET_ID_BITS, jt=deny, jf=allow)
+        b.here(after)
+    b.ret(_RET_ALLOW)
+    b.here(allow)
+    b.ret(_RET_ALLOW)
+    b.here(deny)
+    b.ret(eperm)
+    return b.code()
 
 
 def apply_seccomp() -> None:
-    """Install the deny-list (requires no-new-privs); inherited by children and exec."""
+    """Install the filter (requires no-new-privs); inherited by children and exec."""
     why = seccomp_supported()
     if why is not None:
         raise OSError(errno.ENOSYS, why)
-    code = _filter_x86_64()
+    code = _filter_x86_64(os.getpid())
     buf = ctypes.create_string_buffer(code, len(code))
 
     class _Fprog(ctypes.Structure):
@@ -248,6 +414,70 @@ def set_no_new_privs() -> None:
         raise_errno("prctl(PR_SET_NO_NEW_PRIVS)")
 
 
+# -- capabilities -------------------------------------------------------------------------------
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_SETPCAP = 8
+# SECBIT_NOROOT (uid 0 gains no capabilities at exec), SECBIT_NO_CAP_AMBIENT_RAISE, and
+# SECBIT_KEEP_CAPS left off; each one locked.
+_SECUREBITS = (1 << 0) | (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7)
+_SYS_CAPSET_X86_64 = 126
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capability_sets() -> dict[str, int]:
+    """This process's capability sets from /proc/self/status: "CapEff", "CapPrm",
+    "CapInh", "CapBnd", "CapAmb" -> bit mask."""
+    sets = {}
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Cap"):
+                name, _, value = line.partition(b":")
+                sets[name.decode()] = int(value, 16)
+    return sets
+
+
+def drop_bounding_set() -> None:
+    """Empty the bounding and ambient sets and lock the securebits that keep uid 0 from
+    regaining capabilities at exec. Needs CAP_SETPCAP, so it runs before a uid change."""
+    with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            raise_errno(f"prctl(PR_CAPBSET_DROP, {cap})")
+    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise_errno("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS, 0, 0, 0) != 0:
+        raise_errno("prctl(PR_SET_SECUREBITS)")
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (a uid change from 0 already
+    clears the first two; a worker that stays uid 0 needs this)."""
+    if platform.machine() != "x86_64":
+        raise OSError(errno.ENOSYS, f"capset not wired for {platform.machine()} yet")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words: all 0
+    if libc.syscall(_SYS_CAPSET_X86_64, ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise_errno("capset")
+
+
+def capabilities_status() -> str:
+    """What dropping capabilities means on this host, for ``stats().sandbox``."""
+    try:
+        held = capability_sets().get("CapPrm", 0)
+    except OSError as exc:
+        return f"unavailable: cannot read /proc/self/status ({exc.strerror})"
+    if platform.machine() != "x86_64" and held:
+        return f"unavailable: capset not wired for {platform.machine()} yet"
+    if held:
+        return "available (all dropped: effective, permitted, inheritable, ambient, bounding)"
+    return "available (none held: the host runs without capabilities)"
+
+
 # -- the whole sequence -------------------------------------------------------------------------
 
 _RLIMITS = {
@@ -260,10 +490,11 @@ _RLIMITS = {
 
 def apply(spec: SandboxSpec, scratch: str | None, uid: int | None, parent_pid: int) -> None:
     """Apply ``spec`` to this process, in order: resource limits, scratch directory, the
-    dedicated ``uid`` (if any), the parent-death signal (tied to ``parent_pid``; a uid
-    change would clear it, so it comes after), no-new-privs, Landlock, seccomp. Raises
-    OSError if a layer the spec asks for cannot be applied (the worker then exits and its
-    start fails)."""
+    bounding and ambient capability sets (dropping them needs CAP_SETPCAP, which a uid
+    change takes away), the dedicated ``uid`` (if any), the remaining capabilities, the
+    parent-death signal (tied to ``parent_pid``; a uid change would clear it, so it comes
+    after), no-new-privs, Landlock, seccomp. Raises OSError if a layer the spec asks for
+    cannot be applied (the worker then exits and its start fails)."""
     for name, limit in spec.rlimits:
         resource.setrlimit(_RLIMITS[name], (limit, limit))  # hard = soft: one-way
     if uid is not None:  # counts this uid's processes and threads: the worker's own
@@ -271,8 +502,13 @@ def apply(spec: SandboxSpec, scratch: str | None, uid: int | None, parent_pid: i
     if scratch is not None:
         os.chdir(scratch)
         os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # for an exec'd interpreter
+    held = capability_sets() if spec.drop_capabilities else {}
+    if held.get("CapEff", 0) & (1 << _CAP_SETPCAP):
+        drop_bounding_set()
     if uid is not None:
         drop_to_uid(uid)
+    if held.get("CapPrm", 0) or held.get("CapInh", 0):
+        clear_capabilities()
     set_parent_death_signal(signal.SIGKILL, parent_pid)
     if spec.no_new_privs or spec.landlock or spec.seccomp:
         set_no_new_privs()
@@ -293,4 +529,5 @@ def detect() -> dict[str, str]:
         "seccomp": seccomp_supported() or "available",
         "no_new_privs": "available",
         "rlimits": "available",
+        "capabilities": capabilities_status(),
     }

@@ -24,7 +24,6 @@ import array
 import fcntl
 import os
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -47,7 +46,7 @@ from corral.ipc import (
     encode_record,
 )
 from corral.ipc.launch import boot_argv
-from corral.worker import _loop, _privileged, _sandbox
+from corral.worker import _loop, _privileged, _sandbox, _scratch
 from corral.worker._cgroup import Cgroups, detect, memory_settings, oom_killed
 from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
 
@@ -92,7 +91,7 @@ class Warden:
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
         self._workers: set[int] = set()
-        self._scratch: dict[int, str] = {}  # worker pid -> its scratch directory
+        self._scratch = _scratch.ScratchDirs()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
 
@@ -116,6 +115,7 @@ class Warden:
                 self._cgroups_detail,
                 {
                     **_sandbox.detect(),
+                    "scratch_quota": _scratch.detect_quota(),
                     "cgroup_tree": f"available ({self._pids_detail})"
                     if self._pids is not None
                     else f"unavailable: {self._pids_detail}",
@@ -198,9 +198,7 @@ class Warden:
                     self._uid_slots = _privileged.UidSlots(*spec.uid_range)
                 uid = self._uid_slots.acquire()
             if spec.scratch:
-                scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
-                if uid is not None:
-                    os.chown(scratch, uid, uid)
+                scratch = self._scratch.make(uid, spec.scratch_bytes, spec.scratch_inodes)
             if spec.namespaces:
                 if not self._namespaces:
                     raise OSError("namespaces are not available here")
@@ -213,7 +211,7 @@ class Warden:
                 if fd >= 0:
                     os.close(fd)
             if scratch is not None:
-                _discard_tree(scratch)
+                self._scratch.discard(scratch)
             for made in (leaf, tree):
                 if made is not None:
                     os.rmdir(made)
@@ -232,7 +230,7 @@ class Warden:
             self._uids[pid] = uid
         self._workers.add(pid)
         if scratch is not None:
-            self._scratch[pid] = scratch
+            self._scratch.adopt(pid, scratch)
         if leaf is not None and self._cgroups is not None:
             self._cgroups.adopt(pid, leaf)
         if tree is not None and self._pids is not None:
@@ -360,14 +358,12 @@ class Warden:
                     released = self._cgroups.release(pid)
                     oom = released is not None and oom_killed(released)
                     self._cgroups.sweep()
-                scratch = self._scratch.pop(pid, None)
-                if scratch is not None:
-                    _discard_tree(scratch)
+                self._scratch.release(pid)
                 uid = self._uids.pop(pid, None)
                 if uid is not None and self._uid_slots is not None:
                     self._uid_slots.release(uid)  # its whole tree is gone: free to reuse
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
-            else:
+            elif not self._scratch.reaped(pid):  # not a scratch remover: an orphan
                 orphans_died = True
         if orphans_died:
             # Orphans we adopted have died. Their own children (say, a daemon that
@@ -400,7 +396,7 @@ class Warden:
         descendants (double fork). Nobody can tell whose they are; they go. (A child of
         ours keeps its pid until we reap it, so signalling it by pid is safe.)"""
         for pid in self._children():
-            if pid not in self._workers:
+            if pid not in self._workers and not self._scratch.is_remover(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
@@ -448,82 +444,8 @@ class Warden:
         for groups in (self._cgroups, self._pids):
             if groups is not None:
                 groups.remove_all()
-        for scratch in self._scratch.values():
-            _discard_tree(scratch)
+        self._scratch.remove_all()
         os._exit(0)
-
-
-_SCRATCH_PREFIX = "corral-scratch-"
-
-
-def _discard_tree(path: str) -> None:
-    """Remove a scratch directory. A tenant controls what is in it: a tree deeper than
-    rmtree's recursion can go must neither crash the warden (and with it every worker)
-    nor stay behind, so what rmtree leaves is removed without recursion."""
-    try:
-        shutil.rmtree(path, ignore_errors=True)
-    except Exception:  # RecursionError, MemoryError: the loop below takes over
-        pass
-    if os.path.lexists(path):
-        _remove_deep(path)
-
-
-def _remove_deep(path: str) -> None:
-    """Depth-first removal with directory fds and an explicit stack (no recursion, no
-    long paths). Gives up quietly where it cannot go on (e.g. out of fds)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    stack: list[tuple[int, str]] = []  # (parent dir fd, name of the dir we are in)
-    try:
-        while True:
-            sub = None
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        sub = entry.name
-                        break
-                    try:
-                        os.unlink(entry.name, dir_fd=fd)
-                    except OSError:
-                        pass
-            if sub is not None:
-                child = os.open(sub, flags, dir_fd=fd)
-                stack.append((fd, sub))
-                fd = child
-                continue
-            os.close(fd)
-            fd = -1
-            if not stack:
-                os.rmdir(path)
-                return
-            fd, name = stack.pop()
-            os.rmdir(name, dir_fd=fd)
-    except OSError:
-        pass
-    finally:
-        for parent, _name in stack:
-            os.close(parent)
-        if fd >= 0:
-            os.close(fd)
-
-
-def _remove_stale_scratch() -> None:
-    """Remove scratch directories left by wardens that were killed (and so could not
-    clean up): ``corral-scratch-<warden pid>-*`` whose warden is gone."""
-    root = tempfile.gettempdir()
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(_SCRATCH_PREFIX):
-            continue
-        owner = name[len(_SCRATCH_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            _discard_tree(os.path.join(root, name))
 
 
 def _max_fd() -> int:
@@ -541,6 +463,7 @@ def main(
     *,
     want_cgroups: bool,
     root_probe_uid: int | None,
+    want_namespaces: bool,
     must_read: list[str],
 ) -> NoReturn:
     """Entry point: ``python -m corral.worker warden CONTROL_FD HOST_PID [options]``.
@@ -553,7 +476,7 @@ def main(
     root_layers: dict[str, str] = {}
     user_namespace = False
     if root_probe_uid is not None:
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and want_namespaces:
             try:
                 _privileged.enter_user_namespace()  # still single-threaded: it must be
                 user_namespace = True
@@ -563,8 +486,9 @@ def main(
             root_probe_uid,
             [os.path.realpath(python), corral_root, *sys.path, *must_read],
             user_namespace,
+            want_namespaces,
         )
-    _remove_stale_scratch()
+    _scratch.remove_stale()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
     import gc

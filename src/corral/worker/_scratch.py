@@ -1,0 +1,231 @@
+"""Scratch directories: each worker's private cwd, HOME and TMPDIR (warden side).
+
+A scratch directory is made in the warden before the fork and removed once its worker
+is reaped. As root (``scratch_bytes`` set), it is a tmpfs of its own, mounted
+``nosuid,nodev`` with a size and an inode limit: a kernel that fills it gets ENOSPC and
+goes on, a setuid file in it is never honoured, its pages count against the worker's
+memory cgroup (tmpfs pages are charged to whoever writes them), and removing it is one
+lazy unmount, however many files the kernel left. Without root it is a plain directory
+in the host's temporary directory, removed by a short-lived child process so that the
+warden, which starts every worker, is never held by a tree of 100,000 files.
+
+Directories are named ``corral-scratch-<warden pid>-*``; a new warden removes those of
+wardens that no longer exist.
+
+Not here: the worker's side (``_sandbox`` makes the directory its cwd and the only
+writable place under Landlock).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+
+from corral.worker._os import check, libc
+
+__all__ = ["PREFIX", "ScratchDirs", "detect_quota"]
+
+PREFIX = "corral-scratch-"
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MNT_DETACH = 2
+
+
+def _mount_tmpfs(path: str, size: int, inodes: int, uid: int | None) -> None:
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    data = f"size={size},nr_inodes={inodes},mode=0700{owner}"
+    check(
+        libc.mount(
+            b"corral-scratch",
+            path.encode(),
+            b"tmpfs",
+            ctypes.c_ulong(_MS_NOSUID | _MS_NODEV),
+            data.encode(),
+        ),
+        f"mount tmpfs on {path}",
+    )
+
+
+def _unmount(path: str) -> None:
+    """Detach the tmpfs on ``path`` (lazily: it is freed once nothing uses it)."""
+    if libc.umount2(path.encode(), _MNT_DETACH) != 0 and ctypes.get_errno() not in (
+        errno.EINVAL,  # not a mount point (any more)
+        errno.ENOENT,
+    ):
+        check(-1, f"umount {path}")
+
+
+def detect_quota() -> str:
+    """Whether a size-limited tmpfs can be mounted for a scratch dir here: "available
+    (...)" or "unavailable: why" (for ``stats().sandbox``)."""
+    if os.geteuid() != 0:
+        return "unavailable: needs root (a size- and inode-limited tmpfs per worker)"
+    try:
+        probe = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-probe-")
+    except OSError as exc:
+        return f"unavailable: cannot create a directory in {tempfile.gettempdir()}: {exc}"
+    try:
+        _mount_tmpfs(probe, 1 << 20, 64, None)
+        _unmount(probe)
+    except OSError as exc:
+        return f"unavailable: {exc.strerror or exc}"
+    finally:
+        os.rmdir(probe)
+    return "available (tmpfs, nosuid,nodev)"
+
+
+class ScratchDirs:
+    """The scratch directories of one warden's live workers, and their removal."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[int, str] = {}  # worker pid -> its scratch directory
+        self._mounted: set[str] = set()  # the ones that are a tmpfs
+        self._removing: dict[int, str] = {}  # remover pid -> the directory it removes
+
+    def make(self, uid: int | None, size: int | None, inodes: int | None) -> str:
+        """A new scratch directory, owned by ``uid`` (if any); a tmpfs when ``size`` is
+        set. Raises OSError (nothing is left behind)."""
+        path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+        try:
+            if size is not None:
+                _mount_tmpfs(path, size, inodes or 16_384, uid)
+                self._mounted.add(path)
+            elif uid is not None:
+                os.chown(path, uid, uid)
+        except OSError:
+            os.rmdir(path)
+            raise
+        return path
+
+    def adopt(self, pid: int, path: str) -> None:
+        self._dirs[pid] = path
+
+    def is_remover(self, pid: int) -> bool:
+        return pid in self._removing
+
+    def reaped(self, pid: int) -> bool:
+        """A child of ours was reaped: True if it was one of our removers."""
+        return self._removing.pop(pid, None) is not None
+
+    def release(self, pid: int) -> None:
+        """The worker ``pid`` was reaped: remove its scratch directory without waiting."""
+        path = self._dirs.pop(pid, None)
+        if path is not None:
+            self.discard(path)
+
+    def discard(self, path: str) -> None:
+        """Remove a directory that no worker uses any more, without blocking on its
+        contents: a tmpfs is detached; a plain directory is removed by a child process
+        (inline only if no child can be forked)."""
+        if path in self._mounted:
+            self._mounted.discard(path)
+            try:
+                _unmount(path)
+                os.rmdir(path)
+                return
+            except OSError:
+                pass  # still there: remove what is in it like a plain directory
+        try:
+            pid = os.fork()
+        except OSError:
+            remove_tree(path)
+            return
+        if pid == 0:
+            try:
+                remove_tree(path)
+            finally:
+                os._exit(0)
+        self._removing[pid] = path
+
+    def remove_all(self) -> None:
+        """At the warden's exit (every child is gone): remove what is left, inline."""
+        for path in (*self._dirs.values(), *self._removing.values()):
+            if path in self._mounted:
+                try:
+                    _unmount(path)
+                except OSError:
+                    pass
+            remove_tree(path)
+        self._dirs.clear()
+        self._removing.clear()
+        self._mounted.clear()
+
+
+def remove_tree(path: str) -> None:
+    """Remove a scratch directory. A tenant controls what is in it: a tree deeper than
+    rmtree's recursion can go must neither crash the warden (and with it every worker)
+    nor stay behind, so what rmtree leaves is removed without recursion."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except Exception:  # RecursionError, MemoryError: the loop below takes over
+        pass
+    if os.path.lexists(path):
+        _remove_deep(path)
+
+
+def _remove_deep(path: str) -> None:
+    """Depth-first removal with directory fds and an explicit stack (no recursion, no
+    long paths). Gives up quietly where it cannot go on (e.g. out of fds)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    stack: list[tuple[int, str]] = []  # (parent dir fd, name of the dir we are in)
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    try:
+                        os.unlink(entry.name, dir_fd=fd)
+                    except OSError:
+                        pass
+            if sub is not None:
+                child = os.open(sub, flags, dir_fd=fd)
+                stack.append((fd, sub))
+                fd = child
+                continue
+            os.close(fd)
+            fd = -1
+            if not stack:
+                os.rmdir(path)
+                return
+            fd, name = stack.pop()
+            os.rmdir(name, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        for parent, _name in stack:
+            os.close(parent)
+        if fd >= 0:
+            os.close(fd)
+
+
+def remove_stale() -> None:
+    """Remove scratch directories left by wardens that were killed (and so could not
+    clean up): ``corral-scratch-<warden pid>-*`` whose warden is gone (a tmpfs is
+    unmounted first)."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        owner = name[len(PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            path = os.path.join(root, name)
+            if os.path.ismount(path):
+                try:
+                    _unmount(path)
+                except OSError:
+                    continue
+            remove_tree(path)
