@@ -195,13 +195,17 @@ Kernel.hog = hog  # type: ignore[attr-defined]
 _BOMB_CAP_MB = 4096  # a bomb stops here even if no limit stops it first: 4 GiB of a 24 GiB host
 
 
-def bomb(self: Kernel, step_mb: int = 8, cap_mb: int = _BOMB_CAP_MB) -> int:
+def bomb(self: Kernel, step_mb: int = 8, cap_mb: int = _BOMB_CAP_MB, report: bool = False) -> int:
     """Allocate and touch memory in a tight loop until something stops it, or ``cap_mb``
-    (at most 4 GiB) is reached; returns the MiB allocated. Nothing is kept after the call."""
+    (at most 4 GiB) is reached; returns the MiB allocated. Nothing is kept after the call.
+    With ``report``, prints ``bomb holds <n> MiB`` after each step: the worker's output
+    says how far a bomb got even if the OS killed it (the last line before the limit)."""
     blocks: list[bytearray] = []
     cap_mb = min(cap_mb, _BOMB_CAP_MB)
     while len(blocks) * step_mb < cap_mb:
         blocks.append(bytearray(step_mb * 1024 * 1024))  # zero-filled: every page touched
+        if report:
+            print(f"bomb holds {len(blocks) * step_mb} MiB", flush=True)
     return len(blocks) * step_mb
 
 
