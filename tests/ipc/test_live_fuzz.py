@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 
 _valid_messages = st.sampled_from(
     [
-        Hello(1, 123),
+        Hello(1, 123, None),
         Result(1, msgspec.Raw(msgspec.msgpack.encode("forged"))),
         Result(99999, msgspec.Raw(b"\xc0")),
         CallFailed(1, "kernel", RemoteError("x.Y", "forged", "")),

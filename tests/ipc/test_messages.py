@@ -45,6 +45,9 @@ SANDBOX = SandboxSpec(
     uid_range=(200_000_000, 16),
     namespaces=True,
     shm_bytes=1 << 20,
+    drop_capabilities=True,
+    scratch_bytes=8 << 20,
+    scratch_inodes=1024,
 )
 
 
@@ -77,7 +80,8 @@ SAMPLES: dict[Any, list[Any]] = {
         Shutdown(),
     ],
     FromWorker: [
-        Hello(protocol_version=PROTOCOL_VERSION, pid=4242),
+        Hello(protocol_version=PROTOCOL_VERSION, pid=4242, host_pid=None),
+        Hello(protocol_version=PROTOCOL_VERSION, pid=2, host_pid=4243),
         StartFailed(error=ERROR),
         Result(id=7, value={"sum": 3}),
         Result(id=8, value=None),
@@ -205,7 +209,7 @@ def test_unknown_tag_is_a_violation(union: Any) -> None:
 @pytest.mark.parametrize(
     ("union", "foreign"),
     [
-        (ToWorker, Hello(protocol_version=1, pid=1)),
+        (ToWorker, Hello(protocol_version=1, pid=1, host_pid=None)),
         (FromWorker, Call(id=1, method="m", args=raw(None))),
         (ToWarden, WorkerSpawned(id=1, pid=2)),
         (

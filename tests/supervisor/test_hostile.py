@@ -911,6 +911,11 @@ async def test_what_the_worker_runs_as_and_sees(preset: str) -> None:
             assert me["interfaces"] == ["lo"], me
             other = await a.ok("identity", tenant=BYSTANDER)
             assert other["uid"] != me["uid"]  # a uid per worker
+            # stats() names the kernel's own process on the host: pid 2, child of the init
+            (info,) = [w for w in a.sup.stats().workers if w.tenant == ATTACKER]
+            assert info.kernel_pid is not None and info.kernel_pid != pid, info
+            kernel = psutil.Process(info.kernel_pid)
+            assert (kernel.ppid(), ns_pid(kernel)) == (pid, 2), info
         elif ROOT:  # default() as root: a uid of its own, but the host's pid namespace
             assert 0 not in (me["uid"], me["gid"]) and me["groups"] == [], me
             assert me["pid"] == pid and os.getpid() in me["visible"], me
@@ -919,5 +924,7 @@ async def test_what_the_worker_runs_as_and_sees(preset: str) -> None:
         else:  # default() without root keeps the host's uid
             assert (me["uid"], me["pid"]) == (os.getuid(), pid), me
             assert os.getpid() in me["visible"]
+        if not a.strict:  # no namespace: the kernel runs in the worker process itself
+            assert [w.kernel_pid for w in a.sup.stats().workers if w.tenant == ATTACKER] == [pid]
         await a.bystander_carries_on()
         await a.attacker_gone()

@@ -93,6 +93,8 @@ class Hello(_Msg, frozen=True, tag="hello"):
 
     protocol_version: int
     pid: int
+    host_pid: int | None  # the same process as the host sees it, where that differs
+    # (a PID namespace: pid is 2 there); None: pid is the host's
 
 
 class StartFailed(_Msg, frozen=True, tag="start_failed"):
@@ -144,9 +146,9 @@ class SandboxSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     uid_range: tuple[int, int] | None  # (first uid, count): a uid/gid of its own per worker
     namespaces: bool  # pid 1 of its own PID namespace, private mount/net/IPC/UTS namespaces
     shm_bytes: int  # size of the private /dev/shm (with namespaces)
-    drop_capabilities: bool = False  # empty every capability set, the bounding set included
-    scratch_bytes: int | None = None  # the scratch dir is a tmpfs of this size (root only)
-    scratch_inodes: int | None = None  # ... with at most this many files and directories
+    drop_capabilities: bool  # empty every capability set, the bounding set included
+    scratch_bytes: int | None  # the scratch dir is a tmpfs of this size (root only)
+    scratch_inodes: int | None  # ... with at most this many files and directories
 
 
 class SpawnWorker(_Msg, frozen=True, tag="spawn"):

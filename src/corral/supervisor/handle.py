@@ -108,6 +108,10 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     started_at: float  # epoch seconds
     last_used: float  # epoch seconds of the last call start or completion
     stop_reason: str | None  # set once corral decided to stop it
+    # The host pid of the process that runs the kernel: pid itself, except under
+    # namespaces (strict()), where pid is corral's init and this is its child, the
+    # kernel's pid 2. None until the worker is ready.
+    kernel_pid: int | None = None
 
 
 class _Pending(msgspec.Struct):
@@ -139,6 +143,7 @@ class WorkerHandle:
         self.tenant = tenant
         self.state = S.STARTING
         self.pid: int | None = None
+        self.kernel_pid: int | None = None  # the host pid of the kernel's process (Hello)
         self.rss: int | None = None
         self.requests = 0
         self.started_at = time.monotonic()
@@ -215,6 +220,7 @@ class WorkerHandle:
             started_at=self.started_at + offset,
             last_used=self.last_used + offset,
             stop_reason=self.stop_reason.value if self.stop_reason else None,
+            kernel_pid=self.kernel_pid,
         )
 
     async def wait_ready(self) -> None:
@@ -499,6 +505,7 @@ class WorkerHandle:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            self.kernel_pid = msg.host_pid if msg.host_pid is not None else self.pid
             transition(self, Event.HELLO_RECEIVED)
             self._ready.set_result(None)
             log.info("worker ready", extra={"tenant": self.tenant, "pid": self.pid})

@@ -44,7 +44,7 @@ from corral.ipc import (
     frame_header,
 )
 from corral.worker._loader import load_factory
-from corral.worker._os import write_all
+from corral.worker._os import HOST_PID_ENV, write_all
 
 _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 64 * 1024
@@ -395,7 +395,9 @@ def _start_failed(start: Start, fd_out: int, exc: BaseException) -> int:
 
 
 def _hello(fd_out: int) -> None:
-    write_all(fd_out, encode_frame(Hello(PROTOCOL_VERSION, os.getpid())))
+    host_pid = os.environ.pop(HOST_PID_ENV, None)  # set by the warden under namespaces
+    hello = Hello(PROTOCOL_VERSION, os.getpid(), int(host_pid) if host_pid else None)
+    write_all(fd_out, encode_frame(hello))
 
 
 async def _serve_awaited(

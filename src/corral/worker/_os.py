@@ -51,6 +51,7 @@ M_ARENA_MAX = -8
 
 THREAD_STACK_BYTES = 1024 * 1024
 THREAD_STACK_ENV = "CORRAL_THREAD_STACK_SIZE"
+HOST_PID_ENV = "CORRAL_HOST_PID"  # a worker in a PID namespace: its pid on the host
 
 
 def limit_data_segment(limit: int) -> None:

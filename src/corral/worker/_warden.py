@@ -48,7 +48,12 @@ from corral.ipc import (
 from corral.ipc.launch import boot_argv
 from corral.worker import _loop, _privileged, _sandbox, _scratch
 from corral.worker._cgroup import Cgroups, detect, memory_settings, oom_killed
-from corral.worker._os import limit_data_segment, set_child_subreaper, set_parent_death_signal
+from corral.worker._os import (
+    HOST_PID_ENV,
+    limit_data_segment,
+    set_child_subreaper,
+    set_parent_death_signal,
+)
 
 WORKER_FD_IN = 3
 WORKER_FD_OUT = 4
@@ -266,6 +271,9 @@ class Warden:
         if msg.sandbox.namespaces:
             # Namespaces next, while single-threaded; the host's /proc is still mounted.
             set_parent_death_signal(signal.SIGKILL, self._pid, parent=_privileged.host_parent_pid)
+            # The host's /proc, kept open across the private one: the worker reads its own
+            # host pid there ("self" resolves in the reader's namespace) for stats().
+            host_proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             _privileged.enter_private_mounts(msg.sandbox.shm_bytes)
             worker = os.fork()
             if worker != 0:
@@ -275,6 +283,8 @@ class Warden:
                 os.closerange(status_w + 1, _max_fd())
                 _privileged.run_init(worker, status_w)
             os.close(status_w)
+            os.environ[HOST_PID_ENV] = os.readlink("self", dir_fd=host_proc)
+            os.close(host_proc)
             parent_pid = 1
         fd_in, fd_out, fd_log = fds
         null = os.open(os.devnull, os.O_RDONLY)
