@@ -19,7 +19,7 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
-async def wait_pid_gone(pid: int, timeout: float = 5.0) -> None:
+async def wait_pid_gone(pid: int, timeout: float = 30.0) -> None:
     """Wait until ``pid`` exits, via a pidfd (works for processes that are not our children)."""
     try:
         fd = os.pidfd_open(pid)
