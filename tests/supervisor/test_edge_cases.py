@@ -105,7 +105,7 @@ def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
     return handle
 
 
-async def _until(predicate: Any, seconds: float = 10.0) -> None:
+async def _until(predicate: Any, seconds: float = 30.0) -> None:
     """Turn the loop until ``predicate()`` holds (it reads corral's private state, for which
     there is no event to wait on)."""
     async with asyncio.timeout(seconds):
@@ -127,9 +127,9 @@ async def test_undecodable_result_value_resolves_the_call_with_a_protocol_error(
     async with Supervisor(EVIL, **FAST) as sup:
         handle: WorkerHandle | None = None
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(30):  # a hang guard (the bug was a hang)
                 # The first call on a fresh worker has id 1.
-                call = asyncio.create_task(sup.invoke("t", "bad_result", (1,), timeout=2.0))
+                call = asyncio.create_task(sup.invoke("t", "bad_result", (1,), timeout=20))
                 with pytest.raises(corral.ProtocolError):
                     await call
         finally:
@@ -167,7 +167,7 @@ async def _expect_within(coro: Any, seconds: float) -> Any:
 async def test_kernel_error_with_a_surrogate_in_its_message_is_reported(method: str) -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         with pytest.raises(corral.KernelError):
-            await _expect_within(sup.invoke("t", method, timeout=None), 5)
+            await _expect_within(sup.invoke("t", method, timeout=None), 30)
 
 
 # Regression: worker/_loop: _await_reply/_dispatch catch
@@ -179,7 +179,7 @@ async def test_kernel_error_with_a_surrogate_in_its_message_is_reported(method: 
 async def test_the_worker_replies_to_every_call(method: str) -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         with pytest.raises((corral.KernelError, corral.InvalidCallError)):
-            await _expect_within(sup.invoke("t", method, timeout=None), 5)
+            await _expect_within(sup.invoke("t", method, timeout=None), 30)
 
 
 # Regression: _PipeWriter swallows EPIPE (sets _broken) and never
@@ -189,7 +189,7 @@ async def test_worker_that_closes_its_request_pipe_fails_calls_fast() -> None:
     async with Supervisor(EVIL, **FAST) as sup:
         assert await sup.call("t", "close_requests") is True
         with pytest.raises(corral.WorkerError):
-            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 5)
+            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 30)
 
 
 class _ExitOnKill:
@@ -234,7 +234,7 @@ async def test_a_call_whose_worker_is_reported_dead_while_it_is_sent_still_fails
     async with Supervisor(EVIL, launcher=_ExitOnKill(inner), **FAST) as sup:
         assert await sup.call("t", "close_requests") is True
         with pytest.raises(corral.WorkerCrashedError, match="closed its pipe"):
-            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 5)
+            await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 30)
 
 
 # -- (d): an exception in a background task kills the TaskGroup, and with it the supervisor --------
@@ -301,15 +301,15 @@ async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger:
             resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # every new fd: EMFILE
             call = asyncio.ensure_future(sup.call("t", "echo", 1))
             try:
-                await _until(lambda: call.done() or (sup._runner and sup._runner.done()), 5)
+                await _until(lambda: call.done() or (sup._runner and sup._runner.done()), 30)
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
             call = asyncio.ensure_future(sup.call("t", "echo", 1))
         with pytest.raises(corral.StartError):
-            await _expect_within(call, 5)
+            await _expect_within(call, 30)
         # ...and the supervisor keeps serving other tenants:
-        assert await _expect_within(sup.call("u", "echo", 2), 5) == 2
+        assert await _expect_within(sup.call("u", "echo", 2), 30) == 2
     finally:
         if sup._runner is not None and sup._runner.done():
             await _bury(sup)
@@ -348,12 +348,12 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
         known = {c.pid for c in warden.children()}
         call = asyncio.ensure_future(sup.call("t", "echo", 1))
         warden_state = launcher._warden
-        await _until(lambda: warden_state.pending and not warden_state._outbox, 5)
+        await _until(lambda: warden_state.pending and not warden_state._outbox, 30)
         handle = handle_of(sup, "t")
         (request_id,) = warden_state.pending
         # Block the event loop (on purpose) while the new worker dies and the warden reports
         # both its spawn and its exit: the supervisor then reads the two records in one go.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a hang guard, however busy the host
         while not (new := [c.pid for c in warden.children() if c.pid not in known]):
             assert time.monotonic() < deadline, "the warden did not fork"
         (pid,) = new
@@ -367,7 +367,7 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
             pytest.skip("the loop read WorkerSpawned before we blocked it (race lost)")
         try:
             with pytest.raises(corral.StartError):
-                await _expect_within(call, 5)
+                await _expect_within(call, 30)
             for _ in range(3):  # let start() resume after the exit was reported
                 await asyncio.sleep(0)  # ok-sleep: one loop turn
             assert handle.state.value == "dead"
@@ -412,10 +412,10 @@ async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None
             warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
             assert warden is not None
             os.kill(warden, signal.SIGKILL)
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(30):
                 await handle.wait_dead()
             await wait_pid_gone(worker)
-            await wait_pid_gone(child, timeout=3)
+            await wait_pid_gone(child)
     finally:
         if child is not None and not pid_gone(child):
             os.kill(child, signal.SIGKILL)
@@ -487,9 +487,9 @@ async def test_a_failing_memory_sample_does_not_take_down_the_supervisor() -> No
         await sup.call("t", "echo", 1)
         probe = sup._probe._probe
         assert isinstance(probe, _FlakyProbe)
-        await _until(lambda: probe.calls >= 2 or (sup._runner and sup._runner.done()), 5)
+        await _until(lambda: probe.calls >= 2 or (sup._runner and sup._runner.done()), 30)
         try:
-            assert await _expect_within(sup.call("u", "echo", 2), 5) == 2
+            assert await _expect_within(sup.call("u", "echo", 2), 30) == 2
         except RuntimeError as exc:
             _close_unstarted_coroutines(exc)  # handle.start() that create_task refused
             raise AssertionError(f"the supervisor is dead: {exc!r}") from None
@@ -627,7 +627,7 @@ print("main returned", flush=True)
 # only aclose() stops: if aclose() never runs or never reaches it (forgotten, TaskGroup crashed,
 # aclose hung), the host process hangs forever at interpreter exit
 def test_host_that_never_closed_the_supervisor_can_still_exit() -> None:
-    out, code = run_host(_HOST_WITHOUT_ACLOSE, timeout=8)
+    out, code = run_host(_HOST_WITHOUT_ACLOSE, timeout=30)  # a hang guard
     assert code is not None, "the host hung at exit (the corral-probe thread is still running)"
     assert "main returned" in out and code == 0
 
@@ -652,7 +652,7 @@ async def test_a_detached_grandchild_under_a_live_child_is_reaped(how: str) -> N
             else:
                 with pytest.raises(corral.WorkerCrashedError):
                     await sup.call("t", "crash")
-            await wait_pid_gone(grandchild, timeout=3)
+            await wait_pid_gone(grandchild)
     finally:
         if grandchild is not None and not pid_gone(grandchild):
             os.kill(grandchild, signal.SIGKILL)
@@ -689,6 +689,6 @@ def test_a_warden_restart_while_the_old_warden_exits_does_not_freeze_the_loop() 
     exiting before its successor starts, and its exit must only touch its own state:
     once, the old warden's exit closed the new one's pidfd and waited on the live new
     process, blocking the event loop forever."""
-    out, code = run_host(_HOST_WARDEN_RESTART, timeout=10)
+    out, code = run_host(_HOST_WARDEN_RESTART, timeout=30)  # a hang guard
     assert code is not None, f"the host's event loop froze; it printed {out!r}"
     assert out.split() == ["LaunchError"] * 3 + ["closed"], out
