@@ -1,4 +1,6 @@
-"""When the host process is SIGKILLed, every worker (and their children) exits quickly."""
+"""When the host process is SIGKILLed, every worker (and their children) exits by itself:
+nobody is left to stop them. How soon is printed, not asserted (a busy host may take a
+while to schedule the processes that act on it); what is checked is that none survives."""
 
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ HOST = textwrap.dedent(
 )
 
 
+SURVIVOR_DEADLINE = 20.0  # seconds; they go in milliseconds on an idle host
+
+
 def sigkill_host_and_wait(code: str, *args: str) -> tuple[list[int], float]:
     """Run ``code`` as a host process until it prints ``{"pids": [...], "wardens": [...]}``,
-    SIGKILL it, and wait up to 2 s for those processes. Returns (still alive, seconds)."""
+    SIGKILL it, and wait for those processes (up to ``SURVIVOR_DEADLINE``: a survivor
+    would live for an hour). Returns (still alive, seconds)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     host = subprocess.Popen(
         [sys.executable, "-c", code, *args],
@@ -53,7 +59,7 @@ def sigkill_host_and_wait(code: str, *args: str) -> tuple[list[int], float]:
         host.send_signal(signal.SIGKILL)
         host.wait()
         killed_at = time.monotonic()
-        alive = wait_pids_exit(pids, timeout=2.0)
+        alive = wait_pids_exit(pids, timeout=SURVIVOR_DEADLINE)
         took = time.monotonic() - killed_at
         print(f"{len(pids)} processes: {len(alive)} left {took * 1000:.0f} ms after host SIGKILL")
         return alive, took
@@ -66,7 +72,7 @@ def sigkill_host_and_wait(code: str, *args: str) -> tuple[list[int], float]:
 
 
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_workers_exit_within_two_seconds_of_host_sigkill(start_method: str) -> None:
+def test_workers_exit_after_host_sigkill(start_method: str) -> None:
     alive, took = sigkill_host_and_wait(HOST, start_method)
     assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
 
@@ -105,6 +111,6 @@ MID_LOAD = textwrap.dedent(
 
 def test_nothing_survives_a_host_sigkilled_mid_load() -> None:
     """Workers busy with calls, one with a child, one with a setsid'd daemon, one still
-    starting (its factory hangs), two wardens: all gone within 2 s of the host's SIGKILL."""
+    starting (its factory hangs), two wardens: all gone after the host's SIGKILL."""
     alive, took = sigkill_host_and_wait(MID_LOAD)
     assert not alive, f"still running {took:.2f}s after the host was SIGKILLed: {alive}"
