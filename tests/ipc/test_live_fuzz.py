@@ -47,10 +47,12 @@ _OUTCOMES = (
 
 def test_junk_from_a_live_worker_gives_typed_outcomes_only() -> None:
     counts: dict[str, int] = {}
+    # call_timeout is short for the attacker's calls (junk may leave a frame incomplete);
+    # every other call has a generous timeout of its own, so that a busy host cannot fail it.
     with corral.SyncSupervisor(
         "tests.kernels:make", call_timeout=0.5, term_timeout=0.5, restart_intensity=10_000
     ) as sup:
-        bystander = sup.call("bystander", "whoami")["pid"]
+        bystander = sup.invoke("bystander", "whoami", timeout=30)["pid"]
 
         @settings(
             max_examples=60,
@@ -68,9 +70,9 @@ def test_junk_from_a_live_worker_gives_typed_outcomes_only() -> None:
             # well-formed Result for the id in flight is its answer).
             kind = "value" if not isinstance(outcome, BaseException) else type(outcome).__name__
             counts[kind] = counts.get(kind, 0) + 1
-            assert sup.call("bystander", "whoami")["pid"] == bystander  # untouched
+            assert sup.invoke("bystander", "whoami", timeout=30)["pid"] == bystander  # untouched
 
         check()
-        assert sup.call("attacker", "echo", "still served") == "still served"
+        assert sup.invoke("attacker", "echo", ("still served",), timeout=30) == "still served"
     print(f"\noutcomes over the examples: {counts}")
     assert counts.get("ProtocolError", 0) > 0
