@@ -4,6 +4,7 @@ No asyncio, subprocess, psutil or os imports live here; both sides of the
 pipes (``corral.supervisor`` and ``corral.worker``) build on this package.
 """
 
+from corral.ipc.bound import DECODE_BUDGET_FACTOR, decoded_size_bound
 from corral.ipc.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_BYTES,
@@ -20,12 +21,14 @@ from corral.ipc.messages import *  # noqa: F403
 from corral.ipc.messages import __all__ as _messages_all
 
 __all__ = [
+    "DECODE_BUDGET_FACTOR",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
     "MAX_FRAME_LIMIT",
     "FrameDecoder",
     "ProtocolViolation",
     "RecordDecoder",
+    "decoded_size_bound",
     "encode_frame",
     "encode_frame_parts",
     "encode_record",

@@ -2,9 +2,11 @@
 
 A frame is a 4-byte big-endian length followed by that many bytes of msgpack.
 :class:`FrameDecoder` checks the declared length against ``max_frame_bytes``
-*before* buffering the body, so a hostile length costs nothing. Anything over
-the cap, a zero length, or a body that does not decode to the declared message
-union is a :class:`ProtocolViolation`; the decoder is then poisoned.
+*before* buffering the body, so a hostile length costs nothing; given
+``max_decoded_bytes``, it also refuses a body that could decode into more memory than
+that (see :mod:`corral.ipc.bound`) before decoding it. Anything over the caps, a
+zero length, or a body that does not decode to the declared message union is a
+:class:`ProtocolViolation`; the decoder is then poisoned.
 
 This module does no I/O: callers feed it bytes they read and write the bytes
 it returns. See :mod:`corral.ipc.messages` for the message types.
@@ -16,6 +18,8 @@ import struct
 from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
+
+from corral.ipc.bound import MAX_WEIGHT, decoded_size_bound
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -91,17 +95,32 @@ class FrameDecoder(Generic[M]):
     Args:
         message_type: the union (or Struct) every frame must decode to.
         max_frame_bytes: largest body accepted; checked before buffering.
+        max_decoded_bytes: most memory a body may decode into (an upper bound found
+            before decoding; see :func:`corral.ipc.bound.decoded_size_bound`); None: no
+            limit (the peer is trusted not to send nests of tiny containers).
     """
 
     def __init__(
-        self, message_type: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        self,
+        message_type: Any,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_decoded_bytes: int | None = None,
     ) -> None:
         if not 1 <= max_frame_bytes <= MAX_FRAME_LIMIT:
             raise ValueError(
                 f"max_frame_bytes must be in 1..{MAX_FRAME_LIMIT}, got {max_frame_bytes}"
             )
+        if max_decoded_bytes is not None and max_decoded_bytes < 1:
+            raise ValueError(f"max_decoded_bytes must be >= 1, got {max_decoded_bytes}")
         self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(message_type)
         self._max = max_frame_bytes
+        self._max_decoded = max_decoded_bytes or 0
+        # Bodies up to this size cannot decode into more than max_decoded_bytes, whatever
+        # they hold: they are decoded without a look (every reply of a usual size).
+        self._unchecked = (
+            MAX_FRAME_LIMIT if max_decoded_bytes is None else max_decoded_bytes // MAX_WEIGHT
+        )
         # Bytes of an incomplete frame, as received (joined once, when it is complete:
         # a 16 MiB body in 64 KiB reads is copied once, not once per read).
         self._chunks: list[bytes] = []
@@ -141,7 +160,7 @@ class FrameDecoder(Generic[M]):
         out: list[M] = []
         view = memoryview(data)
         pos, end = 0, len(data)
-        decode, limit = self._decoder.decode, self._max
+        decode, limit, unchecked = self._decoder.decode, self._max, self._unchecked
         while end - pos >= HEADER_BYTES:
             start = pos + HEADER_BYTES
             size = _unpack_header(data, pos)[0]
@@ -151,6 +170,13 @@ class FrameDecoder(Generic[M]):
                 self._wanted = start - pos + size
                 break
             pos = start + size
+            if size > unchecked:
+                bound = decoded_size_bound(data, self._max_decoded, start, pos)
+                if bound > self._max_decoded:
+                    self._poison(
+                        f"a frame of {size} bytes could decode into more than "
+                        f"{self._max_decoded} bytes of objects, the decoding limit"
+                    )
             try:
                 out.append(decode(view[start:pos]))
             except (msgspec.DecodeError, RecursionError, ValueError) as exc:
