@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import resource
@@ -143,17 +144,18 @@ def _own_proc(path: str) -> list[str]:
     directory: it is not the worker's."""
     if path.rstrip("/") != "/proc":
         return [path]
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    own = ["/proc/self"]  # opened with O_PATH, which follows it to /proc/<our pid>
-    return own + [
-        f"/proc/{name}" for name in names if not name.isdigit() and name not in _PROC_LINKS
-    ]
+    # /proc/self is opened with O_PATH, which follows it to /proc/<our pid>; /proc/mounts,
+    # /proc/net and the like are links into it.
+    return [f"/proc/{name}" for name in _PROC_READABLE]
 
 
-_PROC_LINKS = ("self", "thread-self")  # they resolve to whoever opens them
+# What a Python program (and psutil, for its own process) reads of /proc besides its own
+# directory; each name is one Landlock rule, made at every worker start, so the list is
+# short rather than every name /proc has.
+_PROC_READABLE = (
+    "self", "meminfo", "cpuinfo", "stat", "loadavg", "uptime", "version", "sys",
+    "filesystems", "swaps", "vmstat", "pressure", "cgroups", "diskstats",
+)  # fmt: skip
 
 
 def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
@@ -263,6 +265,7 @@ class _Bpf:
         self._ins: list[tuple[int, int | str, int | str, int]] = []
         self._labels: dict[str, int] = {}
         self._fresh = 0
+        self._own_pid: list[int] = []  # indices of instructions whose k is the pid
 
     def label(self) -> str:
         """A new label name (place it with :meth:`here`)."""
@@ -275,6 +278,11 @@ class _Bpf:
     def op(self, code: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
         self._ins.append((code, jt, jf, k))
 
+    def op_own_pid(self, code: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        """An instruction whose constant is the worker's pid, filled in by :meth:`fill`."""
+        self._own_pid.append(len(self._ins))
+        self.op(code, 0, jt, jf)
+
     def load_nr(self) -> None:
         self.op(_LD_W_ABS, 0)  # seccomp_data.nr
 
@@ -283,6 +291,10 @@ class _Bpf:
 
     def ret(self, value: int) -> None:
         self.op(_RET_K, value)
+
+    def own_pid_offsets(self) -> tuple[int, ...]:
+        """Byte offsets in :meth:`code` of the constants :meth:`op_own_pid` left empty."""
+        return tuple(8 * index + 4 for index in self._own_pid)
 
     def code(self) -> bytes:
         out = []
@@ -306,6 +318,17 @@ def seccomp_supported() -> str | None:
 
 def _filter_x86_64(own_pid: int) -> bytes:
     """The filter for a worker whose pid (as it sees itself) is ``own_pid``."""
+    template, offsets = _filter_template_x86_64()
+    code = bytearray(template)
+    for offset in offsets:
+        struct.pack_into("=I", code, offset, own_pid)
+    return bytes(code)
+
+
+@functools.cache
+def _filter_template_x86_64() -> tuple[bytes, tuple[int, ...]]:
+    """The filter with the worker's pid left out, and where to put it: built once in the
+    warden (see :func:`prepare`), so that a new worker only fills in its pid."""
     b = _Bpf()
     eperm, eacces = _RET_ERRNO | errno.EPERM, _RET_ERRNO | errno.EACCES
     enosys = _RET_ERRNO | errno.ENOSYS
@@ -329,7 +352,7 @@ def _filter_x86_64(own_pid: int) -> bytes:
         Only the low 32 bits count: the kernel reads a pid_t."""
         b.load_arg(index)
         b.op(_JEQ_K, 0, jt=allow)
-        b.op(_JEQ_K, own_pid, jt=allow, jf=deny)
+        b.op_own_pid(_JEQ_K, jt=allow, jf=deny)
 
     # clone: refuse new namespaces (like unshare)
     after = b.label()
@@ -390,7 +413,7 @@ def _filter_x86_64(own_pid: int) -> bytes:
     b.ret(_RET_ALLOW)
     b.here(deny)
     b.ret(eperm)
-    return b.code()
+    return b.code(), b.own_pid_offsets()
 
 
 def apply_seccomp() -> None:
@@ -440,12 +463,23 @@ def capability_sets() -> dict[str, int]:
     return sets
 
 
+@functools.cache
+def _last_capability() -> int:
+    with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+        return int(f.read())
+
+
+@functools.cache
+def _inherited_capabilities() -> dict[str, int]:
+    """The warden's capability sets, which each worker it forks starts with (read once,
+    in the warden: see :func:`prepare`)."""
+    return capability_sets()
+
+
 def drop_bounding_set() -> None:
     """Empty the bounding and ambient sets and lock the securebits that keep uid 0 from
     regaining capabilities at exec. Needs CAP_SETPCAP, so it runs before a uid change."""
-    with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
+    for cap in range(_last_capability() + 1):
         if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
             raise_errno(f"prctl(PR_CAPBSET_DROP, {cap})")
     if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
@@ -502,7 +536,7 @@ def apply(spec: SandboxSpec, scratch: str | None, uid: int | None, parent_pid: i
     if scratch is not None:
         os.chdir(scratch)
         os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # for an exec'd interpreter
-    held = capability_sets() if spec.drop_capabilities else {}
+    held = _inherited_capabilities() if spec.drop_capabilities else {}
     if held.get("CapEff", 0) & (1 << _CAP_SETPCAP):
         drop_bounding_set()
     if uid is not None:
@@ -519,6 +553,15 @@ def apply(spec: SandboxSpec, scratch: str | None, uid: int | None, parent_pid: i
         apply_landlock(spec.read_paths, writable)
     if spec.seccomp:
         apply_seccomp()
+
+
+def prepare() -> None:
+    """Work every worker's :func:`apply` shares, done once in the warden before it forks
+    any: the seccomp program, the capability facts."""
+    if seccomp_supported() is None:
+        _filter_template_x86_64()
+    _inherited_capabilities()
+    _last_capability()
 
 
 def detect() -> dict[str, str]:

@@ -501,6 +501,8 @@ def main(
     _scratch.remove_stale()
     # Preload what every forked worker needs so that a spawn costs a fork, not imports.
     import asyncio  # noqa: F401
+
+    _sandbox.prepare()
     import gc
 
     gc.freeze()  # keep preloaded objects out of the collector: fewer copy-on-write faults
