@@ -27,7 +27,8 @@ from typing import Any
 LOCK_DIR_ENV = "CORRAL_RELIABILITY_LOCKS"
 OVERLAP_MARK = "CORRAL-RELIABILITY-OVERLAP"
 SLOW_PREFIX = "slow-"  # tenants whose factory takes SLOW_START_S to return
-SLOW_START_S = 0.3
+SLOW_START_S = 1.0
+STUCK_PREFIX = "stuck-"  # tenants whose factory never returns (a start that never ends)
 SYNC_PREFIX = "sync-"  # tenants whose kernel has plain methods only
 
 
@@ -150,6 +151,8 @@ def make(tenant: str) -> SyncReliabilityKernel:
     worker); every other tenant the one with async methods too."""
     if tenant.startswith(SLOW_PREFIX):
         time.sleep(SLOW_START_S)  # ok-sleep: a slow factory (e.g. loading a model), on purpose
+    if tenant.startswith(STUCK_PREFIX):
+        time.sleep(3600)  # ok-sleep: a factory that never returns; the worker is stopped
     if tenant.startswith(SYNC_PREFIX):
         return SyncReliabilityKernel(tenant)
     return ReliabilityKernel(tenant)

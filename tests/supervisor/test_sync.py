@@ -26,7 +26,7 @@ def test_sync_facade_from_many_threads() -> None:
         assert len(sup) <= 4 and len(sup.keys()) == len(sup)
         pid = sup.get_or_create("solo").pid
         assert pid is not None and "solo" in sup
-        assert sup.invoke("solo", "add", (1,), {"b": 2}, timeout=5) == 3
+        assert sup.invoke("solo", "add", (1,), {"b": 2}, timeout=30) == 3
         with pytest.raises(corral.KernelError):
             sup.call("solo", "fail", "x")
         assert sup.evict("solo") is True and pid_gone(pid)

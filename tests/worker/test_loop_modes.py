@@ -77,7 +77,7 @@ async def test_a_plain_factory_runs_without_a_running_loop() -> None:
             await sup.call("a", "on_loop")
     async with Supervisor(f"{M}:make_background", **FAST) as sup:
         first = await sup.call("a", "ticked")
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # a hang guard
             while await sup.call("a", "ticked") == first:
                 pass  # each call is a round trip: the task ticks between them
         assert await sup.call("a", "on_loop") is True
