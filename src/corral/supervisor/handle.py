@@ -39,6 +39,7 @@ from corral.errors import (
     describe_exit,
 )
 from corral.ipc import (
+    DECODE_BUDGET_FACTOR,
     PROTOCOL_VERSION,
     Call,
     CallFailed,
@@ -167,8 +168,12 @@ class WorkerHandle:
         )
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
+        # A reply may decode into DECODE_BUDGET_FACTOR x max_frame_bytes of objects at most
+        # (msgpack lets a byte stand for a 64-byte list): beyond, a protocol violation.
         self._decoder: FrameDecoder[FromWorker] = FrameDecoder(
-            FromWorker, max_frame_bytes=options.max_frame_bytes
+            FromWorker,
+            max_frame_bytes=options.max_frame_bytes,
+            max_decoded_bytes=DECODE_BUDGET_FACTOR * options.max_frame_bytes,
         )
         self._writer: PipeWriter | None = None
         self._reader_fd = -1
