@@ -471,6 +471,27 @@ async def test_strict_best_effort_starts_and_reports_what_is_missing(
     assert all(report[layer].startswith("on") for layer in DENY_LAYERS)
 
 
+@pytest.mark.skipif(not ROOT, reason="a uid of its own is what default() adds as root")
+async def test_default_without_a_readable_path_keeps_the_host_uid_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """default() asks for a uid per worker only where the code is readable by another uid;
+    where it is not, the worker runs as the host's uid (its capabilities still dropped),
+    with a warning and the reason in stats()."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    sandbox = msgspec.structs.replace(Sandbox.default(), extra_read_paths=(str(private),))
+    with caplog.at_level(logging.WARNING, logger="corral"):
+        async with supervisor(sandbox) as sup:
+            me = await sup.call("t", "identity")
+            report = sup.stats().sandbox
+    assert me["uid"] == 0, me
+    assert report["dedicated_uid"].startswith("unavailable: a worker's uid cannot read "), report
+    assert str(private) in report["dedicated_uid"]
+    assert any("dedicated_uid" in r.getMessage() for r in caplog.records)
+    assert report["capabilities"].startswith("on (all dropped"), report
+
+
 NON_ROOT_HOST = {
     "landlock": "available (ABI 7)",
     "seccomp": "available",
