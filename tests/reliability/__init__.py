@@ -44,13 +44,13 @@ class Resources:
     @classmethod
     def now(cls, settle: set[threading.Thread] | None = None) -> Resources:
         """A snapshot. With ``settle`` (the threads there were before), first give threads
-        started since then up to 2 s to finish exiting: ``aclose()`` has told corral's
+        started since then up to 10 s to finish exiting: ``aclose()`` has told corral's
         memory-probe thread to end, and it has run its last statement, but does not join
         it (that would block the loop), so it may still exist for a moment. A thread
         still there after that is counted."""
         for thread in threading.enumerate():
             if settle is not None and thread not in settle:
-                thread.join(2.0)
+                thread.join(10.0)
         gc.collect()
         with open("/proc/self/status") as f:
             rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
