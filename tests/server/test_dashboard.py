@@ -178,7 +178,7 @@ def test_dashboard_shows_live_workers_and_recent_stops(tmp_path: Path) -> None:
         code = served.stop()
     assert code == 0, (tmp_path / "serve.log").read_text()
     # The gateway's warden and workers would be orphans now, out of conftest's sight.
-    assert wait_pids_exit(tree, timeout=10) == []
+    assert wait_pids_exit(tree, timeout=30) == []  # a hang guard
 
     page = DashboardParser()
     page.feed(html)
