@@ -1,127 +1,125 @@
 """Embedding corral in a threaded WSGI app (Flask) through SyncSupervisor.
 
-    python examples/embed_flask.py [--port N]            # N = 0: any free port
+    flask --app examples/embed_flask run [--port N]      # N = 0: any free port
 
-    curl -X POST localhost:8000/notes/alice -H 'content-type: application/json' \\
+    curl -X POST localhost:5000/notes/alice -H 'content-type: application/json' \\
          -d '{"key": "colour", "value": "teal"}'
-    curl localhost:8000/notes/alice/colour
+    curl localhost:5000/notes/alice/colour
+
+Any WSGI server serves it the same way, from the app factory, e.g.
+``gunicorn 'examples.embed_flask:create_app()'``.
 
 One SyncSupervisor serves every request thread: each call blocks only the thread that
-makes it, and any number of threads may call at once. It is started before the server
-takes requests and closed when the server stops (Ctrl-C or SIGTERM), which stops every
-worker. Each tenant's notes live in that tenant's own worker process, in memory, so
-they are gone once its worker is stopped (idle TTL, LRU eviction).
+makes it, and any number of threads may call at once. Each tenant's notes live in that
+tenant's own worker process, in memory, so they are gone once its worker is stopped
+(idle TTL, LRU eviction).
 
-Closing matters: a running SyncSupervisor has a (non-daemon) loop thread, so a process
-that never calls ``close()`` does not exit, and ``atexit`` handlers run only after
-Python has waited for such threads: too late to close it. Under another WSGI server,
-start and close it in that server's per-process hooks (gunicorn: ``post_worker_init``
-and ``worker_exit``), after any fork, never in a parent that forks afterwards.
+**When it starts and stops.** The supervisor is made with the app, which starts nothing
+(no thread, no process), and is started by the first request that needs it: in the
+process that serves, after any fork. That matters because WSGI servers load apps in
+processes that never serve: ``flask run --reload`` loads the app in its watcher process
+too, and a server that preloads the app forks its workers afterwards (a thread does not
+survive a fork, so a supervisor started before it would hang every call). Once started,
+SyncSupervisor closes itself when the process exits normally (Ctrl-C under ``flask run``,
+a server's graceful stop): every worker is asked to stop and its ``shutdown()`` runs. A
+process killed outright (SIGKILL, or SIGTERM under ``flask run``, which has no handler
+for it) takes its workers down with it too: corral's warden kills them when its host
+goes, without running their ``shutdown()``.
+
+corral's errors are answered as ``corral serve`` answers them, through the gateway's own
+:func:`corral.server.error_response` (so this app needs the ``server`` extra as well).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
-import signal
-import sys
+import threading
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, Response, current_app, request
 from flask.typing import ResponseReturnValue
-from werkzeug.serving import make_server
 
 import corral
+from corral.server import error_response  # corral's errors -> HTTP statuses (as the gateway)
 
-# Made once, with the app. Constructing it starts nothing (no thread, no process):
-# start() does, in main() below.
-supervisor = corral.SyncSupervisor(
-    "corral.examples.demo:create", max_workers=16, idle_ttl=300.0, call_timeout=5.0
-)
-
-app = Flask(__name__)
+# corral logs each worker's start and stop on the "corral" logger; configured before the
+# app is made, as Flask advises.
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def problem(
-    status: int, kind: str, message: str, tenant: str | None, headers: dict[str, str] | None = None
-) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """An error answer: ``{"error": {"type", "message", "tenant"}}`` (as corral serve's)."""
-    return {"error": {"type": kind, "message": message, "tenant": tenant}}, status, headers or {}
+class Kernels:
+    """The app's one SyncSupervisor, started by the first request that asks for it and
+    never started again once it was (after its close at exit, calls get
+    ``SupervisorClosedError``: 503)."""
+
+    def __init__(self, supervisor: corral.SyncSupervisor) -> None:
+        self._supervisor = supervisor
+        self._lock = threading.Lock()
+        self._started = False  # True from the first successful start() on
+
+    def get(self) -> corral.SyncSupervisor:
+        with self._lock:  # concurrent first requests: one starts it, the others wait
+            if not self._started:
+                self._supervisor.start()  # closes itself at exit from now on
+                self._started = True
+        return self._supervisor
 
 
-@app.post("/notes/<tenant>")
+def kernels() -> corral.SyncSupervisor:
+    """The current app's supervisor, running."""
+    found: Kernels = current_app.extensions["corral"]
+    return found.get()
+
+
+def problem(status: int, kind: str, message: str, tenant: str) -> ResponseReturnValue:
+    """An error of the app's own, in the shape of ``error_response``'s:
+    ``{"error": {"type", "message", "tenant"}}``."""
+    return {"error": {"type": kind, "message": message, "tenant": tenant}}, status
+
+
 def put_note(tenant: str) -> ResponseReturnValue:
-    """Store ``{"key": "...", "value": ...}`` in the tenant's notebook."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("key"), str) or "value" not in body:
-        return problem(400, "BadRequest", 'expected {"key": "...", "value": ...}', tenant)
-    # Runs Notebook.put(key, value) in this tenant's worker (started on first use);
-    # corral's errors go to corral_error() below.
-    count = supervisor.call(tenant, "put", body["key"], body["value"])
+    """``POST /notes/<tenant>`` with ``{"key": ..., "value": ...}``: store a note."""
+    body: Any = request.get_json(silent=True)
+    if not isinstance(body, dict) or "key" not in body or "value" not in body:
+        return problem(400, "BadRequest", 'expected {"key": ..., "value": ...}', tenant)
+    # Runs Notebook.put(key, value) in this tenant's worker (started on first use). The
+    # kernel, not the app, decides which keys it takes: one it cannot use (a list)
+    # comes back as a KernelError, answered 422 by corral_error() below.
+    count = kernels().call(tenant, "put", body["key"], body["value"])
     return {"tenant": tenant, "notes": count}
 
 
-@app.get("/notes/<tenant>/<key>")
 def get_note(tenant: str, key: str) -> ResponseReturnValue:
+    """``GET /notes/<tenant>/<key>``: one note, or 404."""
     try:
-        value = supervisor.call(tenant, "get", key)
+        value = kernels().call(tenant, "get", key)
     except corral.KernelError as exc:
         # The kernel raised. Its exception arrives as text (type name, message), never as
         # a Python object: a KeyError is this kernel's way of saying "no such note".
         if exc.remote_type == "builtins.KeyError":
             return problem(404, "NoSuchNote", f"{tenant} has no note {key!r}", tenant)
-        raise
+        raise  # any other kernel error: corral_error(), 422
     return {"tenant": tenant, "key": key, "value": value}
 
 
-@app.errorhandler(corral.CorralError)
 def corral_error(exc: corral.CorralError) -> ResponseReturnValue:
-    """corral's errors as HTTP statuses (the mapping of ``corral.server.error_response``,
-    which answers with a Starlette response, so a Flask app does its own)."""
-    tenant = (request.view_args or {}).get("tenant")
-    if isinstance(exc, corral.KernelError):
-        status = 422  # the kernel raised; its worker is still up
-    elif isinstance(exc, corral.InvalidCallError):
-        status = 400  # arguments it cannot carry, too large, ...
-    elif isinstance(exc, corral.CallTimeoutError):
-        status = 504
-    elif isinstance(
-        exc,
-        corral.BackoffError
-        | corral.MemoryPressureError
-        | corral.CapacityError
-        | corral.SupervisorClosedError,
-    ):
-        status = 503  # refused before any worker saw it: try again later
-    else:
-        status = 502  # the worker crashed, misbehaved or was stopped during the call
-    retry_after = getattr(exc, "retry_after", None)  # BackoffError, MemoryPressureError
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else {}
-    return problem(status, type(exc).__name__, str(exc), tenant, headers)
+    """Any corral error a view let through, answered as the gateway answers it: the same
+    status, ``Retry-After`` and JSON body (``error_response`` builds a Starlette response;
+    its parts carry over as they are)."""
+    tenant = str((request.view_args or {}).get("tenant", ""))
+    answer = error_response(exc, tenant)
+    return Response(bytes(answer.body), answer.status_code, headers=list(answer.headers.items()))
 
 
-def _exit(_signum: int, _frame: object) -> None:
-    sys.exit(0)  # raises SystemExit in the main thread: the server loop unwinds
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A Flask app that embeds corral.")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)  # corral logs each worker's start and stop
-    # werkzeug's development server, one thread per request. make_server() binds now,
-    # so that with --port 0 we know which port we got.
-    server = make_server("127.0.0.1", args.port, app, threaded=True)
-    supervisor.start()
-    try:
-        # SIGTERM (a service manager, kill) unwinds like Ctrl-C, through the finally.
-        signal.signal(signal.SIGTERM, _exit)
-        print(f"embed_flask: ready on http://127.0.0.1:{server.server_port}/", flush=True)
-        server.serve_forever()  # returns on Ctrl-C; closes the socket either way
-    finally:
-        supervisor.close()  # stops every worker; returns once they are gone
-
-
-if __name__ == "__main__":
-    main()
+def create_app() -> Flask:
+    """The app (``flask --app`` finds this factory). Starts nothing: see the module
+    docstring."""
+    app = Flask(__name__)
+    supervisor = corral.SyncSupervisor(
+        "corral.examples.demo:create", max_workers=16, idle_ttl=300.0, call_timeout=5.0
+    )
+    app.extensions["corral"] = Kernels(supervisor)
+    app.add_url_rule("/notes/<tenant>", view_func=put_note, methods=["POST"])
+    app.add_url_rule("/notes/<tenant>/<key>", view_func=get_note, methods=["GET"])
+    app.register_error_handler(corral.CorralError, corral_error)
+    return app

@@ -1,6 +1,6 @@
 """Embedding corral in an existing Starlette app: one Supervisor for the app's lifetime.
 
-    python examples/embed_starlette.py [--port N]        # N = 0: any free port
+    uvicorn examples.embed_starlette:app [--port N]      # N = 0: any free port
 
     curl -X POST localhost:8000/notes/alice -d '{"key": "colour", "value": "teal"}'
     curl localhost:8000/notes/alice/colour
@@ -8,32 +8,31 @@
 The supervisor starts in the app's lifespan, before the first request is served, and is
 closed there when the server shuts down (Ctrl-C or SIGTERM): calls in flight finish,
 then every worker stops. Each tenant's notes live in that tenant's own worker process,
-in memory, so they are gone once its worker is stopped (idle TTL, LRU eviction).
+in memory, so they are gone once its worker is stopped (idle TTL, LRU eviction). Any
+ASGI server that runs lifespans serves ``app`` the same way.
 
 The kernel is the bundled example one; a real application passes its own factory, e.g.
-``corral.Supervisor("myapp.plugins:load_kernel")``. Under another ASGI server, serve
-``app`` as usual (``uvicorn embed_starlette:app``): the lifespan does the rest.
+``corral.Supervisor("myapp.plugins:load_kernel")``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import signal
-import socket
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import corral
-from corral.server import error_response  # corral's errors -> HTTP statuses (needs starlette)
+from corral.server import error_response  # corral's errors -> HTTP statuses (as the gateway)
+
+# corral logs each worker's start and stop on the "corral" logger (uvicorn configures only
+# its own loggers).
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 @contextlib.asynccontextmanager
@@ -65,12 +64,12 @@ async def put_note(request: Request) -> Response:
     try:
         body: Any = await request.json()
         key, value = body["key"], body["value"]
-        if not isinstance(key, str):
-            raise TypeError("key")
     except (ValueError, TypeError, KeyError):  # not JSON, not an object, fields missing
-        return problem(400, "BadRequest", 'expected {"key": "...", "value": ...}', tenant)
+        return problem(400, "BadRequest", 'expected {"key": ..., "value": ...}', tenant)
     try:
-        # Runs Notebook.put(key, value) in this tenant's worker (started on first use).
+        # Runs Notebook.put(key, value) in this tenant's worker (started on first use). The
+        # kernel, not the app, decides which keys it takes: one it cannot use (a list)
+        # comes back as a KernelError, answered 422 by error_response.
         count = await kernels(request).call(tenant, "put", key, value)
     except corral.CorralError as exc:  # crashed, timed out, backoff, ...: see error_response
         return error_response(exc, tenant)
@@ -100,37 +99,3 @@ app = Starlette(
     ],
     lifespan=lifespan,
 )
-
-
-class AnnouncingServer(uvicorn.Server):
-    """uvicorn's server, plus one line on stdout once it serves (scripts wait for it)."""
-
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
-        super().__init__(config)
-        self.url = url
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)  # runs the lifespan: the supervisor is up after this
-        if self.started:
-            print(f"embed_starlette: ready on {self.url}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A Starlette app that embeds corral.")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)  # corral logs each worker's start and stop
-    # Bind here rather than in uvicorn, so that with --port 0 we know which port we got.
-    sock = socket.create_server(("127.0.0.1", args.port))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    server = AnnouncingServer(uvicorn.Config(app, lifespan="on"), url)
-    # uvicorn turns SIGTERM into a graceful shutdown (so the lifespan closes the
-    # supervisor), then raises it again with this handler in place: after a clean
-    # shutdown, exit 0. Before uvicorn runs, it simply exits.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
-    with sock:
-        server.run(sockets=[sock])
-
-
-if __name__ == "__main__":
-    main()
