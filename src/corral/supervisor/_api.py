@@ -183,7 +183,12 @@ class Supervisor:
             calls' own timeouts bound it.
         pool_timeout: seconds a call for a new tenant may wait for a free slot when every
             worker is busy; then ``CapacityError``.
-        max_frame_bytes: largest message either way (arguments, results).
+        max_frame_bytes: largest message either way (arguments, results). A result may
+            also decode into at most ``DECODE_BUDGET_FACTOR`` (8) times this of Python
+            objects, as estimated before it is decoded (a one-byte empty list becomes
+            64 bytes); a reply beyond is a protocol violation (``ProtocolError``, worker
+            killed). Dense results (bytes, str, floats) fit whatever their size; a result
+            of many tiny items near the cap may need a larger cap.
         restart_intensity / restart_period: failures allowed per tenant per period
             before calls are refused with ``BackoffError``.
         backoff_base / backoff_max: first and largest backoff, seconds (doubling).
