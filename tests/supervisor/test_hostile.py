@@ -820,7 +820,7 @@ async def test_thousands_of_files_left_in_scratch_do_not_outlive_the_worker(
     is removed by a child of the warden, which meanwhile goes on starting workers."""
     async with arena(preset, sandbox=None if quota else {"scratch_bytes": None}) as a:
         await a.attacker()
-        scratch = await a.ok("litter", 5000)
+        scratch = await a.ok("litter", 2000)
         await a.attacker_gone()
         assert path_gone(scratch)
         await a.bystander_carries_on()
