@@ -1,25 +1,37 @@
 """The gateway's dashboard (``GET /``) in a real browser: headless Chromium loads it from
 a real ``corral serve`` process, runs its script (which polls ``/v1/workers`` and
-``/v1/events``), and the rendered DOM is checked.
+``/v1/events``), and the rendered DOM is checked: once as Chromium dumps it, and once
+live over the DevTools protocol (layout, computed styles, a screenshot) with a
+300-character tenant key and a worker with a call in flight.
 
 Needs Debian's ``chromium`` package. Without it the test is skipped, unless ``CI`` is
 set: then it fails, so that CI cannot silently stop running it."""
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
+import datetime
+import json
 import os
+import re
+import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
+from corral.server._dashboard import DASHBOARD_HTML
 from tests.helpers import Served, wait_pids_exit
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,6 +61,16 @@ def group_members(pgid: int) -> list[int]:
         except ProcessLookupError:
             pass
     return members
+
+
+def stop_group(browser: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left of ``browser``'s process group; return once all are gone."""
+    members = group_members(browser.pid)
+    if members:
+        os.killpg(browser.pid, signal.SIGKILL)
+    browser.wait()
+    left = wait_pids_exit(members, timeout=10)
+    assert not left, f"chromium processes outlived the kill: {left}"
 
 
 def dump_dom(chromium: str, url: str) -> str:
@@ -81,12 +103,7 @@ def dump_dom(chromium: str, url: str) -> str:
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            members = group_members(browser.pid)
-            if members:
-                os.killpg(browser.pid, signal.SIGKILL)
-            browser.wait()
-            left = wait_pids_exit(members, timeout=10)
-        assert not left, f"chromium processes outlived the kill: {left}"
+            stop_group(browser)
         assert not timed_out, f"chromium took over {CHROMIUM_TIMEOUT}s:\n{log.read_text()}"
         assert browser.returncode == 0, log.read_text()[-3000:]
         return dom.read_text()
@@ -194,3 +211,292 @@ def test_dashboard_shows_live_workers_and_recent_stops(tmp_path: Path) -> None:
     assert len(beta) == 1, page.stops
     assert beta[0].reason == "evicted" and "beta" in beta[0].text, beta
     assert {stop.tenant for stop in page.stops} == {"beta"}, page.stops
+
+
+# Runs in the Python started in Chromium's place: its DevTools pipe ends go to fds 3 and 4
+# (where --remote-debugging-pipe looks for them), then Chromium is exec'd.
+_AT_FDS_3_AND_4 = """
+import fcntl, os, sys
+ends = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 10) for fd in sys.argv[1:3]]
+for fd in sys.argv[1:3]:
+    os.close(int(fd))
+os.dup2(ends[0], 3)
+os.dup2(ends[1], 4)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe
+    (``--remote-debugging-pipe``: it reads commands on its fd 3 and writes answers and
+    events on its fd 4, each a JSON text ended by a NUL byte), in a process group of its
+    own with a throwaway profile, showing one page of ``width`` x ``height`` CSS pixels
+    in UTC. :meth:`close` leaves no process of it behind."""
+
+    def __init__(self, chromium: str, profile: Path, log: Path, width: int, height: int) -> None:
+        commands_in, self._commands = os.pipe()
+        self._answers, answers_out = os.pipe()
+        with log.open("wb") as out:
+            self.browser = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _AT_FDS_3_AND_4,
+                    str(commands_in),
+                    str(answers_out),
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",  # we run as root
+                    "--disable-gpu",
+                    "--remote-debugging-pipe",
+                    f"--user-data-dir={profile}",
+                    f"--window-size={width},{height}",
+                    "about:blank",
+                ],
+                pass_fds=(commands_in, answers_out),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # its own process group: helpers included
+            )
+        os.close(commands_in)
+        os.close(answers_out)
+        self._last_id = 0
+        self._pending = b""
+        self._events: list[dict[str, Any]] = []
+        self._deadline = time.monotonic() + CHROMIUM_TIMEOUT  # for everything it does
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            self._session,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        self.send("Emulation.setTimezoneOverride", self._session, timezoneId="UTC")
+        self.send("Page.enable", self._session)
+
+    def _receive(self) -> dict[str, Any]:
+        """The next message from Chromium (waiting at most until the deadline)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._answers, selectors.EVENT_READ)
+            while b"\0" not in self._pending:
+                left = self._deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise TimeoutError(f"chromium did not answer within {CHROMIUM_TIMEOUT}s")
+                chunk = os.read(self._answers, 1 << 20)
+                if not chunk:
+                    raise EOFError(f"chromium exited ({self.browser.poll()})")
+                self._pending += chunk
+        message, self._pending = self._pending.split(b"\0", 1)
+        decoded: dict[str, Any] = json.loads(message)
+        return decoded
+
+    def send(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        """Run one DevTools command (on the page's ``session``, or the browser's) and
+        return its result; events that arrive meanwhile are kept for :meth:`wait_event`."""
+        self._last_id += 1
+        command: dict[str, Any] = {"id": self._last_id, "method": method, "params": params}
+        if session is not None:
+            command["sessionId"] = session
+        data = json.dumps(command).encode() + b"\0"
+        while data:
+            data = data[os.write(self._commands, data) :]
+        while True:
+            message = self._receive()
+            if message.get("id") == self._last_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message["result"]
+                return result
+            self._events.append(message)
+
+    def wait_event(self, method: str) -> dict[str, Any]:
+        while True:
+            for event in self._events:
+                if event.get("method") == method:
+                    self._events.remove(event)
+                    return event
+            self._events.append(self._receive())
+
+    def evaluate(self, expression: str) -> Any:
+        """``expression``'s value in the page (awaited if it is a promise), as JSON."""
+        answer = self.send(
+            "Runtime.evaluate",
+            self._session,
+            expression=expression,
+            awaitPromise=True,
+            returnByValue=True,
+        )
+        if "exceptionDetails" in answer:
+            raise AssertionError(f"in the page: {answer['exceptionDetails']}")
+        return answer["result"].get("value")
+
+    def load(self, url: str) -> None:
+        self.send("Page.navigate", self._session, url=url)
+        self.wait_event("Page.loadEventFired")
+
+    def screenshot(self) -> bytes:
+        shot = self.send("Page.captureScreenshot", self._session, format="png")
+        return base64.b64decode(shot["data"])
+
+    def close(self) -> None:
+        try:
+            if self.browser.poll() is None:
+                self._deadline = time.monotonic() + 10
+                self.send("Browser.close")
+        except (OSError, TimeoutError, EOFError, RuntimeError):
+            pass  # it is killed below either way
+        finally:
+            os.close(self._commands)
+            os.close(self._answers)
+            try:
+                self.browser.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            stop_group(self.browser)
+
+
+# Resolves once the dashboard's first refresh has been drawn (body[data-loaded]); the
+# page's own timer is only a hang guard.
+WAIT_LOADED = """new Promise((resolve, reject) => {
+  const loaded = () => document.body.dataset.loaded === "1";
+  if (loaded()) return resolve(true);
+  const watch = new MutationObserver(() => {
+    if (loaded()) { watch.disconnect(); resolve(true); }
+  });
+  watch.observe(document.body, {attributes: true});
+  setTimeout(() => reject(new Error("not loaded: " +
+    document.getElementById("error").textContent)), 30000);
+})"""
+
+# What the test checks, read from the live page: text, attributes, computed styles, boxes.
+PAGE_FACTS = """(() => {
+  const key = span => {
+    const style = getComputedStyle(span);
+    return {text: span.textContent, title: span.title, textOverflow: style.textOverflow,
+      overflow: style.overflowX, whiteSpace: style.whiteSpace,
+      clientWidth: span.clientWidth, scrollWidth: span.scrollWidth,
+      right: span.getBoundingClientRect().right};
+  };
+  const table = document.querySelector("table");
+  return {
+    viewport: document.documentElement.clientWidth,
+    pageWidth: document.documentElement.scrollWidth,
+    tableRight: table.getBoundingClientRect().right,
+    tableBox: {clientWidth: table.parentElement.clientWidth,
+      scrollWidth: table.parentElement.scrollWidth},
+    rows: [...document.querySelectorAll("tr.worker")].map(tr => ({
+      tenant: tr.dataset.tenant, state: tr.dataset.state,
+      cells: [...tr.cells].map(td => td.textContent),
+      idle: tr.querySelector("td.idle").textContent, key: key(tr.querySelector(".key"))})),
+    stops: [...document.querySelectorAll("li.stop")].map(li => ({
+      tenant: li.dataset.tenant, time: li.querySelector("time").textContent,
+      datetime: li.querySelector("time").dateTime,
+      reason: li.querySelector(".reason").textContent, key: key(li.querySelector(".key")),
+      right: li.getBoundingClientRect().right})),
+    sandbox: Object.fromEntries([...document.querySelectorAll("#sandbox li.layer")].map(
+      li => [li.dataset.layer, li.querySelector(".status").textContent])),
+    injected: document.querySelectorAll("u").length,
+  };
+})()"""
+
+# 300 characters, no spaces to break at, ending in markup that must stay text.
+LONG_TENANT = ("acme-corporation-eu-west-" * 12)[:292] + "<u>&amp;"
+DURATION = re.compile(r"^\d+(\.\d)?[smh]$")
+
+
+def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) -> None:
+    assert len(LONG_TENANT) == 300
+    assert "innerHTML" not in DASHBOARD_HTML  # data goes in as text, never as markup
+    chromium = find_chromium()
+    served = Served("tests.kernels:make", *FAST, log=tmp_path / "serve.log")
+    try:
+        with (
+            httpx.Client(timeout=30) as client,
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+
+            def call(tenant: str, method: str, *args: Any) -> Any:
+                answer = client.post(
+                    f"{served.url}/v1/tenants/{tenant}/call/{method}", json={"args": list(args)}
+                )
+                assert answer.status_code == 200, answer.text
+                return answer.json()["result"]
+
+            # The long key gets a stop (evicted) and then a live worker again.
+            call(LONG_TENANT, "whoami")
+            assert client.delete(f"{served.url}/v1/tenants/{LONG_TENANT}").json()["evicted"]
+            call(LONG_TENANT, "whoami")
+            call("alpha", "whoami")
+            # A call in flight for "busy" until the test releases it.
+            held = pool.submit(call, "busy", "hold", "gate")
+            assert call("busy", "wait_entered", "gate") is True
+            try:
+                stats = client.get(f"{served.url}/v1/workers").json()
+                events = client.get(f"{served.url}/v1/events").json()["events"]
+                with tempfile.TemporaryDirectory(prefix="corral-dashboard-") as profile:
+                    browser = DevTools(
+                        chromium, Path(profile), tmp_path / "chromium.log", 1280, 900
+                    )
+                    try:
+                        browser.load(f"{served.url}/")
+                        assert browser.evaluate(WAIT_LOADED) is True
+                        (tmp_path / "dashboard.png").write_bytes(browser.screenshot())
+                        page = browser.evaluate(PAGE_FACTS)
+                    finally:
+                        browser.close()
+            finally:
+                assert call("busy", "release", "gate") is True
+            assert held.result(timeout=30) == "released gate"
+        tree = [p.pid for p in psutil.Process(served.proc.pid).children(recursive=True)]
+    finally:
+        code = served.stop()
+    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert wait_pids_exit(tree, timeout=30) == []  # a hang guard
+
+    # Nothing is wider than the window: the page does not scroll sideways, the workers'
+    # table fits its panel, the stops fit theirs.
+    assert page["pageWidth"] <= page["viewport"] == 1280, page
+    assert page["tableRight"] <= page["viewport"], page
+    assert page["tableBox"]["scrollWidth"] <= page["tableBox"]["clientWidth"], page
+    assert page["injected"] == 0  # the key's "<u>" was shown as text
+
+    rows = {row["tenant"]: row for row in page["rows"]}
+    assert set(rows) == {LONG_TENANT, "alpha", "busy"}, page["rows"]
+    # The long key: all of it in the text and the title (the hover), cut on screen.
+    for shown in [rows[LONG_TENANT]["key"], *(s["key"] for s in page["stops"])]:
+        assert shown["text"] == shown["title"], shown
+        if shown["text"] == LONG_TENANT:
+            assert shown["textOverflow"] == "ellipsis" and shown["overflow"] == "hidden", shown
+            assert shown["whiteSpace"] == "nowrap", shown
+            assert shown["scrollWidth"] > shown["clientWidth"] <= 300, shown
+            assert shown["right"] <= page["viewport"], shown
+    # pid: the worker's, and the kernel's own where it differs (namespaces).
+    for worker in stats["workers"]:
+        pid, kernel_pid = worker["pid"], worker["kernel_pid"]
+        expected = str(pid) if kernel_pid in (None, pid) else f"{pid} (kernel {kernel_pid})"
+        assert rows[worker["tenant"]]["cells"][1] == expected, (worker, rows[worker["tenant"]])
+    # A busy worker shows no idle time; an idle one does.
+    busy = rows["busy"]
+    assert busy["state"] == "busy" and busy["cells"][5] == "1", busy
+    assert busy["idle"] == "-", busy
+    for tenant in ("alpha", LONG_TENANT):
+        assert rows[tenant]["state"] == "ready", rows[tenant]
+        assert DURATION.match(rows[tenant]["idle"]), rows[tenant]
+
+    # The sandbox layers in force, as stats().sandbox gives them.
+    assert stats["sandbox"] and page["sandbox"] == stats["sandbox"], page["sandbox"]
+
+    # The stop: its date and time (UTC here), the reason, the key cut like the row's.
+    [stop] = page["stops"]
+    [event] = [e for e in events if e["kind"] == "stopped"]
+    at = datetime.datetime.fromtimestamp(event["at"], datetime.UTC)
+    assert stop["tenant"] == LONG_TENANT and stop["reason"] == "evicted", stop
+    assert stop["time"] == at.strftime("%Y-%m-%d %H:%M:%S"), (stop, event)
+    assert stop["datetime"].startswith(at.strftime("%Y-%m-%dT%H:%M:%S")), (stop, event)
+    assert stop["right"] <= page["viewport"], stop

@@ -233,7 +233,9 @@ def test_stopping_ends_every_worker_with_the_documented_status(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_corral_serve_stops_with_the_documented_status(tmp_path: Path, signum: int) -> None:
+def test_corral_serve_stops_with_the_documented_status(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     """The gateway's statuses, which the README gives next to the examples'."""
     serve = Example("corral_serve", tmp_path / "output.log")
     try:

@@ -1,6 +1,13 @@
 """The live dashboard: one self-contained HTML page (no external assets) that polls
 ``/v1/workers`` and ``/v1/events`` every second and draws each worker with its tenant,
-state, memory against its limits, requests, age, and the recent stops with reasons."""
+pid (and the kernel's own pid where it differs), state, memory against its limits,
+requests, age and idle time; the sandbox layers in force; and the recent stops with
+their date, time and reason.
+
+Everything the page shows from the JSON goes in as text (``textContent``, ``title``,
+``dataset``), never as markup: tenant keys are chosen by clients. A long key is cut
+with an ellipsis by CSS (the full key is in the element's text and its ``title``, shown
+on hover), so that no key can widen the page."""
 
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ DASHBOARD_HTML = """<!doctype html>
            align-items:baseline; flex-wrap:wrap; }
   h1 { font-size:18px; margin:0; letter-spacing:.5px; }
   .muted { color:var(--dim); }
-  main { padding:18px 22px; display:grid; gap:18px; grid-template-columns: 3fr 1.2fr; }
+  main { padding:18px 22px; display:grid; gap:18px;
+         grid-template-columns: minmax(0, 3fr) minmax(0, 1.2fr); }
+  .side { display:grid; gap:18px; align-content:start; min-width:0; }
   @media (max-width: 1000px) { main { grid-template-columns: 1fr; } }
   .cards { display:flex; gap:12px; flex-wrap:wrap; }
   .card { background:var(--panel); border:1px solid var(--line); border-radius:8px;
@@ -38,13 +47,21 @@ DASHBOARD_HTML = """<!doctype html>
   .state { padding:1px 8px; border-radius:10px; font-size:12px; color:#0f1419; }
   .ready { background:var(--ok); } .busy { background:var(--busy); }
   .starting { background:var(--start); } .draining, .stopping { background:var(--warn); }
-  .bar { position:relative; width:160px; height:10px; background:#0b0f13; border-radius:5px; }
+  .bar { position:relative; width:120px; height:10px; background:#0b0f13; border-radius:5px; }
   .bar i { position:absolute; left:0; top:0; bottom:0; border-radius:5px; background:var(--ok); }
   .bar i.high { background:var(--warn); } .bar i.over { background:var(--bad); }
   .bar s { position:absolute; top:-3px; bottom:-3px; width:2px; background:var(--bad); }
-  ol { list-style:none; margin:0; padding:0; }
-  li { padding:5px 0; border-bottom:1px solid var(--line); }
-  .reason { font-family:ui-monospace, monospace; }
+  ol, ul { list-style:none; margin:0; padding:0; }
+  li { padding:5px 0; border-bottom:1px solid var(--line); overflow-wrap:anywhere; }
+  .reason, time, .num { font-family:ui-monospace, monospace; }
+  /* A tenant key as text, cut to one line: the full key is in its title (on hover). */
+  .key { display:inline-block; max-width:18em; overflow:hidden; text-overflow:ellipsis;
+         white-space:nowrap; vertical-align:bottom; }
+  li .key { max-width:12em; }
+  time { color:var(--dim); }
+  .layer { display:flex; justify-content:space-between; gap:12px; }
+  .layer .name { white-space:nowrap; } .layer .status { text-align:right; }
+  .on { color:var(--ok); } .off { color:var(--dim); } .unavailable { color:var(--warn); }
   .bad { color:var(--bad); } .warn { color:var(--warn); } .ok { color:var(--ok); }
   #error { color:var(--bad); }
 </style>
@@ -62,17 +79,24 @@ DASHBOARD_HTML = """<!doctype html>
       <h2>Workers</h2>
       <table>
         <thead><tr><th>tenant</th><th>pid</th><th>state</th><th>memory</th>
-          <th>requests</th><th>in flight</th><th>age</th><th>idle</th></tr></thead>
+          <th>requests</th><th>in flight</th><th>age</th>
+          <th title="since its last call ended; none while a call runs">idle</th></tr></thead>
         <tbody id="workers"></tbody>
       </table>
       <p class="muted" id="empty">No live workers. Call a tenant to start one:
         <code>curl -X POST localhost:8000/v1/tenants/alice/call/whoami</code></p>
     </section>
   </div>
-  <section>
-    <h2>Recent stops</h2>
-    <ol id="stops"></ol>
-  </section>
+  <div class="side">
+    <section>
+      <h2>Sandbox</h2>
+      <ul id="sandbox"></ul>
+    </section>
+    <section>
+      <h2>Recent stops</h2>
+      <ol id="stops"></ol>
+    </section>
+  </div>
 </main>
 <script>
 "use strict";
@@ -85,8 +109,19 @@ function age(seconds) {
   if (seconds < 3600) return (seconds / 60).toFixed(0) + "m";
   return (seconds / 3600).toFixed(1) + "h";
 }
+function pad(n) { return String(n).padStart(2, "0"); }
+function stamp(seconds) {  // local date and time, e.g. 2026-12-04 05:12:31
+  const d = new Date(seconds * 1000);
+  return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+    pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+}
 function cell(row, text, cls) {
   const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
+}
+function key(tenant) {  // a tenant key: text, cut by CSS, in full on hover
+  const span = document.createElement("span");
+  span.className = "key"; span.textContent = tenant; span.title = tenant;
+  return span;
 }
 function memoryCell(row, rss, limits) {
   const td = row.insertCell();
@@ -116,12 +151,23 @@ function renderWorkers(data) {
   for (const w of data.workers) {
     const row = body.insertRow();
     row.className = "worker"; row.dataset.tenant = w.tenant; row.dataset.state = w.state;
-    cell(row, w.tenant); cell(row, w.pid == null ? "-" : String(w.pid));
+    row.insertCell().appendChild(key(w.tenant));
+    // Under namespaces pid is corral's init and the kernel runs as its child.
+    const pid = cell(row, w.pid == null ? "-" : String(w.pid), "num");
+    if (w.kernel_pid != null && w.kernel_pid !== w.pid) {
+      pid.textContent += " (kernel " + w.kernel_pid + ")";
+      pid.title = "pid " + w.pid + ": corral's init in the worker's PID namespace; " +
+        "the kernel runs as host pid " + w.kernel_pid;
+    }
     const st = cell(row, ""); const tag = document.createElement("span");
     tag.className = "state " + w.state; tag.textContent = w.state; st.appendChild(tag);
     memoryCell(row, w.rss, data.limits);
-    cell(row, String(w.requests)); cell(row, String(w.in_flight));
-    cell(row, age(data.now - w.started_at)); cell(row, age(data.now - w.last_used));
+    cell(row, String(w.requests), "num"); cell(row, String(w.in_flight), "num");
+    cell(row, age(data.now - w.started_at), "age");
+    // Idle time counts from the last completion, and only for a worker with nothing to do.
+    const idle = w.state === "ready" && w.in_flight === 0;
+    const td = cell(row, idle ? age(data.now - w.last_used) : "-", "idle");
+    if (!idle) td.title = w.in_flight ? w.in_flight + " call(s) running" : w.state;
   }
   document.getElementById("empty").style.display = data.workers.length ? "none" : "";
   const stops = Object.entries(data.stops).sort((a, b) => b[1] - a[1]);
@@ -138,6 +184,21 @@ function renderWorkers(data) {
   }
   document.getElementById("summary").textContent = "state " + data.state +
     " | hard memory limit: " + data.memory_enforcement;
+  renderSandbox(data.sandbox || {});
+}
+function renderSandbox(layers) {  // layer -> "on ...", "off" or "unavailable: why"
+  const list = document.getElementById("sandbox");
+  list.replaceChildren();
+  for (const [layer, status] of Object.entries(layers)) {
+    const li = document.createElement("li"); li.className = "layer"; li.dataset.layer = layer;
+    const name = document.createElement("span"); name.className = "name";
+    name.textContent = layer;
+    const text = document.createElement("span");
+    text.className = "status " + (status.startsWith("on") ? "on" :
+      status.startsWith("unavailable") ? "unavailable" : "off");
+    text.textContent = status;
+    li.append(name, text); list.appendChild(li);
+  }
 }
 function renderEvents(events) {
   const list = document.getElementById("stops");
@@ -145,12 +206,13 @@ function renderEvents(events) {
   const stops = events.filter(e => e.kind === "stopped" || e.kind === "backoff").reverse();
   for (const e of stops.slice(0, 40)) {
     const li = document.createElement("li"); li.className = "stop"; li.dataset.tenant = e.tenant;
-    const when = new Date(e.at * 1000).toLocaleTimeString();
+    const when = document.createElement("time");
+    when.dateTime = new Date(e.at * 1000).toISOString(); when.textContent = stamp(e.at);
     const reason = document.createElement("span"); reason.className = "reason " +
       (e.kind === "backoff" ? "warn" : FAILURES.has(e.reason) ? "bad" : "ok");
     reason.textContent = e.kind === "backoff"
       ? "backoff " + e.retry_after.toFixed(1) + "s (" + e.reason + ")" : e.reason;
-    li.append(when + "  " + e.tenant + "  ", reason);
+    li.append(when, " ", key(e.tenant), " ", reason);
     if (e.returncode != null && e.kind === "stopped") li.append("  rc " + e.returncode);
     list.appendChild(li);
   }
