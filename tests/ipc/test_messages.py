@@ -103,7 +103,8 @@ SAMPLES: dict[Any, list[Any]] = {
             memory_cgroups_detail="cgroup v1 memory",
             sandbox_layers={"landlock": "available (ABI 7)"},
         ),
-        WorkerSpawned(id=1, pid=4242),
+        WorkerSpawned(id=1, pid=4242, memory_cgroup=None),
+        WorkerSpawned(id=2, pid=4243, memory_cgroup="/sys/fs/cgroup/memory/corral-1/w2"),
         SpawnFailed(id=2, message="fork: Resource temporarily unavailable"),
         WorkerExited(pid=4242, returncode=-9, oom_killed=True),
         WorkerExited(pid=4243, returncode=0, oom_killed=False),
@@ -211,7 +212,7 @@ def test_unknown_tag_is_a_violation(union: Any) -> None:
     [
         (ToWorker, Hello(protocol_version=1, pid=1, host_pid=None)),
         (FromWorker, Call(id=1, method="m", args=raw(None))),
-        (ToWarden, WorkerSpawned(id=1, pid=2)),
+        (ToWarden, WorkerSpawned(id=1, pid=2, memory_cgroup=None)),
         (
             FromWarden,
             SpawnWorker(

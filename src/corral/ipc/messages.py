@@ -186,8 +186,13 @@ class WardenHello(_Msg, frozen=True, tag="warden_hello"):
 
 
 class WorkerSpawned(_Msg, frozen=True, tag="spawned"):
+    """Spawn ``id`` started as ``pid``. ``memory_cgroup``: the directory of its memory
+    cgroup leaf (v1 or v2), which counts everything it starts wherever that goes; the
+    supervisor reads its memory there. None: no memory cgroup (tree RSS is used)."""
+
     id: int
     pid: int
+    memory_cgroup: str | None
 
 
 class SpawnFailed(_Msg, frozen=True, tag="spawn_failed"):

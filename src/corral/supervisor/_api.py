@@ -889,8 +889,13 @@ class Supervisor:
         try:
             # With namespaces, a worker's pid is its init's: count what is below it.
             inits = self._launcher.sandbox_report.get("namespaces", "").startswith("on")
+            # Workers with a memory cgroup are measured there too: what they started is
+            # counted wherever it went (the WardenLauncher's; other launchers have none).
+            leaves = getattr(self._launcher, "memory_leaves", None)
             sample: MemorySample = await self._probe.sample(
-                [h.pid for h in handles if h.pid], exclude_roots=inits
+                [h.pid for h in handles if h.pid],
+                exclude_roots=inits,
+                cgroups=leaves() if leaves is not None else None,
             )
         except Exception:
             # The probe is replaceable code at a boundary: a failing probe must not take the

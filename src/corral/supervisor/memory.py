@@ -10,6 +10,14 @@ What is measured, and why:
   worth it for limits: RSS over-counts only pages shared with the warden at fork
   time (the interpreter and corral, a few MiB, the same for every worker), which
   the baseline check at start accounts for.
+* **Per worker with a memory cgroup: the larger of that and its cgroup's working
+  set** (usage minus inactive file cache, as cAdvisor and the kubelet count it). The
+  cgroup counts what the worker started wherever it went (a double-forked, setsid'd
+  child reparented out of its tree), and memory no process maps (tmpfs, memfd, kernel
+  memory); it does not count pages the worker still shares with the warden since the
+  fork (charged to the warden), which tree RSS does and the baseline check expects.
+  The larger of the two keeps an ordinary worker's figure what it always was and makes
+  leaving the tree useless. The warden reports each worker's leaf (``WorkerSpawned``).
 * **The host: available memory** as the kernel reports it (``MemAvailable``,
   through psutil), which counts reclaimable cache as available.
 
@@ -24,14 +32,15 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import psutil
 
 from corral.supervisor.lifecycle import StopReason
 
 __all__ = [
+    "CgroupAccounting",
     "MemoryPolicy",
     "MemorySample",
     "ProbeThread",
@@ -56,8 +65,32 @@ class ProcessProbe(Protocol):
         ...
 
 
+@runtime_checkable
+class CgroupAccounting(Protocol):
+    """Optional for a probe: correct a sample with what the workers' memory cgroups say.
+    A probe without it (a test's fake numbers) is used as it is."""
+
+    def with_cgroups(self, sample: MemorySample, cgroups: Mapping[int, str]) -> MemorySample:
+        """``sample`` with each root in ``cgroups`` (root pid -> its memory cgroup leaf)
+        measured from that cgroup too. May block."""
+        ...
+
+
 class ProcTreeProbe:
-    """Reads ``/proc`` directly (the same files psutil reads), one pass per sample."""
+    """Reads ``/proc`` directly (the same files psutil reads), one pass per sample; for
+    workers with a memory cgroup, also that cgroup (:meth:`with_cgroups`)."""
+
+    def with_cgroups(self, sample: MemorySample, cgroups: Mapping[int, str]) -> MemorySample:
+        """Each root with a memory cgroup weighs the larger of its tree RSS and its
+        cgroup's working set (see the module docstring). A root missing from ``sample``
+        is gone and stays missing; an unreadable cgroup leaves the tree figure."""
+        trees = dict(sample.trees)
+        for root, leaf in cgroups.items():
+            if root in trees:
+                charged = cgroup_working_set(leaf)
+                if charged is not None and charged > trees[root]:
+                    trees[root] = charged
+        return sample._replace(trees=trees)
 
     def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         children: dict[int, list[int]] = {}
@@ -92,6 +125,36 @@ class ProcTreeProbe:
             trees[root] = total
         vm = psutil.virtual_memory()
         return MemorySample(trees, int(vm.available), int(vm.total))
+
+
+def cgroup_working_set(leaf: str) -> int | None:
+    """Bytes charged to the memory cgroup ``leaf`` (v2 or v1) less its inactive file
+    cache, which the kernel reclaims first and a worker cannot hold on to: the working
+    set, as cAdvisor and the kubelet define it. None if it cannot be read (gone)."""
+    inactive = 0
+    try:
+        try:
+            usage = int(_read_small(os.path.join(leaf, "memory.current")))  # v2
+            key = b"inactive_file"
+        except FileNotFoundError:
+            usage = int(_read_small(os.path.join(leaf, "memory.usage_in_bytes")))  # v1
+            key = b"total_inactive_file"
+        for line in _read_small(os.path.join(leaf, "memory.stat"), 16384).splitlines():
+            name, _, value = line.partition(b" ")
+            if name == key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        return None
+    return max(0, usage - inactive)
+
+
+def _read_small(path: str, size: int = 64) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
 
 
 class MemoryPolicy:
@@ -170,15 +233,27 @@ class ProbeThread:
 
     def __init__(self, probe: ProcessProbe) -> None:
         self._probe = probe
-        # (roots, exclude_roots, future); roots None asks the thread to finish and resolve
-        # the future last.
+        # (roots, exclude_roots, cgroups, future); roots None asks the thread to finish and
+        # resolve the future last.
         self._requests: queue.SimpleQueue[
-            tuple[Sequence[int] | None, bool, asyncio.Future[MemorySample | None]]
+            tuple[
+                Sequence[int] | None,
+                bool,
+                Mapping[int, str],
+                asyncio.Future[MemorySample | None],
+            ]
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    async def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
+    async def sample(
+        self,
+        roots: Sequence[int],
+        exclude_roots: bool = False,
+        cgroups: Mapping[int, str] | None = None,
+    ) -> MemorySample:
+        """A sample of ``roots`` (see :class:`ProcessProbe`); ``cgroups`` (root pid -> its
+        memory cgroup leaf) are read too if the probe does :class:`CgroupAccounting`."""
         loop = asyncio.get_running_loop()
         if self._closed:  # a sampler still running while the supervisor closes
             raise RuntimeError("the memory probe is closed")
@@ -188,19 +263,21 @@ class ProbeThread:
             self._thread = threading.Thread(target=self._run, name="corral-probe", daemon=True)
             self._thread.start()
         fut: asyncio.Future[MemorySample | None] = loop.create_future()
-        self._requests.put((roots, exclude_roots, fut))
+        self._requests.put((roots, exclude_roots, dict(cgroups or {}), fut))
         result = await fut
         assert result is not None
         return result
 
     def _run(self) -> None:
         while True:
-            roots, exclude_roots, fut = self._requests.get()
+            roots, exclude_roots, cgroups, fut = self._requests.get()
             if roots is None:
                 _hand_back(fut, _set_result, None)
                 return
             try:
                 result = self._probe.sample(roots, exclude_roots)
+                if cgroups and isinstance(self._probe, CgroupAccounting):
+                    result = self._probe.with_cgroups(result, cgroups)
             except Exception as exc:  # handed to the awaiting task, which decides
                 _hand_back(fut, _set_exception, exc)
             else:
@@ -214,7 +291,7 @@ class ProbeThread:
         if thread is None:
             return
         done: asyncio.Future[MemorySample | None] = asyncio.get_running_loop().create_future()
-        self._requests.put((None, False, done))
+        self._requests.put((None, False, {}, done))
         await done  # the thread resolved this as its last act and is exiting (no join: that
         # would block the loop, however briefly)
 

@@ -123,6 +123,9 @@ class _Warden:
         self.pending: dict[int, tuple[asyncio.Future[int], ExitCallback]] = {}
         self.on_exit: dict[int, ExitCallback] = {}
         self.pidfds: dict[int, int] = {}  # worker pid -> a pidfd on it, until it is reaped
+        # worker pid -> its memory cgroup leaf, until it is reaped, e.g.
+        # "/sys/fs/cgroup/memory/corral-1234/w7" (the warden's report; the warden is ours)
+        self.memory_leaves: dict[int, str] = {}
         self._outbox: deque[_Outgoing] = deque()
         self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
         self.memory_cgroups = False
@@ -194,6 +197,7 @@ class _Warden:
             except OSError:  # gone already
                 pass
             os.close(pidfd)
+        self.memory_leaves.clear()
         callbacks, self.on_exit = self.on_exit, {}
         for callback in callbacks.values():
             callback(None, False)
@@ -225,12 +229,15 @@ class _Warden:
             pidfd = self.pidfds.pop(msg.pid, None)
             if pidfd is not None:
                 os.close(pidfd)
+            self.memory_leaves.pop(msg.pid, None)
             callback = self.on_exit.pop(msg.pid, None)
             if callback is not None:
                 callback(msg.returncode, msg.oom_killed)
         elif isinstance(msg, WorkerSpawned):
             fut, on_exit = self.pending.pop(msg.id)
             self.on_exit[msg.pid] = on_exit
+            if msg.memory_cgroup is not None:
+                self.memory_leaves[msg.pid] = msg.memory_cgroup
             try:  # not reaped before the warden has reported it: still this worker
                 self.pidfds[msg.pid] = os.pidfd_open(msg.pid)
             except OSError:  # out of fds, or gone already: killpg below still applies
@@ -296,7 +303,8 @@ class WardenLauncher:
         env: the complete environment of the warden and every worker (set at exec).
         start_timeout: seconds the warden may take to say hello.
         memory_method: how hard memory limits are enforced: ``"cgroup"`` (required),
-            ``"rlimit"`` (never cgroups) or ``"auto"`` (cgroups where the host allows,
+            ``"rlimit"`` (no memory cgroups: RLIMIT_DATA, and tree RSS for accounting) or
+            ``"auto"`` (cgroups where the host allows,
             else rlimit).
     """
 
@@ -340,6 +348,13 @@ class WardenLauncher:
     @property
     def sandbox_report(self) -> dict[str, str]:
         return dict(self._sandbox_report)
+
+    def memory_leaves(self) -> dict[int, str]:
+        """Worker pid -> the directory of its memory cgroup leaf, for the workers that
+        have one: their memory is read there (it counts all they started, wherever it
+        went). A snapshot, for the memory probe's thread."""
+        warden = self._warden
+        return dict(warden.memory_leaves) if warden is not None else {}
 
     async def start(self) -> None:
         """Start the warden now rather than with the first worker.

@@ -47,7 +47,7 @@ from corral.ipc import (
 )
 from corral.ipc.launch import boot_argv
 from corral.worker import _loop, _privileged, _sandbox, _scratch
-from corral.worker._cgroup import Cgroups, detect, memory_settings, oom_killed
+from corral.worker._cgroup import Cgroups, Leaves, detect
 from corral.worker._os import (
     HOST_PID_ENV,
     limit_data_segment,
@@ -67,10 +67,7 @@ class Warden:
         control: socket.socket,
         python: str,
         corral_root: str,
-        cgroups: Cgroups | None,
-        cgroups_detail: str,
-        pids: Cgroups | None,
-        pids_detail: str,
+        cgroups: Cgroups,
         root_layers: dict[str, str],
         user_namespace: bool,
     ) -> None:
@@ -88,10 +85,7 @@ class Warden:
         self._uid_slots: _privileged.UidSlots | None = None
         self._uids: dict[int, int] = {}  # worker pid -> its dedicated uid
         self._init_status: dict[int, int] = {}  # init pid -> read end of its status pipe
-        self._cgroups = cgroups
-        self._cgroups_detail = cgroups_detail
-        self._pids = pids
-        self._pids_detail = pids_detail
+        self._cgroups = cgroups  # memory and pids hierarchies (v2 or v1), per-worker leaves
         self._python = python
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
@@ -116,14 +110,14 @@ class Warden:
             WardenHello(
                 PROTOCOL_VERSION,
                 os.getpid(),
-                self._cgroups is not None,
-                self._cgroups_detail,
+                self._cgroups.memory is not None,
+                self._cgroups.memory_detail,
                 {
                     **_sandbox.detect(),
                     "scratch_quota": _scratch.detect_quota(),
-                    "cgroup_tree": f"available ({self._pids_detail})"
-                    if self._pids is not None
-                    else f"unavailable: {self._pids_detail}",
+                    "cgroup_tree": f"available ({self._cgroups.pids_detail})"
+                    if self._cgroups.pids is not None
+                    else f"unavailable: {self._cgroups.pids_detail}",
                     **self._root_layers,
                 },
             )
@@ -187,17 +181,17 @@ class Warden:
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
         spec = msg.sandbox
-        leaf = tree = scratch = uid = None
+        scratch = uid = None
+        leaves = Leaves((), None)
         status_r = status_w = -1
         try:
-            if msg.memory_limit is not None and msg.memory_method == "cgroup":
-                if self._cgroups is None:
-                    raise OSError(f"no memory cgroups: {self._cgroups_detail}")
-                leaf = self._cgroups.new_leaf(memory_settings(msg.memory_limit))
-            if spec.cgroup_tree:
-                if self._pids is None:
-                    raise OSError(f"no pids cgroups: {self._pids_detail}")
-                tree = self._pids.new_leaf({"pids.max": str(spec.max_processes)})
+            # A memory leaf for every worker where memory cgroups work (what it and all it
+            # starts use is counted there, wherever they go); its hard limit if it has one.
+            # A pids leaf (or the same leaf, on v2) for a bounded, killable tree.
+            leaves = self._cgroups.make(
+                memory_limit=msg.memory_limit if msg.memory_method == "cgroup" else None,
+                max_processes=spec.max_processes if spec.cgroup_tree else None,
+            )
             if spec.uid_range is not None:
                 if self._uid_slots is None:
                     self._uid_slots = _privileged.UidSlots(*spec.uid_range)
@@ -217,15 +211,13 @@ class Warden:
                     os.close(fd)
             if scratch is not None:
                 self._scratch.discard(scratch)
-            for made in (leaf, tree):
-                if made is not None:
-                    os.rmdir(made)
+            self._cgroups.discard(leaves)
             if uid is not None and self._uid_slots is not None:
                 self._uid_slots.release(uid)
             self._send(SpawnFailed(msg.id, f"could not start a worker: {exc}"))
             return
         if pid == 0:
-            _loop.run_and_exit(lambda: self._child(fds, msg, (leaf, tree), scratch, uid, status_w))
+            _loop.run_and_exit(lambda: self._child(fds, msg, leaves, scratch, uid, status_w))
         for fd in fds:
             os.close(fd)
         if status_w >= 0:
@@ -236,17 +228,14 @@ class Warden:
         self._workers.add(pid)
         if scratch is not None:
             self._scratch.adopt(pid, scratch)
-        if leaf is not None and self._cgroups is not None:
-            self._cgroups.adopt(pid, leaf)
-        if tree is not None and self._pids is not None:
-            self._pids.adopt(pid, tree)
-        self._send(WorkerSpawned(msg.id, pid))
+        self._cgroups.adopt(pid, leaves)
+        self._send(WorkerSpawned(msg.id, pid, leaves.memory))
 
     def _child(
         self,
         fds: list[int],
         msg: SpawnWorker,
-        leaves: tuple[str | None, str | None],
+        leaves: Leaves,
         scratch: str | None,
         uid: int | None,
         status_w: int,
@@ -256,11 +245,8 @@ class Warden:
         sets up the namespaces, forks the worker (pid 2) and stays as its init."""
         # First of all, before any other code runs: the cgroups (so everything is counted
         # and killable), or the memory rlimit.
-        memory_leaf = leaves[0]
-        for leaf in leaves:
-            if leaf is not None:
-                Cgroups.join(leaf)
-        if memory_leaf is None and msg.memory_limit is not None:
+        Cgroups.join(leaves)
+        if msg.memory_limit is not None and msg.memory_method != "cgroup":
             limit_data_segment(msg.memory_limit)
         exec_fresh = msg.exec
         signal.set_wakeup_fd(-1)
@@ -359,15 +345,9 @@ class Warden:
                 except OSError:  # gone (or, without root, not ours to signal)
                     pass
                 self._kill_orphans()
-                if self._pids is not None:
-                    self._pids.kill_tree(pid)  # its whole tree, setsid'd descendants too
-                    self._pids.release(pid)
-                    self._pids.sweep()
-                oom = False
-                if self._cgroups is not None:
-                    released = self._cgroups.release(pid)
-                    oom = released is not None and oom_killed(released)
-                    self._cgroups.sweep()
+                # Everything left in its cgroups dies: its whole tree, setsid'd and
+                # reparented descendants too (its memory leaf alone is enough for that).
+                oom = self._cgroups.reaped(pid)
                 self._scratch.release(pid)
                 uid = self._uids.pop(pid, None)
                 if uid is not None and self._uid_slots is not None:
@@ -381,9 +361,7 @@ class Warden:
             # the whole batch (a fork bomb's hundreds of orphans must not cost a scan
             # each: the warden starts nothing meanwhile).
             self._kill_orphans()
-            for groups in (self._cgroups, self._pids):
-                if groups is not None:
-                    groups.sweep()
+            self._cgroups.sweep()
 
     def _worker_status(self, pid: int, status: int) -> int:
         """The worker's own wait status: for a namespace init, what it reported on its
@@ -429,8 +407,7 @@ class Warden:
         """Kill every descendant, reap them all, exit. Repeats until no child is left, so a
         process forked after one round's snapshot is caught by the next."""
         while True:
-            if self._pids is not None:
-                self._pids.kill_all()
+            self._cgroups.kill_all()
             for pid in self._workers:
                 try:
                     os.killpg(pid, signal.SIGKILL)
@@ -451,9 +428,7 @@ class Warden:
                 break  # no children left at all
             except InterruptedError:
                 pass
-        for groups in (self._cgroups, self._pids):
-            if groups is not None:
-                groups.remove_all()
+        self._cgroups.remove_all()
         self._scratch.remove_all()
         os._exit(0)
 
@@ -481,8 +456,8 @@ def main(
     read the interpreter, corral, and ``must_read``: the host's import path)."""
     set_parent_death_signal(signal.SIGTERM, host_pid)
     set_child_subreaper()
-    cgroups, detail = detect("memory", os.getpid()) if want_cgroups else (None, "not requested")
-    pids, pids_detail = detect("pids", os.getpid())
+    # Memory (unless memory_method="rlimit") and pids cgroups, v2 or v1 per controller.
+    cgroups = detect(os.getpid(), memory=want_cgroups)
     root_layers: dict[str, str] = {}
     user_namespace = False
     if root_probe_uid is not None:
@@ -513,9 +488,6 @@ def main(
         python,
         corral_root,
         cgroups,
-        detail,
-        pids,
-        pids_detail,
         root_layers,
         user_namespace,
     ).serve()
