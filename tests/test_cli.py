@@ -7,27 +7,53 @@ lines, its run time, and that no worker it started outlived it.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 import corral
+from corral.server._options import OPTIONS, SERVER
+from tests.helpers import Served
+
+pytestmark = pytest.mark.timeout(120)
 
 FACTORY = "corral.examples.demo:create"
 _DEMO_BUDGET = 30.0  # seconds `demo --fast` must stay well under
 
 
-def corral_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def corral_cli(
+    *args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The real command line in a subprocess; ``env`` is added to this environment."""
     return subprocess.run(
         [sys.executable, "-m", "corral.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
+        user=user,
+        group=user,
+        extra_groups=[] if user is not None else None,
     )
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], prog: str, message: str) -> None:
+    """Exit status 2, nothing on stdout, and one line on stderr: ``PROG: error: ...``."""
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"{prog}: error: "), result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def is_running(pid: int) -> bool:
@@ -139,3 +165,163 @@ def test_a_command_is_required() -> None:
     result = corral_cli()
     assert result.returncode == 2
     assert "COMMAND" in result.stderr
+
+
+# -- bad options: one line, exit status 2, for every command ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--port", "80000"), {}, "--port: a port is 0..65535 (0: any free port), got 80000"),
+        ((), {"CORRAL_PORT": "http"}, "CORRAL_PORT: not a whole number: 'http'"),
+        (("--max-workers", "many"), {}, "--max-workers: not a whole number: 'many'"),
+        (("--max-workers", "0"), {}, "max_workers must be an int >= 1, got 0"),
+        ((), {"CORRAL_MAX_WORKERS": "0"}, "max_workers must be an int >= 1, got 0"),
+        (("--idle-ttl", "-1"), {}, "idle_ttl must be >= 0, got -1.0"),
+        (("--call-timeout", "soon"), {}, "--call-timeout: not a number of seconds: 'soon'"),
+        (("--sandbox", "paranoid"), {}, "--sandbox: must be one of none, default, strict"),
+        (("--worker-memory-limit", "12 parsecs"), {}, "not a size: '12 parsecs'"),
+        (("--min-available-memory", "512KiB"), {}, "min_available_memory"),
+        (
+            ("--worker-memory-limit", "2GiB", "--worker-memory-hard-limit", "1GiB"),
+            {},
+            "worker_memory_limit (2147483648) must be below worker_memory_hard_limit",
+        ),
+        (("--memory-method", "magic"), {}, "--memory-method: must be one of auto, cgroup, rlimit"),
+        (("--env", "NOEQUALS"), {}, "--env: expected KEY=VALUE, got 'NOEQUALS'"),
+        (("--max-body-bytes", "0"), {}, "max_body_bytes must be >= 1, got 0"),
+        (("--grace", "x"), {}, "--grace: not a number of seconds: 'x'"),
+        (("--log-level", "loud"), {}, "--log-level: must be one of debug, info, warning, error"),
+        (("--config", "/nonexistent.toml"), {}, "--config: cannot read '/nonexistent.toml'"),
+        ((), {"CORRAL_CONFIG": "/nonexistent.toml"}, "CORRAL_CONFIG: cannot read"),
+        (("not-a-factory",), {}, "factory must look like 'package.module:callable'"),
+        # Found bad only once the supervisor starts: below what a fresh worker weighs.
+        (("--worker-memory-limit", "10MiB"), {}, "at or below a fresh worker's baseline"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(
+    args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    port = () if "CORRAL_PORT" in env else ("--port", "0")  # a flag would win over it
+    assert_refused(corral_cli("serve", *port, *args, env=env), "corral serve", message)
+
+
+def test_serve_refuses_a_bad_config_file_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "corral.toml"
+    config.write_text('[supervisor]\nworker_memory_limit = "lots"\n')
+    result = corral_cli("serve", "--port", "0", "--config", str(config))
+    assert_refused(result, "corral serve", "config file [supervisor] worker_memory_limit")
+    config.write_text("[server]\nport = 80000\n")
+    result = corral_cli("serve", "--config", str(config))
+    assert_refused(result, "corral serve", "config file [server] port: a port is 0..65535")
+
+
+def test_serve_refuses_a_factory_that_fails_to_load() -> None:
+    """The factory is loaded once at start-up: a broken one ends the command, naming the
+    import error, instead of leaving a healthy-looking gateway that fails every call."""
+    result = corral_cli("serve", "--port", "0", "--start-timeout", "20", "no_such_module_xyz:c")
+    assert result.returncode == 2, result
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    # Before it, the log lines of the worker that tried (at most a few).
+    *_log, error = result.stderr.splitlines()
+    assert error.startswith("corral serve: error: the factory no_such_module_xyz:c failed its")
+    assert "ModuleNotFoundError: No module named 'no_such_module_xyz'" in error
+
+
+def _can_run_as_nobody() -> bool:
+    if os.getuid() != 0:
+        return False
+    probe = subprocess.run(
+        [sys.executable, "-c", "import corral.server._options"],
+        capture_output=True, user=65534, group=65534, extra_groups=[], check=False,
+        cwd="/", env={**os.environ, "PYTHONPATH": str(Path(corral.__file__).parents[1])},
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
+def test_serve_refuses_a_sandbox_the_host_cannot_give() -> None:
+    """strict() needs root; as root, the command is run as uid 65534 to lack it."""
+    user = None
+    if os.getuid() == 0:
+        if not _can_run_as_nobody():
+            pytest.skip("uid 65534 cannot run this interpreter and checkout")
+        user = 65534
+    env = {"PYTHONPATH": str(Path(corral.__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "serve", "--port", "0", "--sandbox", "strict"],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        env={**os.environ, **env}, user=user, group=user,
+        extra_groups=[] if user is not None else None,
+    )  # fmt: skip
+    assert_refused(result, "corral serve", "the sandbox requires layers this host cannot provide")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("demo", "--start-method", "fork"), {}, "argument --start-method: invalid choice"),
+        (("demo",), {"CORRAL_START_METHOD": "fork"}, "CORRAL_START_METHOD: must be one of"),
+        (("demo",), {"CORRAL_FAST": "maybe"}, "CORRAL_FAST: not a boolean"),
+        (("call", FACTORY, "t1", "whoami", "--timeout", "x"), {}, "not a number of seconds"),
+        (
+            ("call", FACTORY, "t1", "whoami"),
+            {"CORRAL_TIMEOUT": "-3"},
+            "CORRAL_TIMEOUT: must be > 0",
+        ),
+        (("call", FACTORY, "t1", "whoami", "--start-method", "fork"), {}, "invalid choice"),
+    ],
+)
+def test_demo_and_call_refuse_bad_options_in_one_line(
+    args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    assert_refused(corral_cli(*args, env=env), f"corral {args[0]}", message)
+
+
+def test_unknown_options_are_refused_in_one_line() -> None:
+    assert_refused(corral_cli("serve", "--max-wrokers", "3"), "corral", "--max-wrokers")
+
+
+def test_a_flag_wins_over_its_variable() -> None:
+    result = corral_cli(
+        "call", FACTORY, "t1", "spin", "30", "--timeout", "0.3", env={"CORRAL_TIMEOUT": "-3"}
+    )
+    assert result.returncode == 1
+    assert "CallTimeoutError: 't1'.spin did not finish within 0.3s" in result.stderr
+
+
+def test_every_option_is_in_help_with_its_variable() -> None:
+    serve = corral_cli("serve", "--help").stdout
+    for option in [*OPTIONS.values(), *SERVER.values()]:
+        assert option.env in serve and option.flag.removeprefix("--") in serve, option.name
+    assert "CORRAL_CONFIG" in serve
+    assert "--sandbox none|default|strict" in serve
+    demo = corral_cli("demo", "--help").stdout
+    call = corral_cli("call", "--help").stdout
+    assert "CORRAL_FAST" in demo and "CORRAL_START_METHOD" in demo
+    for env in ("CORRAL_TIMEOUT", "CORRAL_START_METHOD", "CORRAL_VERBOSE"):
+        assert env in call
+
+
+def test_serve_takes_options_from_flags_variables_and_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--sandbox none`` is the none() preset (it was the default one); sizes take units
+    everywhere; flag > variable > config file."""
+    config = tmp_path / "corral.toml"
+    config.write_text(
+        '[supervisor]\nmax_workers = 3\nidle_ttl = 60\nworker_memory_limit = "1GiB"\n'
+    )
+    monkeypatch.setenv("CORRAL_MAX_WORKERS", "6")
+    monkeypatch.setenv("CORRAL_IDLE_TTL", "none")
+    gateway = Served(
+        "--config", str(config), "--sandbox", "none", "--min-available-memory", "64MiB",
+        "--idle-ttl", "30", "--start-timeout", "20", log=tmp_path / "log",
+    )  # fmt: skip
+    try:
+        stats = httpx.get(f"{gateway.url}/v1/workers", timeout=30).json()
+    finally:
+        assert gateway.stop() == 0
+    assert stats["max_workers"] == 6  # the variable wins over the file
+    assert stats["limits"] == {"soft": 1 << 30, "hard": None}
+    assert set(stats["sandbox"].values()) == {"off"}, stats["sandbox"]

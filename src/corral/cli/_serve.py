@@ -1,11 +1,18 @@
 """``corral serve``: the HTTP gateway (``corral.server``) under uvicorn.
 
-Settings come from, in increasing priority: the Supervisor's defaults, the config
-file's ``[server]`` and ``[supervisor]`` tables (``--config``), and the flags. One line
+Settings come from, in increasing priority: the defaults, the config file's ``[server]``
+and ``[supervisor]`` tables (``--config``), ``CORRAL_*`` environment variables, and the
+flags (all declared once, in ``corral.server._options``). A bad value, a factory that
+fails its start-up check, or a sandbox or memory limit the host cannot give ends the
+command with one line on stderr and exit status 2, before anything listens. One line
 ``corral serve: ready on http://HOST:PORT/`` goes to stdout once the supervisor has
 started (the socket is bound before, so a client may connect at once). SIGTERM or
 Ctrl-C stops accepting, lets calls in flight finish for up to ``--grace`` seconds, then
-closes the supervisor (which drains and stops every worker).
+closes the supervisor (which drains and stops every worker); exit status 0.
+
+The gateway's lifespan (factory check, supervisor start and close) runs here, around
+uvicorn (whose own lifespan handling is off): a start-up failure is then an exception
+this code turns into one line, where uvicorn would log a traceback and exit 3.
 
 Logs go to stderr, one line per record, corral's fields (tenant, pid, reason, ...)
 appended as ``key=value`` (``--log-format json``: one JSON object per line).
@@ -15,41 +22,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
+    from starlette.applications import Starlette
 
 DESCRIPTION = (
     "Serve tenants' kernels over HTTP: POST /v1/tenants/KEY/call/METHOD with "
-    '{"args": [...], "kwargs": {...}}; GET /v1/workers, /v1/events, /healthz, /metrics; '
-    "DELETE /v1/tenants/KEY; a live dashboard at /. With no FACTORY, the bundled example "
-    "kernel. Every Supervisor option has a flag (and a key in the config file's "
-    "[supervisor] table)."
+    '{"args": [...], "kwargs": {...}}; GET /v1/workers, /v1/events, /healthz, /readyz, '
+    "/metrics; DELETE /v1/tenants/KEY; a live dashboard at /. With no FACTORY, the "
+    "bundled example kernel. Every setting has a flag, a CORRAL_* environment variable "
+    "and a key in the config file (flag > variable > file > default). Bad settings, a "
+    "factory that cannot be loaded and a sandbox the host cannot give exit with status 2."
 )
+EXIT_USAGE = 2
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
-_SERVER_KEYS = {"host", "port", "factory", "max_body_bytes", "grace", "log_level", "log_format"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from corral.server._options import add_flags
 
-    parser.add_argument(
-        "factory", metavar="FACTORY", nargs="?", help="'package.module:callable' (optional)"
-    )
-    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default: 8000; 0: any free port)")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="a TOML config file")
-    parser.add_argument("--max-body-bytes", metavar="SIZE", help="default: 1MiB")
-    parser.add_argument(
-        "--grace", type=float, metavar="SECONDS", help="for calls in flight at shutdown (30)"
-    )
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--log-format", choices=("text", "json"))
     add_flags(parser)
 
 
@@ -78,66 +79,100 @@ class _Formatter(logging.Formatter):
 
 
 def run(args: argparse.Namespace) -> int:
+    """``corral serve``: the exit status (0 after a graceful stop, 2 for anything refused
+    before serving, 1 if uvicorn could not serve)."""
     try:
         import uvicorn
 
-        from corral.server import DEFAULT_FACTORY, create_app
-        from corral.server._options import from_flags, from_toml, parse_size
+        from corral.server import create_app
+        from corral.server._options import resolve
     except ImportError as exc:
-        print(
-            f"corral serve needs the server extra: pip install 'corral[server]' ({exc})",
-            file=sys.stderr,
-        )
-        return 2
+        return _refuse(f"needs the server extra: pip install 'corral[server]' ({exc})")
     try:
-        server: dict[str, Any] = {}
-        options: dict[str, Any] = {}
-        if args.config is not None:
-            server, options = from_toml(args.config.read_text())
-            unknown = set(server) - _SERVER_KEYS
-            if unknown:
-                raise ValueError(f"config file: unknown server setting(s) {sorted(unknown)}")
-        options.update(from_flags(args))
-        flags = {key: getattr(args, key) for key in _SERVER_KEYS}
-        server.update({key: value for key, value in flags.items() if value is not None})
-        body = server.get("max_body_bytes", "1MiB")
-        max_body = parse_size(body) if isinstance(body, str) else int(body)
+        server, options = resolve(args, os.environ)
         app = create_app(
-            server.get("factory") or DEFAULT_FACTORY, options=options, max_body_bytes=max_body
+            server["factory"], options=options, max_body_bytes=server["max_body_bytes"]
         )
-    except (OSError, ValueError, TypeError) as exc:
-        print(f"corral serve: {exc}", file=sys.stderr)
-        return 2
-    level = str(server.get("log_level", "info"))
+    except (ValueError, TypeError) as exc:
+        return _refuse(str(exc))
+    level = str(server["log_level"])
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(server.get("log_format") == "json"))
+    handler.setFormatter(_Formatter(server["log_format"] == "json"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    host, port = str(server.get("host", "127.0.0.1")), int(server.get("port", 8000))
+    host, port = str(server["host"]), int(server["port"])
     try:
         sock = _listen(host, port)
     except OSError as exc:
-        print(f"corral serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    app.state.gateway.on_ready = lambda: print(
-        f"corral serve: ready on http://{shown}:{bound}/", flush=True
-    )
+        return _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     config = uvicorn.Config(
         app,
-        lifespan="on",
+        lifespan="off",  # the gateway's lifespan runs in _serve(), around uvicorn
         log_config=None,  # ours (above)
         log_level=level,
         access_log=level == "debug",
-        timeout_graceful_shutdown=math.ceil(float(server.get("grace", 30.0))),
+        timeout_graceful_shutdown=math.ceil(float(server["grace"])),
     )
-    uv = uvicorn.Server(config)
-    # uvicorn handles SIGTERM during serve() (a graceful shutdown), then raises it again
-    # with our handler back in place: exit 0 then, as for a SIGTERM before uvicorn runs.
+    # A SIGTERM before the loop runs ends the command at once (there is nothing to stop).
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     with sock:
-        asyncio.run(uv.serve(sockets=[sock]))
+        return asyncio.run(_serve(app, uvicorn.Server(config), sock, host))
+
+
+async def _serve(app: Starlette, uv: uvicorn.Server, sock: socket.socket, host: str) -> int:
+    """Start the gateway (factory check, supervisor), serve until SIGTERM or Ctrl-C, then
+    close it.
+
+    **Cancellation:** a SIGTERM (or Ctrl-C) during the start cancels it; the start leaves
+    nothing running (``Supervisor.start``'s guarantee) and the exit status is 0 (130).
+    """
+    from corral.errors import CorralError
+
+    gateway = app.state.gateway
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    terminated: list[int] = []  # the SIGTERM that cancelled the start, if one did
+
+    def terminate() -> None:
+        terminated.append(signal.SIGTERM)
+        main.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(gateway.lifespan(app))
+            except asyncio.CancelledError:
+                if terminated:
+                    return 0  # a SIGTERM while starting; a Ctrl-C goes on as KeyboardInterrupt
+                raise
+            except (CorralError, ValueError, OSError) as exc:
+                # StartError: the factory check failed, or a sandbox layer or memory limit
+                # the host cannot give; ValueError: a limit below a worker's baseline.
+                return _refuse(str(exc))
+            loop.remove_signal_handler(signal.SIGTERM)
+            # uvicorn handles SIGTERM and SIGINT while it serves, then raises them again
+            # once it is done: with these in place that is harmless, and the supervisor
+            # is closed below (leaving the context) whichever signal it was.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda _signum, _frame: None)
+            shown = f"[{host}]" if ":" in host else host
+            print(f"corral serve: ready on http://{shown}:{sock.getsockname()[1]}/", flush=True)
+            await uv.serve(sockets=[sock])
+    finally:
+        with contextlib.suppress(RuntimeError):  # already removed, or the loop is closing
+            loop.remove_signal_handler(signal.SIGTERM)
     return 0 if uv.started else 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _refuse(message: str) -> int:
+    """Refuse to serve: one line on stderr, exit status 2."""
+    print(f"corral serve: error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _listen(host: str, port: int) -> socket.socket:

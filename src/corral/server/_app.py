@@ -8,10 +8,14 @@ Routes (JSON in and out):
 * ``GET /v1/events``: the most recent lifecycle events (starts, stops with reasons,
   backoffs), newest last;
 * ``DELETE /v1/tenants/{key}``: evict that tenant's worker;
-* ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard).
+* ``GET /healthz`` (liveness), ``GET /readyz`` (readiness, with the reason when not
+  ready), ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard).
 
-The supervisor is started and closed in the app's lifespan. A request body larger than
-``max_body_bytes`` is refused (413) before it is read in full.
+The supervisor is started and closed in the app's lifespan. Before it starts, the
+factory is checked: a supervisor of its own, with the same options, loads it in one
+worker (tenant ``corral-startup-check``) and is closed, so a factory that cannot be
+imported or that raises fails the start-up instead of every call. A request body larger
+than ``max_body_bytes`` is refused (413) before it is read in full.
 
 Not here: option parsing (``_options``), the command (``corral.cli._serve``).
 """
@@ -41,6 +45,7 @@ from corral.errors import (
     InvalidCallError,
     KernelError,
     MemoryPressureError,
+    StartError,
     SupervisorClosedError,
 )
 from corral.server._dashboard import DASHBOARD_HTML
@@ -54,6 +59,8 @@ log = logging.getLogger("corral.server")
 
 DEFAULT_FACTORY = "corral.examples.demo:create"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+CHECK_TENANT = "corral-startup-check"
+"""The tenant the start-up check calls the factory with (in a worker that is then stopped)."""
 _RECENT_EVENTS = 200
 
 
@@ -120,7 +127,13 @@ def error_response(exc: CorralError, tenant: str) -> Response:
 class Gateway:
     """One app's state: the supervisor (made in the lifespan), metrics, recent events."""
 
-    def __init__(self, factory: Factory, options: Mapping[str, Any], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        factory: Factory,
+        options: Mapping[str, Any],
+        max_body_bytes: int,
+        check_factory: bool = True,
+    ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
         self.factory = factory
@@ -129,6 +142,10 @@ class Gateway:
             raise ValueError("on_event is the gateway's own; use Supervisor.events() instead")
         self.max_body_bytes = max_body_bytes
         self.supervisor: Supervisor | None = None
+        self.check_factory_at_start = check_factory
+        # Where the lifespan is, for /readyz: "new", "starting", "running", "stopping" or
+        # "stopped". Written only by lifespan(); the supervisor's own state says the rest.
+        self.phase = "new"
         self.on_ready: Callable[[], None] | None = None  # called once the supervisor runs
         self.metrics = Metrics(self.stats)
         self.recent: collections.deque[WorkerEvent] = collections.deque(maxlen=_RECENT_EVENTS)
@@ -146,17 +163,72 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        sup = self._new_supervisor()  # one per lifespan: an app may be started again
-        await sup.start()
+        """Check the factory, start the supervisor; on exit, close it.
+
+        Raises:
+            StartError: the factory failed its check (``remote_type`` and
+                ``remote_traceback`` say why), or the supervisor could not start (a
+                sandbox layer or memory limit the host cannot give).
+            ValueError: a memory limit at or below a fresh worker's baseline.
+        """
+        self.phase = "starting"
+        try:
+            if self.check_factory_at_start:
+                await self.check_factory()
+            sup = self._new_supervisor()  # one per lifespan: an app may be started again
+            await sup.start()
+        except BaseException:
+            self.phase = "stopped"
+            raise
         self.supervisor = sup
+        self.phase = "running"
         log.info("gateway ready", extra={"sandbox": sup.stats().sandbox})
         if self.on_ready is not None:
             self.on_ready()
         try:
             yield
         finally:
+            self.phase = "stopping"
             self.supervisor = None
-            await sup.aclose()
+            try:
+                await sup.aclose()
+            finally:
+                self.phase = "stopped"
+
+    async def check_factory(self) -> None:
+        """Load the factory in one worker, then stop it, so that a factory that cannot be
+        imported (or raises) fails here rather than in every call.
+
+        The worker belongs to a supervisor of its own with the same options (sandbox,
+        environment, start method: what decides whether the import works), so the
+        serving supervisor's statistics and events start clean. The factory is called
+        once, as ``factory("corral-startup-check")``. Under memory pressure no worker
+        may start: the check is skipped with a warning (``/readyz`` says why the gateway
+        is not ready).
+
+        Raises:
+            StartError: the factory failed (``remote_type``, ``remote_traceback``), or
+                the supervisor could not start.
+            ValueError: a memory limit at or below a fresh worker's baseline.
+
+        **On error:** the checking supervisor is closed; no process is left.
+        """
+        async with Supervisor(self.factory, **self.options) as sup:
+            try:
+                await sup.get_or_create(CHECK_TENANT)
+            except MemoryPressureError as exc:
+                log.warning("the factory was not checked at start-up: %s", exc)
+            except StartError as exc:
+                name = self.factory if isinstance(self.factory, str) else repr(self.factory)
+                if exc.remote_type is None and exc.pid is None:
+                    raise  # the supervisor itself could not start: its message says why
+                raise StartError(
+                    f"the factory {name} failed its start-up check: {exc}",
+                    tenant=CHECK_TENANT,
+                    pid=exc.pid,
+                    remote_type=exc.remote_type,
+                    remote_traceback=exc.remote_traceback,
+                ) from exc
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -236,6 +308,31 @@ class Gateway:
             return _json({"status": "unavailable"}, 503)
         return _json({"status": "ok", "workers": len(stats.workers)})
 
+    async def readyz(self, _request: Request) -> Response:
+        """200 ``{"status": "ready", ...}`` while the gateway can serve a new tenant, else
+        503 ``{"status": "unavailable", "reason": ...}``: starting (the factory check and
+        the supervisor's start are not done), stopping or stopped, or memory pressure
+        (new workers are refused). A dead warden does not count: the next start replaces
+        it, and a failure to is that call's ``StartError``."""
+        sup = self.supervisor
+        if sup is None:
+            reason = {
+                "new": "not started",
+                "starting": "starting: checking the factory and starting the supervisor",
+                "stopping": "shutting down",
+                "stopped": "stopped",
+            }.get(self.phase, self.phase)
+            return _json({"status": "unavailable", "reason": reason}, 503)
+        stats = sup.stats()
+        if stats.state != "running":
+            return _json({"status": "unavailable", "reason": f"supervisor {stats.state}"}, 503)
+        if stats.memory_pressure is not None:
+            reason = f"memory pressure, new workers are refused: {stats.memory_pressure}"
+            return _json({"status": "unavailable", "reason": reason}, 503)
+        return _json(
+            {"status": "ready", "workers": len(stats.workers), "max_workers": stats.max_workers}
+        )
+
     async def metrics_text(self, _request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -248,6 +345,7 @@ def create_app(
     *,
     options: Mapping[str, Any] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    check_factory: bool = True,
 ) -> Starlette:
     """The gateway app over a new Supervisor.
 
@@ -256,14 +354,18 @@ def create_app(
         options: keyword arguments for :class:`corral.Supervisor` (not ``on_event``:
             the gateway uses it; read ``Supervisor.events()`` instead).
         max_body_bytes: larger request bodies get 413.
+        check_factory: load the factory in one throwaway worker when the app starts
+            (:meth:`Gateway.check_factory`), so that a broken factory fails the
+            start-up; False skips it (the factory is then first run by a call).
 
     Raises:
         ValueError, TypeError: a bad option (before anything starts).
     """
-    gateway = Gateway(factory or DEFAULT_FACTORY, options or {}, max_body_bytes)
+    gateway = Gateway(factory or DEFAULT_FACTORY, options or {}, max_body_bytes, check_factory)
     routes = [
         Route("/", gateway.dashboard, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
         Route("/v1/workers", gateway.workers, methods=["GET"]),
         Route("/v1/events", gateway.events, methods=["GET"]),

@@ -1,43 +1,76 @@
-"""Supervisor options from text: command-line flags and a TOML config file.
+"""``corral serve``'s settings from text: flags, ``CORRAL_*`` environment variables and
+a TOML config file.
 
-Every option of :class:`corral.Supervisor` whose value can be written down (numbers,
-sizes, durations, names, the sandbox preset, the environment) gets a flag named after
-it (``--max-workers``, ``--worker-memory-hard-limit``, ...) and a key of the same name
-in the ``[supervisor]`` table of a config file. The table is derived from the
-constructor's signature, so a new option appears here without a change. Options that
-take code (``on_event``, ``launcher``, ``probe``, ``clock``) are for embedding only.
+Every setting is declared once, as an :class:`Option`: its name, what kind of value it
+takes, its default and its help text. That one declaration gives the flag
+(``--max-workers``), the environment variable (``CORRAL_MAX_WORKERS``) and the TOML key
+(``max_workers``), parses and checks their text the same way, and writes the line
+``--help`` shows. Two groups:
 
-Not here: the HTTP app (``_app``), the command itself (``corral.cli._serve``).
+* :data:`OPTIONS`, one per option of :class:`corral.Supervisor` whose value can be
+  written down (numbers, sizes, durations, names, the sandbox preset, the
+  environment), derived from the constructor's signature, with the help text taken
+  from its docstring's ``Args:`` (a new option appears here without a change). Options
+  that take code (``on_event``, ``launcher``, ``probe``, ``clock``) are for embedding
+  only. TOML table ``[supervisor]``.
+* :data:`SERVER`, the gateway's own settings (``host``, ``port``, ``factory``, ...).
+  TOML table ``[server]``.
+
+Sources win in this order: flag, environment variable, config file, default.
+:func:`resolve` applies it; every error is a ``ValueError`` whose message names the
+flag, variable or key it came from.
+
+Not here: the HTTP app (``_app``), the command itself (``corral.cli._serve``), and the
+range checks the Supervisor makes itself (``corral.supervisor.config``), which run when
+it is constructed.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import re
 import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from corral.supervisor._api import Supervisor
 from corral.supervisor.sandbox import Sandbox
 
-__all__ = ["OPTIONS", "Option", "add_flags", "from_flags", "from_toml", "parse_size"]
+__all__ = [
+    "OPTIONS",
+    "SERVER",
+    "Option",
+    "Settings",
+    "add_flags",
+    "parse_size",
+    "resolve",
+]
 
+ENV_PREFIX = "CORRAL_"
 _CODE_OPTIONS = {"factory", "on_event", "launcher", "probe", "clock"}
 _SIZES = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
-          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30}  # fmt: skip
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}  # fmt: skip
 _SANDBOXES: dict[str, Callable[[], Sandbox]] = {
     "none": Sandbox.none,
     "default": Sandbox.default,
     "strict": Sandbox.strict,
 }
+_NONE_WORDS = ("none", "off")
 
 
 def parse_size(text: str) -> int:
-    """``"256MiB"``, ``"1.5 GiB"``, ``"4096"`` -> bytes."""
+    """``"256MiB"``, ``"1.5 GiB"``, ``"4096"`` -> bytes (KiB/MiB/GiB/TiB are powers of
+    1024, kB/MB/GB/TB powers of 1000, K/M/G/T the same as KiB/MiB/GiB/TiB).
+
+    Raises:
+        ValueError: not a size.
+    """
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _SIZES:
@@ -45,45 +78,88 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZES[unit])
 
 
-class Option:
-    """One Supervisor option as text: its name, its kind, how to parse it."""
+def show_size(value: int) -> str:
+    """Bytes as the shortest exact ``parse_size`` text: 67108864 -> ``64MiB``."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):
+        if value and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
 
-    def __init__(self, name: str, annotation: Any, default: Any) -> None:
+
+class Option:
+    """One setting as text: where it comes from (flag, variable, key) and how to parse it.
+
+    Attributes:
+        name: the Python and TOML name, e.g. ``"max_workers"``.
+        flag: ``"--max-workers"``.
+        env: ``"CORRAL_MAX_WORKERS"``.
+        kind: ``"int"``, ``"size"``, ``"size_or_fraction"``, ``"seconds"``, ``"port"``,
+            ``"choice"``, ``"sandbox"``, ``"str"``, ``"path"``, ``"list"`` or ``"env"``.
+        optional: ``none`` (or ``off``) is a value, meaning None.
+        default: the value when no source gives one (shown in ``--help``).
+        help: what the setting does (for Supervisor options, the docstring's text).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        default: Any,
+        help: str,
+        *,
+        optional: bool = False,
+        choices: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.flag = "--" + name.replace("_", "-")
+        self.env = ENV_PREFIX + name.upper()
+        self.kind = kind
         self.default = default
-        self.choices: tuple[str, ...] = ()
+        self.help = help
+        self.optional = optional
+        self.choices = choices
+
+    @classmethod
+    def from_annotation(cls, name: str, annotation: Any, default: Any, help: str) -> Option:
+        """A Supervisor option, its kind read from its type annotation."""
         kinds = _kinds(annotation)
-        self.optional = type(None) in kinds
+        optional = type(None) in kinds
         (hint,) = [k for k in kinds if k is not type(None)]
         origin = typing.get_origin(hint)
+        choices: tuple[str, ...] = ()
         if origin is typing.Literal:
-            self.kind, self.choices = "choice", tuple(str(c) for c in typing.get_args(hint))
+            kind, choices = "choice", tuple(str(c) for c in typing.get_args(hint))
         elif hint is Sandbox:
-            self.kind, self.choices = "sandbox", tuple(_SANDBOXES)
-        elif hint is bool:
-            self.kind = "bool"
+            # None means Sandbox.default(); "none" is the preset Sandbox.none().
+            kind, choices, optional, default = "sandbox", tuple(_SANDBOXES), False, "default"
         elif hint is int:
-            self.kind = "size" if "memory" in name or "bytes" in name else "int"
+            kind = "size" if "memory" in name or "bytes" in name else "int"
         elif hint is float:
-            self.kind = "float"
+            kind = "size_or_fraction" if name.endswith("_memory") else "seconds"
         elif hint is str:
-            self.kind = "str"
+            kind = "str"
         elif origin is tuple:
-            self.kind = "list"
+            kind = "list"
         elif origin in (Mapping, dict):
-            self.kind = "env"
+            kind = "env"
         else:
             raise TypeError(f"no text form for Supervisor option {name}: {annotation!r}")
+        return cls(name, kind, default, help, optional=optional, choices=choices)
 
-    def from_text(self, text: str) -> Any:
-        """Parse a command-line value. Raises ValueError naming the flag."""
-        if self.optional and text.strip().lower() in ("none", "off", ""):
+    # -- parsing -------------------------------------------------------------------------------
+
+    def from_text(self, text: str, source: str | None = None) -> Any:
+        """A value written as text (a flag, an environment variable, a TOML string).
+
+        Raises:
+            ValueError: naming ``source`` (default: the flag) and what was expected.
+        """
+        if self.optional and text.strip().lower() in _NONE_WORDS:
             return None
         try:
-            return self._parse(text)
+            return self._parse(text.strip())
         except ValueError as exc:
-            raise ValueError(f"{self.flag}: {exc}") from None
+            raise ValueError(f"{source or self.flag}: {exc}") from None
 
     def _parse(self, text: str) -> Any:
         if self.choices and text not in self.choices:
@@ -92,39 +168,77 @@ class Option:
             return _SANDBOXES[text]()
         parsers: dict[str, Callable[[str], Any]] = {
             "choice": str,
-            "bool": _boolean,
             "size": parse_size,
-            "int": int,
-            "float": float,
+            "size_or_fraction": _size_or_fraction,
+            "int": _whole_number,
+            "seconds": _seconds,
+            "port": _port,
             "str": str,
+            "path": Path,
             "list": lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
             "env": _environment,
         }
         return parsers[self.kind](text)
 
-    def from_toml(self, value: object) -> Any:
-        """A config-file value: TOML's own type where it has one, else the text form."""
+    def from_toml(self, value: object, source: str) -> Any:
+        """A config-file value: TOML's own type where it has one, else the text form.
+
+        Raises:
+            ValueError: naming ``source`` and what was expected.
+        """
         if isinstance(value, str):
-            return self.from_text(value)
+            return self.from_text(value, source)
         if isinstance(value, bool):
-            if self.kind == "bool":
-                return value
-        elif isinstance(value, int | float):
-            if self.kind in ("int", "size") and isinstance(value, int):
-                return value
-            if self.kind == "float":
+            pass  # never a number here, although bool is an int
+        elif isinstance(value, int):
+            if self.kind in ("int", "size", "size_or_fraction", "port"):
+                return self.from_text(str(value), source)
+            if self.kind == "seconds":
                 return float(value)
+        elif isinstance(value, float):
+            if self.kind == "seconds" and math.isfinite(value):
+                return value
+            if self.kind == "size_or_fraction" and 0 < value < 1:
+                return value
         elif isinstance(value, list):
-            if self.kind == "list":
-                return tuple(str(v) for v in value)
+            if self.kind == "list" and all(isinstance(v, str) for v in value):
+                return tuple(value)
         elif isinstance(value, dict) and self.kind == "env":
             return {str(k): str(v) for k, v in value.items()}
-        raise ValueError(f"{self.name}: expected {self.describe()}, got {value!r}")
+        raise ValueError(f"{source}: expected {self.describe()}, got {value!r}")
+
+    # -- text for people -----------------------------------------------------------------------
 
     def describe(self) -> str:
-        kind = "|".join(self.choices) if self.choices else self.kind.upper()
-        kind = {"ENV": "KEY=VALUE,...", "LIST": "A,B,..."}.get(kind, kind)
-        return f"{kind} or none" if self.optional else kind
+        """The metavar: what a value looks like."""
+        kind = {
+            "size": "SIZE",
+            "size_or_fraction": "SIZE|FRACTION",
+            "seconds": "SECONDS",
+            "int": "N",
+            "port": "PORT",
+            "str": "TEXT",
+            "path": "FILE",
+            "list": "A,B,...",
+            "env": "KEY=VALUE,...",
+        }.get(self.kind, "")
+        kind = "|".join(self.choices) if self.choices else kind
+        return f"{kind}|none" if self.optional else kind
+
+    def show_default(self) -> str:
+        value = self.default
+        if value is None:
+            return "none"
+        if isinstance(value, tuple):
+            return ",".join(value) or '""'
+        if self.kind == "size" and isinstance(value, int):
+            return show_size(value)
+        return str(value)
+
+    def help_text(self) -> str:
+        """``--help``'s line: what it does, its default, its variable (``%`` escaped)."""
+        text = f"{self.help} [default: {self.show_default()}; env {self.env}]"
+        return text.replace("%", "%%")
 
 
 def _kinds(annotation: Any) -> list[Any]:
@@ -133,13 +247,38 @@ def _kinds(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
+def _whole_number(text: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number of seconds: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    port = _whole_number(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"a port is 0..65535 (0: any free port), got {port}")
+    return port
+
+
+def _size_or_fraction(text: str) -> int | float:
+    """``"0.1"`` (a fraction of RAM, 0 < x < 1) or a size (``"512MiB"``, ``"4096"``)."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        return parse_size(text)
+    if 0 < fraction < 1:
+        return fraction
+    return parse_size(text)
 
 
 def _environment(text: str) -> dict[str, str]:
@@ -152,58 +291,204 @@ def _environment(text: str) -> dict[str, str]:
     return out
 
 
+# -- the declarations --------------------------------------------------------------------------
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Args:`` section, one line each;
+    ``a / b: text`` gives both names the text."""
+    out: dict[str, str] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = lines.index("Args:") + 1
+    except ValueError:
+        return out
+    names: list[str] = []
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break  # the next section
+        entry = re.fullmatch(r" {4}([\w /]+?):\s*(.*)", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split("/")]
+            for name in names:
+                out[name] = entry.group(2)
+        elif line.strip():
+            for name in names:
+                out[name] += " " + line.strip()
+    return {
+        name: re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "") for name, text in out.items()
+    }
+
+
 def _supervisor_options() -> dict[str, Option]:
     hints = typing.get_type_hints(Supervisor.__init__)
+    docs = _docstring_args(Supervisor.__doc__ or "")
     out = {}
     for name, param in inspect.signature(Supervisor.__init__).parameters.items():
         if name == "self" or name in _CODE_OPTIONS:
             continue
-        out[name] = Option(name, hints[name], param.default)
+        if name not in docs:
+            raise TypeError(f"Supervisor option {name} has no text in the docstring's Args")
+        out[name] = Option.from_annotation(name, hints[name], param.default, docs[name])
     return out
 
 
 OPTIONS: dict[str, Option] = _supervisor_options()
+"""The Supervisor's options, by name (TOML table ``[supervisor]``)."""
+
+DEFAULT_FACTORY = "corral.examples.demo:create"
+
+SERVER: dict[str, Option] = {
+    option.name: option
+    for option in (
+        Option(
+            "factory",
+            "str",
+            DEFAULT_FACTORY,
+            "the kernel factory, 'package.module:callable'; checked at start-up by loading "
+            "it in one worker, which is then stopped",
+        ),
+        Option("host", "str", "127.0.0.1", "address to listen on"),
+        Option("port", "port", 8000, "TCP port to listen on; 0: any free port"),
+        Option(
+            "max_body_bytes",
+            "size",
+            2**20,
+            "largest request body; a larger one gets 413 before it is read in full",
+        ),
+        Option(
+            "grace",
+            "seconds",
+            30.0,
+            "seconds calls in flight get to finish at shutdown (SIGTERM, Ctrl-C) before "
+            "they are cancelled",
+        ),
+        Option(
+            "log_level",
+            "choice",
+            "info",
+            "the least severe log records shown",
+            choices=("debug", "info", "warning", "error"),
+        ),
+        Option(
+            "log_format",
+            "choice",
+            "text",
+            "text: one line per record with corral's fields appended as key=value; "
+            "json: one JSON object per line",
+            choices=("text", "json"),
+        ),
+    )
+}
+"""The gateway's own settings, by name (TOML table ``[server]``)."""
+
+CONFIG = Option(
+    "config",
+    "path",
+    None,
+    "a TOML config file with tables [server] and [supervisor] (keys named as the flags, "
+    "with underscores)",
+)
+
+
+# -- sources -----------------------------------------------------------------------------------
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Supervisor option; unset flags stay None (the config file or the
-    Supervisor's default applies)."""
-    group = parser.add_argument_group("supervisor options (see the README; sizes like 256MiB)")
+    """``--config``, the server settings (but ``factory``, an argument of its own) and one
+    flag per Supervisor option. Flags are kept as text (or None: not given) until
+    :func:`resolve`, so that every source is parsed by the same code."""
+    parser.add_argument(
+        "opt_factory", metavar="FACTORY", nargs="?", help=SERVER["factory"].help_text()
+    )
+    for option in (CONFIG, *(o for o in SERVER.values() if o.name != "factory")):
+        parser.add_argument(
+            option.flag, dest=f"opt_{option.name}", metavar=option.describe(),
+            default=None, help=option.help_text(),
+        )  # fmt: skip
+    group = parser.add_argument_group(
+        "supervisor options",
+        "Each also comes from its variable or the config file's [supervisor] table; sizes "
+        "take units (4096, 64KiB, 512MiB, 2GiB); see the README's Options table.",
+    )
     for option in OPTIONS.values():
-        default = option.default
-        shown = "none" if default is None else (default if not callable(default) else "")
         group.add_argument(
-            option.flag,
-            dest=f"opt_{option.name}",
-            metavar=option.describe(),
-            default=None,
-            help=f"default: {shown}" if shown != "" else None,
-        )
+            option.flag, dest=f"opt_{option.name}", metavar=option.describe(),
+            default=None, help=option.help_text(),
+        )  # fmt: skip
 
 
-def from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line. Raises ValueError naming a bad flag."""
-    out = {}
-    for option in OPTIONS.values():
-        text = getattr(args, f"opt_{option.name}", None)
-        if text is not None:
-            out[option.name] = option.from_text(text)
-    return out
+class Settings(typing.NamedTuple):
+    """What :func:`resolve` found: the server settings (every key of :data:`SERVER`,
+    defaults filled in) and the Supervisor options that some source gave (the rest
+    keep the Supervisor's defaults)."""
+
+    server: dict[str, Any]
+    supervisor: dict[str, Any]
 
 
-def from_toml(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(server settings, supervisor options)`` from a config file's text: tables
-    ``[server]`` and ``[supervisor]``. Raises ValueError for unknown keys or bad values."""
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Every setting from its sources: flag, then ``CORRAL_*`` variable, then config file,
+    then default.
+
+    Args:
+        args: parsed by a parser that :func:`add_flags` set up.
+        environ: the environment (``os.environ``); empty variables count as unset.
+
+    Raises:
+        ValueError: a bad value, unknown key or unreadable config file, the source named.
+    """
+    config_text = _given(CONFIG, args, environ)
+    server: dict[str, Any] = {name: option.default for name, option in SERVER.items()}
+    supervisor: dict[str, Any] = {}
+    if config_text is not None:
+        path = CONFIG.from_text(*config_text)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            source = config_text[1]
+            raise ValueError(f"{source}: cannot read {str(path)!r}: {exc.strerror}") from None
+        toml_server, toml_supervisor = _from_toml(text, path)
+        server.update(toml_server)
+        supervisor.update(toml_supervisor)
+    for table, options in ((server, SERVER), (supervisor, OPTIONS)):
+        for option in options.values():
+            given = _given(option, args, environ)
+            if given is not None:
+                table[option.name] = option.from_text(*given)
+    return Settings(server, supervisor)
+
+
+def _given(
+    option: Option, args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """``(text, source)`` from the flag, else the variable; None if neither is set."""
+    flag = getattr(args, f"opt_{option.name}", None)
+    if flag is not None:
+        return str(flag), option.flag if option.name != "factory" else "FACTORY"
+    env = environ.get(option.env)
+    if env:
+        return env, option.env
+    return None
+
+
+def _from_toml(text: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file: {exc}") from None
+        raise ValueError(f"config file {str(path)!r}: {exc}") from None
     unknown = set(data) - {"server", "supervisor"}
     if unknown:
-        raise ValueError(f"config file: unknown table(s) {sorted(unknown)}")
-    supervisor: dict[str, Any] = {}
-    for key, value in data.get("supervisor", {}).items():
-        if key not in OPTIONS:
-            raise ValueError(f"config file: unknown supervisor option {key!r}")
-        supervisor[key] = OPTIONS[key].from_toml(value)
-    return dict(data.get("server", {})), supervisor
+        raise ValueError(f"config file {str(path)!r}: unknown table(s) {sorted(unknown)}")
+    out: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for (table, options), found in zip(
+        (("server", SERVER), ("supervisor", OPTIONS)), out, strict=True
+    ):
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"config file {str(path)!r}: [{table}] must be a table")
+        for key, value in section.items():
+            if key not in options:
+                raise ValueError(f"config file {str(path)!r}: unknown {table} setting {key!r}")
+            found[key] = options[key].from_toml(value, f"config file [{table}] {key}")
+    return out

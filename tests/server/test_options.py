@@ -1,0 +1,115 @@
+"""``corral serve``'s settings (``corral.server._options``): one declaration per setting
+gives its flag, variable and TOML key; flag > variable > config file > default."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from corral.server._options import OPTIONS, SERVER, add_flags, parse_size, resolve
+from corral.supervisor.sandbox import Sandbox
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_every_supervisor_option_has_help_from_the_docstring_a_flag_and_a_variable() -> None:
+    assert "max_workers" in OPTIONS and "on_event" not in OPTIONS and "clock" not in OPTIONS
+    for option in [*OPTIONS.values(), *SERVER.values()]:
+        assert option.help and "``" not in option.help and ":class:" not in option.help
+        assert option.flag == "--" + option.name.replace("_", "-")
+        assert option.env == "CORRAL_" + option.name.upper()
+        assert option.env in option.help_text()
+    assert OPTIONS["max_workers"].help.startswith("live worker processes never exceed this")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("64KiB", 65536), ("512MiB", 512 << 20), ("1.5 GiB", 3 << 29),
+     ("2G", 2 << 30), ("1MB", 10**6)],
+)  # fmt: skip
+def test_sizes_take_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_every_size_option_takes_units_from_every_source(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[supervisor]\nmax_total_memory = "2GiB"\nmax_frame_bytes = 1048576\n')
+    args = parse(
+        "--config", str(config), "--worker-memory-limit", "256MiB",
+        "--min-available-memory", "512MiB", "--max-body-bytes", "64KiB",
+    )  # fmt: skip
+    server, options = resolve(args, {"CORRAL_WORKER_MEMORY_HARD_LIMIT": "1GiB"})
+    assert options == {
+        "max_total_memory": 2 << 30,
+        "max_frame_bytes": 1 << 20,
+        "worker_memory_limit": 256 << 20,
+        "worker_memory_hard_limit": 1 << 30,
+        "min_available_memory": 512 << 20,
+    }
+    assert server["max_body_bytes"] == 64 << 10
+    _, options = resolve(parse("--min-available-memory", "0.1"), {})
+    assert options == {"min_available_memory": 0.1}  # a fraction of RAM
+
+
+def test_flag_beats_variable_beats_config_file_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[server]\nport = 9001\ngrace = 5\n\n[supervisor]\nmax_workers = 3\nidle_ttl = 60\n"
+        "call_timeout = 10\n"
+    )
+    environ = {"CORRAL_CONFIG": str(config), "CORRAL_PORT": "9002", "CORRAL_MAX_WORKERS": "4"}
+    server, options = resolve(parse("--max-workers", "5", "--idle-ttl", "none"), environ)
+    assert options == {"max_workers": 5, "idle_ttl": None, "call_timeout": 10.0}
+    assert (server["port"], server["grace"], server["host"]) == (9002, 5.0, "127.0.0.1")
+    server, options = resolve(parse(), environ)
+    assert options["max_workers"] == 4
+    server, options = resolve(parse(), {"CORRAL_MAX_WORKERS": ""})  # empty: unset
+    assert options == {} and server == {name: o.default for name, o in SERVER.items()}
+
+
+def test_sandbox_none_is_the_none_preset_from_every_source(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[supervisor]\nsandbox = "none"\n')
+    assert resolve(parse("--sandbox", "none"), {})[1]["sandbox"] == Sandbox.none()
+    assert resolve(parse(), {"CORRAL_SANDBOX": "none"})[1]["sandbox"] == Sandbox.none()
+    assert resolve(parse("--config", str(config)), {})[1]["sandbox"] == Sandbox.none()
+    assert resolve(parse("--sandbox", "strict"), {})[1]["sandbox"] == Sandbox.strict()
+    assert "[default: default;" in OPTIONS["sandbox"].help_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml", "message"),
+    [
+        (("--port", "80000"), {}, "", "--port: a port is 0..65535"),
+        ((), {"CORRAL_PORT": "-1"}, "", "CORRAL_PORT: a port is 0..65535"),
+        ((), {}, "[server]\nport = 70000\n", "config file [server] port: a port is 0..65535"),
+        (("--max-workers", "many"), {}, "", "--max-workers: not a whole number"),
+        (("--idle-ttl", "nan"), {}, "", "--idle-ttl: not a finite number of seconds"),
+        (("--worker-memory-limit", "12 parsecs"), {}, "", "not a size"),
+        (("--min-available-memory", "lots"), {}, "", "--min-available-memory: not a size"),
+        ((), {"CORRAL_SANDBOX": "paranoid"}, "", "CORRAL_SANDBOX: must be one of none, default"),
+        ((), {}, "[supervisor]\nmax_workers = true\n", "max_workers: expected N"),
+        ((), {}, "[supervisor]\nmax_wrokers = 3\n", "unknown supervisor setting 'max_wrokers'"),
+        ((), {}, "[srever]\n", "unknown table(s) ['srever']"),
+        ((), {}, "[server]\nlog_level = 'loud'\n", "log_level: must be one of debug"),
+        ((), {}, "not toml", "config file"),
+    ],
+)
+def test_bad_values_name_their_source(
+    argv: tuple[str, ...], environ: dict[str, str], toml: str, message: str, tmp_path: Path
+) -> None:
+    if toml:
+        config = tmp_path / "c.toml"
+        config.write_text(toml)
+        argv = (*argv, "--config", str(config))
+    with pytest.raises(ValueError) as caught:
+        resolve(parse(*argv), environ)
+    assert message in str(caught.value)
