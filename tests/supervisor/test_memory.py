@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -184,6 +184,11 @@ class SeeingProbe(ProcTreeProbe):
     def sample(self, roots: Sequence[int], exclude_roots: bool = False) -> MemorySample:
         result = super().sample(roots, exclude_roots)
         self.samples.append((time.monotonic(), dict(result.trees)))
+        return result
+
+    def with_cgroups(self, sample: MemorySample, cgroups: Mapping[int, str]) -> MemorySample:
+        result = super().with_cgroups(sample, cgroups)
+        self.samples[-1] = (time.monotonic(), dict(result.trees))  # what the sampler acts on
         return result
 
 
