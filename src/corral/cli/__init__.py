@@ -164,9 +164,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "'\"k\"' 42"
         ),
     )
-    call.add_argument("factory", metavar="FACTORY", help="'package.module:callable'")
-    call.add_argument("tenant", metavar="TENANT")
-    call.add_argument("method", metavar="METHOD")
+    call.add_argument(
+        "factory", metavar="FACTORY", help="the kernel factory, 'package.module:callable'"
+    )
+    call.add_argument("tenant", metavar="TENANT", help="the tenant whose worker makes the call")
+    call.add_argument("method", metavar="METHOD", help="a public method of the kernel")
     call.add_argument("json_args", metavar="JSON_ARG", nargs="*", help="one JSON value each")
     call.add_argument(
         "--timeout",
