@@ -76,10 +76,88 @@ def test_peek_does_not_touch(clock: FakeClock) -> None:
     assert table.keys() == ["a", "b", "c"]
 
 
-def test_mark_idle_also_touches_the_entry(clock: FakeClock) -> None:
+def test_touch_marks_most_recently_used(clock: FakeClock) -> None:
+    table = make_table(clock, "a", "b", "c")
+    table.touch("a")
+    assert table.keys() == ["b", "c", "a"]
+    assert table.handles() == ["handle-b", "handle-c", "handle-a"]
+    table.touch("a")  # already the most recent
+    assert table.keys() == ["b", "c", "a"]
+    table.touch("ghost")  # not there: nothing changes, nothing is added
+    assert table.keys() == ["b", "c", "a"]
+    assert table.statistics() == stats(3, 0)
+
+
+def test_touch_does_not_make_idle_or_busy(clock: FakeClock) -> None:
+    table = make_table(clock, "a", "b")
+    table.mark_idle("a")
+    clock.advance(1)
+    table.mark_idle("b")
+    table.touch("a")
+    assert table.is_idle("a") and table.is_idle("b")
+    assert table.lru_victim() == "a"  # the victim follows the idle order, not the touch
+    assert table.next_expiry() == 1010.0
+
+
+def test_mark_idle_does_not_touch_the_lru_order(clock: FakeClock) -> None:
+    """The idle mark comes one loop iteration after a call's last reply; by then its
+    caller may have called another tenant, which must stay the most recent."""
     table = make_table(clock, "a", "b", "c")
     table.mark_idle("a")
-    assert table.keys() == ["b", "c", "a"]
+    assert table.keys() == ["a", "b", "c"]
+    assert table.is_idle("a")
+
+
+def _call(table: WorkerTable[str], tenant: str) -> None:
+    """What the supervisor does to the table for one call that completes: the touch
+    when it starts (get) and when its reply arrives (touch); busy while in flight."""
+    assert table.get(tenant) is not None
+    table.mark_busy(tenant)
+    table.touch(tenant)
+
+
+def test_order_after_a_b_a_with_the_idle_marks_one_iteration_late(clock: FakeClock) -> None:
+    """Issue 14.1: ``a, b, a`` then ``keys()`` is ``[b, a]`` at once, although each idle
+    mark lands after the next call has started (as the supervisor defers it)."""
+    table = make_table(clock, "a", "b")
+    _call(table, "a")
+    assert table.keys() == ["b", "a"]
+    _call(table, "b")
+    table.mark_idle("a")  # a's deferred idle mark, after b's call began
+    assert table.keys() == ["a", "b"]
+    clock.advance(1)
+    _call(table, "a")
+    table.mark_idle("b")  # b's deferred idle mark, after a's call began
+    assert table.keys() == ["b", "a"]
+    assert table.handles() == ["handle-b", "handle-a"]
+    table.mark_idle("a")
+    assert table.keys() == ["b", "a"]
+    assert table.lru_victim() == "b"  # idle longest
+    assert table.statistics() == stats(2, 2)
+
+
+def test_order_of_overlapping_calls_follows_their_starts_and_completions(
+    clock: FakeClock,
+) -> None:
+    table = make_table(clock, "a", "b", "c")
+    table.get("a")  # a long call to a starts
+    table.mark_busy("a")
+    _call(table, "b")  # a call to b starts and completes meanwhile
+    assert table.keys() == ["c", "a", "b"]
+    table.touch("a")  # a's reply
+    assert table.keys() == ["c", "b", "a"]
+    table.mark_idle("b")
+    table.mark_idle("a")
+    assert table.keys() == ["c", "b", "a"]
+
+
+def test_order_after_remove_keeps_the_others_in_place(clock: FakeClock) -> None:
+    table = make_table(clock, "a", "b", "c")
+    _call(table, "a")
+    table.remove("b")
+    assert table.keys() == ["c", "a"]
+    table.add("b", "handle-b2")
+    assert table.keys() == ["c", "a", "b"]
 
 
 # --- idle order and the LRU victim ---------------------------------------------------------------

@@ -783,6 +783,9 @@ class Supervisor:
             if due is not None and due < self._sweep_due and self._idle_changed is not None:
                 self._idle_changed.set()
 
+    def worker_used(self, handle: WorkerHandle) -> None:
+        self._table.touch(handle.tenant)
+
     def worker_busy(self, handle: WorkerHandle) -> None:
         self._table.mark_busy(handle.tenant, handle)
 

@@ -92,6 +92,7 @@ class HandleOptions(NamedTuple):
 
 class HandleListener(Protocol):
     def worker_ready(self, handle: WorkerHandle) -> None: ...
+    def worker_used(self, handle: WorkerHandle) -> None: ...
     def worker_idle(self, handle: WorkerHandle) -> None: ...
     def worker_busy(self, handle: WorkerHandle) -> None: ...
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None: ...
@@ -408,6 +409,9 @@ class WorkerHandle:
         """``count`` calls were answered (and taken out of ``_inflight``)."""
         self.requests += count
         self.last_used = time.monotonic()
+        # Most recently used from this moment, before any caller resumes: the LRU order
+        # is exact whenever one looks (the idle mark below may come an iteration later).
+        self._listener.worker_used(self)
         if not self._inflight:
             if self.state is S.BUSY:
                 self.state = S.READY  # = transition(self, Event.ALL_REPLIED), spelled out

@@ -4,7 +4,8 @@ them are idle, in idle-since order. Sync, pure, O(1) per operation.
 Two ordered dicts do the work:
 
 * ``_entries``: every tenant with a live handle, least recently used first
-  (touched on each call start and completion);
+  (touched when a call starts and when a reply completes one, both at that moment,
+  so the order is exact whenever a caller looks);
 * ``_idle``: tenants whose worker is READY with nothing in flight, ordered by
   when they became idle. Its head is the LRU victim; a TTL sweep pops from its
   head while entries are expired, so it never scans the table.
@@ -74,6 +75,13 @@ class WorkerTable(Generic[H]):
             self._entries.move_to_end(tenant)
         return handle
 
+    def touch(self, tenant: str) -> None:
+        """Mark ``tenant`` most recently used (a call to it completed); no-op if absent."""
+        try:
+            self._entries.move_to_end(tenant)
+        except KeyError:
+            pass
+
     def has_room(self) -> bool:
         return len(self._entries) < self.max_workers
 
@@ -93,13 +101,16 @@ class WorkerTable(Generic[H]):
     def mark_idle(self, tenant: str, handle: H | None = None) -> float | None:
         """The worker is READY with nothing in flight, from now (only if ``tenant``'s entry
         is ``handle``, when given). Returns when it expires if it is now the only idle
-        entry (so the next to expire), else None."""
+        entry (so the next to expire), else None.
+
+        Does not touch the LRU order: the supervisor marks a worker idle one loop
+        iteration after its last reply (see invariant 12 in ARCHITECTURE.md), by which
+        time its caller may have used another tenant; the reply itself touched it."""
         entry = self._entries.get(tenant)
         if entry is None or (handle is not None and entry is not handle):
             return None
         now = self._idle[tenant] = self._clock()
         self._idle.move_to_end(tenant)
-        self._entries.move_to_end(tenant)
         if self.idle_ttl is not None and len(self._idle) == 1:
             return now + self.idle_ttl
         return None
