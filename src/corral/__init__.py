@@ -35,10 +35,13 @@ from corral.supervisor import (
     WorkerInfo,
     WorkerState,
 )
+from corral.supervisor.tenants import TENANT_MAX_BYTES, TENANT_RULE, check_tenant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TENANT_MAX_BYTES",
+    "TENANT_RULE",
     "BackoffError",
     "CallTimeoutError",
     "CapacityError",
@@ -64,4 +67,5 @@ __all__ = [
     "WorkerState",
     "WorkerStoppedError",
     "__version__",
+    "check_tenant",
 ]

@@ -3,8 +3,9 @@
 The split that matters to a caller:
 
 * :class:`KernelError` -- the tenant's kernel raised; the worker is still up.
-* :class:`InvalidCallError` -- the call could not be made as asked (bad method
-  name, arguments or result that msgpack cannot carry); the worker is still up.
+* :class:`InvalidCallError` -- the call could not be made as asked (a tenant key
+  that breaks the rule, a bad method name, arguments or a result that msgpack cannot
+  carry); the worker is still up.
 * :class:`WorkerError` subclasses -- the worker is gone or going:
   *Crashed* means it died on its own, *Stopped* means corral decided to stop it
   while the call was in flight, *Timeout* and *Protocol* mean corral killed it.
@@ -18,6 +19,8 @@ worker sends is ever unpickled or mapped back to a Python class.
 from __future__ import annotations
 
 import signal as _signal
+
+from corral._text import one_line
 
 __all__ = [
     "BackoffError",
@@ -55,11 +58,14 @@ class CapacityError(CorralError):
 
 
 class InvalidCallError(CorralError, ValueError):
-    """The call cannot be made as asked: unknown or private method, or arguments or
-    a result that msgpack cannot carry. The worker (if any) is still up.
+    """The call cannot be made as asked: an invalid tenant key, an unknown or private
+    method, or arguments or a result that msgpack cannot carry. The worker (if any) is
+    still up.
 
     ``kind`` says which: ``"method"`` (no such public method), ``"arguments"`` (they
-    cannot be sent or decoded, or are too large) or ``"result"`` (it cannot be sent).
+    cannot be sent or decoded, or are too large), ``"result"`` (it cannot be sent) or
+    ``"tenant"`` (the tenant key breaks the rule: ``corral.TENANT_RULE``; nothing was
+    started or looked up).
     """
 
     def __init__(self, message: str, kind: str = "arguments") -> None:
@@ -174,6 +180,9 @@ class ProtocolError(WorkerError):
 class KernelError(CorralError):
     """The kernel raised. The worker is still up and keeps serving.
 
+    ``str()`` of it is one line (the kernel's text escaped, see ``corral._text``);
+    the attributes hold the kernel's text as it was.
+
     Attributes:
         remote_type: qualified name of the remote exception type, e.g. ``"builtins.KeyError"``.
         remote_message: ``str()`` of the remote exception (bounded).
@@ -196,7 +205,12 @@ class KernelError(CorralError):
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
-        super().__init__(f"{remote_type}: {remote_message} (in {tenant!r}.{method})")
+        # The message is one line whatever the kernel raised (a host logs it as it is);
+        # the remote_* attributes keep the kernel's own text.
+        super().__init__(
+            f"{one_line(remote_type, 200)}: {one_line(remote_message, 2000)} "
+            f"(in {tenant!r}.{method})"
+        )
 
 
 def describe_exit(returncode: int | None) -> str:

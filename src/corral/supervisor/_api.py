@@ -45,7 +45,6 @@ from corral.supervisor.config import (
     check_count,
     check_memory,
     check_seconds,
-    check_tenant,
     serialise_factory,
     worker_environment,
 )
@@ -61,6 +60,7 @@ from corral.supervisor.memory import (
 from corral.supervisor.process import Launcher, WardenLauncher
 from corral.supervisor.sandbox import Sandbox
 from corral.supervisor.table import WorkerTable
+from corral.supervisor.tenants import check_tenant
 
 __all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]
 
@@ -537,7 +537,8 @@ class Supervisor:
 
         Raises:
             KernelError: the kernel raised (the worker stays up).
-            InvalidCallError: unknown or private method, or unencodable arguments/result.
+            InvalidCallError: the tenant key breaks the rule (``corral.TENANT_RULE``);
+                unknown or private method, or unencodable arguments/result.
             CallTimeoutError: the call ran past the timeout (its worker was killed).
             WorkerCrashedError: the worker died during the call.
             WorkerStoppedError: corral stopped the worker during the call.
@@ -583,8 +584,8 @@ class Supervisor:
             timeout_s = timeout
             if timeout_s is not None:
                 check_seconds("timeout", timeout_s)
-        if type(tenant) is not str or not tenant:
-            check_tenant(tenant)
+        if type(tenant) is not str:
+            check_tenant(tenant)  # a str is checked on the way to a worker (below)
         if method not in self._method_names:  # checked once per name
             if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
                 raise InvalidCallError(
@@ -601,7 +602,9 @@ class Supervisor:
                 f"arguments for {method!r} are {len(payload)} bytes, "
                 f"over max_frame_bytes={self._max_frame}"
             )
-        handle = self._table.get(tenant)  # the warm path: a serving worker, no await
+        # The warm path: a serving worker, no await. A key in the table passed
+        # check_tenant when its worker started; _acquire checks any other.
+        handle = self._table.get(tenant)
         while handle is None or handle.state not in SERVING:
             handle = await self._acquire(tenant)
         value = await handle.send_call(method, payload, timeout_s)
@@ -613,9 +616,9 @@ class Supervisor:
         """Start ``tenant``'s worker if it has none, and describe it.
 
         Raises:
+            InvalidCallError: the tenant key breaks the rule (``corral.TENANT_RULE``).
             StartError, BackoffError, CapacityError, SupervisorClosedError: as for :meth:`call`.
         """
-        check_tenant(tenant)
         return (await self._acquire(tenant)).info()
 
     async def evict(self, tenant: str) -> bool:
@@ -623,6 +626,9 @@ class Supervisor:
 
         Returns:
             True if there was a worker.
+
+        Raises:
+            InvalidCallError: the tenant key breaks the rule (``corral.TENANT_RULE``).
 
         **Cancellation:** the stop goes on; only the wait is abandoned.
         """
@@ -653,6 +659,9 @@ class Supervisor:
         return len(self._table)
 
     def __contains__(self, tenant: object) -> bool:
+        """``tenant in sup``: whether it has a worker. InvalidCallError for a key that
+        breaks the rule (a caller's bug, not a tenant without a worker)."""
+        check_tenant(tenant)
         return tenant in self._table
 
     def stats(self) -> SupervisorStats:
@@ -683,7 +692,9 @@ class Supervisor:
             )
 
     async def _acquire(self, tenant: str) -> WorkerHandle:
-        """A handle for ``tenant`` that is READY or BUSY (or was, a moment ago)."""
+        """A handle for ``tenant`` that is READY or BUSY (or was, a moment ago).
+        Raises InvalidCallError for a key that breaks the rule, before anything else."""
+        check_tenant(tenant)
         deadline: float | None = None
         evicted: WorkerHandle | None = None  # the victim this caller is waiting to see go
         while True:

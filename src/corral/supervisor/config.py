@@ -1,10 +1,11 @@
 """Checking a Supervisor's options before anything starts.
 
-Covers: numbers of seconds and counts, tenant keys, the factory (an import
+Covers: numbers of seconds and counts, the factory (an import
 string checked for shape, or a callable serialised with dill here, so that an
 unpicklable factory fails at construction, not at the first call), and the
 workers' environment (allowlist plus extras, validated). Not here: what the
-options do (see :mod:`corral.supervisor._api`).
+options do (see :mod:`corral.supervisor._api`), tenant keys
+(:mod:`corral.supervisor.tenants`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ __all__ = [
     "check_count",
     "check_memory",
     "check_seconds",
-    "check_tenant",
     "serialise_factory",
     "worker_environment",
 ]
@@ -49,11 +49,6 @@ def check_seconds(
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def check_tenant(tenant: object) -> None:
-    if not isinstance(tenant, str) or not tenant:
-        raise ValueError(f"tenant must be a non-empty str, got {tenant!r}")
 
 
 def serialise_factory(factory: Factory) -> tuple[str | None, bytes | None]:

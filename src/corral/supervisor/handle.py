@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
+from corral._text import one_line
 from corral.errors import (
     CallTimeoutError,
     InvalidCallError,
@@ -75,6 +76,7 @@ _READ_CHUNK = 64 * 1024
 _encode = msgspec.msgpack.Encoder().encode
 _COPY_MAX = 64 * 1024  # call arguments up to this size are copied into their frame
 _NIL = msgspec.Raw(b"\xc0")  # msgpack nil: the placeholder encode_frame_parts replaces
+_DETAIL_MAX = 500  # characters of a worker's text quoted in a log record or error message
 
 S = WorkerState
 
@@ -501,7 +503,8 @@ class WorkerHandle:
                 )
             else:
                 error = InvalidCallError(
-                    f"{self.tenant!r}.{pending.method}: {err.message}", kind=msg.kind
+                    f"{self.tenant!r}.{pending.method}: {one_line(err.message, _DETAIL_MAX)}",
+                    kind=msg.kind,
                 )
             _resolve(pending, error=error)
         elif isinstance(msg, Hello) and self.state is S.STARTING:
@@ -524,7 +527,8 @@ class WorkerHandle:
             e = msg.error
             self._fail_start(
                 StopReason.START_FAILED,
-                f"the factory raised {e.type_name}: {e.message}",
+                f"the factory raised {one_line(e.type_name, _DETAIL_MAX)}: "
+                f"{one_line(e.message, _DETAIL_MAX)}",
                 remote_type=e.type_name,
                 remote_traceback=e.traceback,
             )
@@ -550,6 +554,9 @@ class WorkerHandle:
         self._kill(None, None)
 
     def _protocol_violation(self, what: str) -> None:
+        # ``what`` may quote the worker's bytes (msgspec names the value it refused): one
+        # line, bounded, in the log record and in every caller's ProtocolError.
+        what = one_line(what, _DETAIL_MAX)
         self._detail = what
         log.warning(
             "worker protocol violation: %s", what, extra={"tenant": self.tenant, "pid": self.pid}

@@ -3,9 +3,9 @@
 :class:`PipeWriter` writes request frames (directly when the pipe has room,
 else buffered until it is writable) and reports a broken pipe once.
 :class:`LogSink` drains a worker's stdout/stderr into the ``corral.worker``
-logger, bounded in line length and rate. Neither starts a task or a thread:
-both are ``add_writer``/``add_reader`` callbacks. Reading the reply pipe is the
-handle's own job (see :mod:`corral.supervisor.handle`).
+logger, bounded in line length and rate, one escaped line per record. Neither
+starts a task or a thread: both are ``add_writer``/``add_reader`` callbacks.
+Reading the reply pipe is the handle's own job (see :mod:`corral.supervisor.handle`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
+
+from corral._text import one_line
 
 __all__ = ["LogSink", "PipeWriter"]
 
@@ -138,7 +140,11 @@ class PipeWriter:
 
 class LogSink:
     """Drains a worker's stdout/stderr into logging, line by line, bounded in
-    line length and rate (a flooding kernel loses lines, not the supervisor)."""
+    line length and rate (a flooding kernel loses lines, not the supervisor).
+
+    Each line is one record, ``[tenant] text``, with ``tenant`` and ``pid`` extras; its
+    text is escaped (:func:`corral._text.one_line`) if it holds anything but printable
+    characters, so a kernel's output cannot forge a record or drive a terminal."""
 
     def __init__(self, fd: int, tenant: str, pid: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
@@ -180,7 +186,10 @@ class LogSink:
             self._dropped += 1
             return
         self._tokens -= 1
-        text = line[:_LOG_LINE_MAX].decode("utf-8", "replace")
+        # One record per line, whatever the kernel wrote: bytes that are not UTF-8 as
+        # \xNN, control characters (CR, ESC, NUL, ...) escaped, so that nothing it prints
+        # can start a line of its own, forge a record or drive the reader's terminal.
+        text = one_line(line[:_LOG_LINE_MAX].decode("utf-8", "backslashreplace"))
         self._report_dropped()
         worker_log.info(
             "[%s] %s", self._tenant, text, extra={"tenant": self._tenant, "pid": self._pid}
