@@ -240,21 +240,15 @@ class HostileKernel(Kernel):
         shutil.copyfile(os.path.realpath(sys.executable), target)  # an executable of ours
         out: dict[str, Any] = {"scratch": here}
 
-        def attempt(name: str, act: Any) -> None:
-            try:
-                act()
-                out[name] = "ok"
-            except OSError as exc:
-                out[name] = _errno_name(exc)
-
-        attempt("chmod_setuid", lambda: os.chmod(target, 0o4755))
-        attempt("chmod_setgid", lambda: os.chmod(target, 0o2755))
-        attempt("fchmod_setuid", lambda: _fchmod(target, 0o4755))
-        attempt(
+        _attempt(out, "chmod_setuid", lambda: os.chmod(target, 0o4755))
+        _attempt(out, "chmod_setgid", lambda: os.chmod(target, 0o2755))
+        _attempt(out, "fchmod_setuid", lambda: _fchmod(target, 0o4755))
+        _attempt(
+            out,
             "create_setuid",
             lambda: os.close(os.open(os.path.join(here, "made"), os.O_CREAT | os.O_WRONLY, 0o4755)),
         )
-        attempt("mkdir_setgid", lambda: os.mkdir(os.path.join(here, "dir"), 0o2755))
+        _attempt(out, "mkdir_setgid", lambda: os.mkdir(os.path.join(here, "dir"), 0o2755))
         fs_ioc_setflags, immutable = 0x40086602, 0x10
 
         def set_immutable() -> None:
@@ -264,7 +258,7 @@ class HostileKernel(Kernel):
             finally:
                 os.close(fd)
 
-        attempt("immutable", set_immutable)
+        _attempt(out, "immutable", set_immutable)
         mode = os.stat(target).st_mode
         out["mode_bits"] = stat.S_IMODE(mode)
         made = os.path.join(here, "made")
@@ -291,13 +285,6 @@ class HostileKernel(Kernel):
         libc.syscall.restype = ctypes.c_long
         out: dict[str, str] = {}
 
-        def attempt(name: str, act: Any) -> None:
-            try:
-                act()
-                out[name] = "ok"
-            except OSError as exc:
-                out[name] = _errno_name(exc)
-
         def prlimit() -> None:
             current = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             resource.prlimit(pid, resource.RLIMIT_NOFILE, current)
@@ -323,14 +310,14 @@ class HostileKernel(Kernel):
         def pidfd() -> None:
             os.close(os.pidfd_open(pid))
 
-        attempt("prlimit", prlimit)
-        attempt("setpriority", nice)
-        attempt("sched_setaffinity", affinity)
-        attempt("sched_setscheduler", scheduler)
-        attempt("ioprio_set", ioprio)
-        attempt("kill", lambda: os.kill(pid, 0))
-        attempt("process_madvise", madvise)
-        attempt("pidfd_open", pidfd)
+        _attempt(out, "prlimit", prlimit)
+        _attempt(out, "setpriority", nice)
+        _attempt(out, "sched_setaffinity", affinity)
+        _attempt(out, "sched_setscheduler", scheduler)
+        _attempt(out, "ioprio_set", ioprio)
+        _attempt(out, "kill", lambda: os.kill(pid, 0))
+        _attempt(out, "process_madvise", madvise)
+        _attempt(out, "pidfd_open", pidfd)
         for what in ("environ", "maps", "cmdline"):
             try:
                 with open(f"/proc/{pid}/{what}", "rb") as f:
@@ -395,6 +382,15 @@ class HostileKernel(Kernel):
                 break
             files += 1
         return {"bytes": written, "error": error, "files": files, "files_error": files_error}
+
+
+def _attempt(out: dict[str, Any], name: str, act: Any) -> None:
+    """Run ``act``; note under ``name`` whether it worked ("ok") or the errno that stopped it."""
+    try:
+        act()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = _errno_name(exc)
 
 
 def _errno_of(ctypes: Any) -> str:
