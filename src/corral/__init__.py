@@ -16,6 +16,7 @@ from corral.errors import (
     KernelError,
     MemoryLimitError,
     MemoryPressureError,
+    NodeLostError,
     ProtocolError,
     StartError,
     SupervisorClosedError,
@@ -45,11 +46,13 @@ __all__ = [
     "BackoffError",
     "CallTimeoutError",
     "CapacityError",
+    "ClusterSupervisor",
     "CorralError",
     "InvalidCallError",
     "KernelError",
     "MemoryLimitError",
     "MemoryPressureError",
+    "NodeLostError",
     "ProtocolError",
     "Rung",
     "Sandbox",
@@ -59,6 +62,7 @@ __all__ = [
     "Supervisor",
     "SupervisorClosedError",
     "SupervisorStats",
+    "SyncClusterSupervisor",
     "SyncSupervisor",
     "WorkerCrashedError",
     "WorkerError",
@@ -69,3 +73,13 @@ __all__ = [
     "__version__",
     "check_tenant",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The cluster front end needs Ray (the ``corral[ray]`` extra): imported on first use,
+    # so that ``import corral`` never imports Ray.
+    if name in ("ClusterSupervisor", "SyncClusterSupervisor"):
+        import corral.cluster
+
+        return getattr(corral.cluster, name)
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")

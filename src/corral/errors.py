@@ -31,6 +31,7 @@ __all__ = [
     "KernelError",
     "MemoryLimitError",
     "MemoryPressureError",
+    "NodeLostError",
     "ProtocolError",
     "StartError",
     "SupervisorClosedError",
@@ -136,6 +137,24 @@ class WorkerCrashedError(WorkerError):
         self.exitcode = exitcode
         self.signal = signal
         super().__init__(message, tenant=tenant, pid=pid)
+
+
+class NodeLostError(WorkerCrashedError):
+    """The cluster node that ran the tenant's worker (or corral's agent on it) was lost
+    while the call was in flight (``ClusterSupervisor`` only).
+
+    The call may or may not have run on that node, and it is not retried: a
+    non-idempotent method must not run twice. The tenant's next call activates it on
+    another node. ``node`` is the Ray node id, ``node_address`` its IP address (None if
+    unknown); ``exitcode`` and ``signal`` are None (the exit was not seen).
+    """
+
+    def __init__(
+        self, message: str, *, tenant: str, node: str, node_address: str | None = None
+    ) -> None:
+        self.node = node
+        self.node_address = node_address
+        super().__init__(message, tenant=tenant, pid=None, exitcode=None, signal=None)
 
 
 class WorkerStoppedError(WorkerError):
