@@ -1,8 +1,8 @@
 """The gateway's dashboard (``GET /``) in a real browser: headless Chromium loads it from
 a real ``corral serve`` process, runs its script (which polls ``/v1/workers`` and
 ``/v1/events``), and the rendered DOM is checked: once as Chromium dumps it, and once
-live over the DevTools protocol (layout, computed styles, a screenshot) with a
-300-character tenant key and a worker with a call in flight.
+live over the DevTools protocol (layout, computed styles, a screenshot) with the
+longest tenant key the rule allows (128 characters) and a worker with a call in flight.
 
 Needs Debian's ``chromium`` package. Without it the test is skipped, unless ``CI`` is
 set: then it fails, so that CI cannot silently stop running it."""
@@ -38,8 +38,10 @@ pytestmark = pytest.mark.timeout(120)
 
 FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
 CHROMIUM_TIMEOUT = 60.0
-# Chosen by the client, shown by the page: must come out as text, never as markup.
-ODD_TENANT = "gamma&<injected>"
+# Chosen by the client, shown by the page: every punctuation mark the tenant-key rule
+# allows. A key with markup in it is refused (400) before it could reach the page.
+ODD_TENANT = "gamma.x_y-z:w@example.com+1"
+MARKUP_TENANT = "gamma&<injected>"
 
 
 def find_chromium() -> str:
@@ -189,6 +191,8 @@ def test_dashboard_shows_live_workers_and_recent_stops(tmp_path: Path) -> None:
                 pids[tenant] = answer.json()["result"]["pid"]
             evicted = client.delete(f"{served.url}/v1/tenants/beta")
             assert evicted.json() == {"tenant": "beta", "evicted": True}
+            refused = client.post(f"{served.url}/v1/tenants/{MARKUP_TENANT}/call/whoami")
+            assert refused.status_code == 400, refused.text
         html = dump_dom(chromium, f"{served.url}/")
         tree = [p.pid for p in psutil.Process(served.proc.pid).children(recursive=True)]
     finally:
@@ -206,11 +210,48 @@ def test_dashboard_shows_live_workers_and_recent_stops(tmp_path: Path) -> None:
     for row in page.rows:
         assert row.state == "ready" and row.state_text == "ready", row
         assert row.tenant is not None and row.cells[:2] == [row.tenant, str(pids[row.tenant])]
-    assert "injected" not in page.tags  # the odd tenant's name was shown as text, not markup
+    assert "injected" not in page.tags  # no key brought markup
     beta = [stop for stop in page.stops if stop.tenant == "beta"]
     assert len(beta) == 1, page.stops
     assert beta[0].reason == "evicted" and "beta" in beta[0].text, beta
     assert {stop.tenant for stop in page.stops} == {"beta"}, page.stops
+
+
+def test_with_a_token_the_page_opened_with_it_polls_with_it(tmp_path: Path) -> None:
+    """``--auth-token``: the page itself needs none; opened as ``/#token=TOKEN`` its
+    polls send the token; opened without, it says how to give it."""
+    chromium = find_chromium()
+    token = "dashboard-Token-0123456789"
+    served = Served(*FAST, "--auth-token", token, log=tmp_path / "serve.log")
+    try:
+        answer = httpx.post(
+            f"{served.url}/v1/tenants/alpha/call/whoami",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        with_token = dump_dom(chromium, f"{served.url}/#token={token}")
+        without = dump_dom(chromium, f"{served.url}/")
+        tree = [p.pid for p in psutil.Process(served.proc.pid).children(recursive=True)]
+    finally:
+        code = served.stop()
+    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert wait_pids_exit(tree, timeout=30) == []  # a hang guard
+
+    page = DashboardParser()
+    page.feed(with_token)
+    page.close()
+    assert page.body.get("data-loaded") == "1", with_token
+    assert [row.tenant for row in page.rows] == ["alpha"], page.rows
+    assert token not in with_token  # taken off the address bar and never written out
+
+    page = DashboardParser()
+    page.feed(without)
+    page.close()
+    assert page.body.get("data-loaded") == "401" and page.rows == [], without
+    assert "open this page as /#token=TOKEN" in without
+    log = (tmp_path / "serve.log").read_text()
+    assert token not in log
 
 
 # Runs in the Python started in Chromium's place: its DevTools pipe ends go to fds 3 and 4
@@ -405,13 +446,13 @@ PAGE_FACTS = """(() => {
   };
 })()"""
 
-# 300 characters, no spaces to break at, ending in markup that must stay text.
-LONG_TENANT = ("acme-corporation-eu-west-" * 12)[:292] + "<u>&amp;"
+# The longest key the rule allows (128 characters), no spaces to break at.
+LONG_TENANT = ("acme-corporation-eu-west-" * 6)[:128]
 DURATION = re.compile(r"^\d+(\.\d)?[smh]$")
 
 
 def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) -> None:
-    assert len(LONG_TENANT) == 300
+    assert len(LONG_TENANT) == 128
     assert "innerHTML" not in DASHBOARD_HTML  # data goes in as text, never as markup
     chromium = find_chromium()
     served = Served("tests.kernels:make", *FAST, log=tmp_path / "serve.log")
@@ -464,7 +505,7 @@ def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) ->
     assert page["pageWidth"] <= page["viewport"] == 1280, page
     assert page["tableRight"] <= page["viewport"], page
     assert page["tableBox"]["scrollWidth"] <= page["tableBox"]["clientWidth"], page
-    assert page["injected"] == 0  # the key's "<u>" was shown as text
+    assert page["injected"] == 0  # nothing the page was sent became markup
 
     rows = {row["tenant"]: row for row in page["rows"]}
     assert set(rows) == {LONG_TENANT, "alpha", "busy"}, page["rows"]

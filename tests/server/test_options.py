@@ -113,3 +113,17 @@ def test_bad_values_name_their_source(
     with pytest.raises(ValueError) as caught:
         resolve(parse(*argv), environ)
     assert message in str(caught.value)
+
+
+def test_the_auth_token_from_every_source_never_shown(tmp_path: Path) -> None:
+    token = "opt-Token-0123456789"
+    assert resolve(parse(), {}).server["auth_token"] is None
+    assert resolve(parse(), {"CORRAL_AUTH_TOKEN": token}).server["auth_token"] == token
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nauth_token = "{token}"\n')
+    assert resolve(parse("--config", str(config)), {}).server["auth_token"] == token
+    config.write_text("[server]\nauth_token = 123456789\n")
+    with pytest.raises(ValueError, match="auth_token: expected TOKEN") as caught:
+        resolve(parse("--config", str(config)), {})
+    assert "123456789" not in str(caught.value)
+    assert SERVER["auth_token"].show_default() == "none"

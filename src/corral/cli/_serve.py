@@ -14,8 +14,15 @@ The gateway's lifespan (factory check, supervisor start and close) runs here, ar
 uvicorn (whose own lifespan handling is off): a start-up failure is then an exception
 this code turns into one line, where uvicorn would log a traceback and exit 3.
 
-Logs go to stderr, one line per record, corral's fields (tenant, pid, reason, ...)
-appended as ``key=value`` (``--log-format json``: one JSON object per line).
+Logs go to stderr, one line per record, corral's fields (tenant, pid, reason,
+request_id, ...) appended as ``key=value`` unless the message already says them
+(``--log-format json``: one JSON object per line). Every record made while a request is
+in flight gets its ``request_id``; the gateway logs one line per request itself (DEBUG,
+WARNING for a 5xx), in place of uvicorn's access log.
+
+With ``--host`` beyond loopback and no ``--auth-token``, a warning says that anyone who
+can reach the port can call every tenant's kernel (it still serves: a proxy in front may
+be what authenticates).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -39,10 +47,11 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "Serve tenants' kernels over HTTP: POST /v1/tenants/KEY/call/METHOD with "
     '{"args": [...], "kwargs": {...}}; GET /v1/workers, /v1/events, /healthz, /readyz, '
-    "/metrics; DELETE /v1/tenants/KEY; a live dashboard at /. With no FACTORY, the "
-    "bundled example kernel. Every setting has a flag, a CORRAL_* environment variable "
-    "and a key in the config file (flag > variable > file > default). Bad settings, a "
-    "factory that cannot be loaded and a sandbox the host cannot give exit with status 2."
+    "/metrics, /openapi.json; DELETE /v1/tenants/KEY; a live dashboard at /. With no "
+    "FACTORY, the bundled example kernel. Every setting has a flag, a CORRAL_* "
+    "environment variable and a key in the config file (flag > variable > file > "
+    "default). Bad settings, a factory that cannot be loaded and a sandbox the host "
+    "cannot give exit with status 2."
 )
 EXIT_USAGE = 2
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -55,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Formatter(logging.Formatter):
-    """A record's message plus the fields corral attaches (``extra=``)."""
+    """A record's message plus the fields corral attaches (``extra=``), each as
+    ``key=value`` unless the message already has that text."""
 
     def __init__(self, as_json: bool) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,7 +85,9 @@ class _Formatter(logging.Formatter):
                 entry["exception"] = self.formatException(record.exc_info)
             return json.dumps(entry, default=str)
         line = super().format(record)
-        return line + "".join(f" {k}={v}" for k, v in fields.items())
+        message = record.getMessage()
+        pairs = (f"{k}={v}" for k, v in fields.items())
+        return line + "".join(f" {pair}" for pair in pairs if pair not in message)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,15 +103,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         server, options = resolve(args, os.environ)
         app = create_app(
-            server["factory"], options=options, max_body_bytes=server["max_body_bytes"]
+            server["factory"],
+            options=options,
+            max_body_bytes=server["max_body_bytes"],
+            auth_token=server["auth_token"],
         )
     except (ValueError, TypeError) as exc:
         return _refuse(str(exc))
+    from corral.server._http import RequestIdFilter
+
     level = str(server["log_level"])
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(server["log_format"] == "json"))
+    handler.addFilter(RequestIdFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     host, port = str(server["host"]), int(server["port"])
+    if server["auth_token"] is None and not _is_loopback(host):
+        logging.getLogger("corral.server").warning(
+            "listening on %s without --auth-token: anyone who can reach this port can "
+            "call every tenant's kernel; set CORRAL_AUTH_TOKEN, or keep it on loopback "
+            "behind a proxy that authenticates",
+            host,
+        )
     try:
         sock = _listen(host, port)
     except OSError as exc:
@@ -109,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         lifespan="off",  # the gateway's lifespan runs in _serve(), around uvicorn
         log_config=None,  # ours (above)
         log_level=level,
-        access_log=level == "debug",
+        access_log=False,  # the gateway logs each request itself, with its request id
         timeout_graceful_shutdown=math.ceil(float(server["grace"])),
     )
     # A SIGTERM before the loop runs ends the command at once (there is nothing to stop).
@@ -163,6 +188,16 @@ async def _serve(app: Starlette, uv: uvicorn.Server, sock: socket.socket, host: 
         with contextlib.suppress(RuntimeError):  # already removed, or the loop is closing
             loop.remove_signal_handler(signal.SIGTERM)
     return 0 if uv.started else 1
+
+
+def _is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _one_line(text: str) -> str:

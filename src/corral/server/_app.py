@@ -9,7 +9,13 @@ Routes (JSON in and out):
   backoffs), newest last;
 * ``DELETE /v1/tenants/{key}``: evict that tenant's worker;
 * ``GET /healthz`` (liveness), ``GET /readyz`` (readiness, with the reason when not
-  ready), ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard).
+  ready), ``GET /metrics`` (Prometheus text), ``GET /openapi.json`` (this list as an
+  OpenAPI document), ``GET /`` (the dashboard).
+
+Every request first goes through :class:`corral.server._http.GatewayMiddleware`:
+request id, bearer token, the tenant-key rule (a bad key is a JSON 400 before any
+route is matched), one log line. Every error answer, 404 and 405 included, is
+``{"error": {"type", "message", ...}}``.
 
 The supervisor is started and closed in the app's lifespan. Before it starts, the
 factory is checked: a supervisor of its own, with the same options, loads it in one
@@ -25,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -33,9 +38,11 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from corral.errors import (
     BackoffError,
@@ -49,7 +56,18 @@ from corral.errors import (
     SupervisorClosedError,
 )
 from corral.server._dashboard import DASHBOARD_HTML
+from corral.server._http import (
+    GatewayMiddleware,
+    annotate,
+    check_auth_token,
+    http_error,
+    json_error,
+    json_response,
+    server_error,
+    tenant_error,
+)
 from corral.server._metrics import Metrics
+from corral.server._openapi import openapi_document
 from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
 from corral.supervisor.config import Factory
 
@@ -76,19 +94,6 @@ class _BadRequest(Exception):
         self.kind = kind
 
 
-def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    encoded = msgspec.json.encode(body)
-    return Response(encoded, status, headers=dict(headers or {}), media_type="application/json")
-
-
-def _error(status: int, kind: str, message: str, **extra: Any) -> Response:
-    headers = {}
-    retry_after = extra.get("retry_after")
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return _json({"error": {"type": kind, "message": message, **extra}}, status, headers)
-
-
 def error_response(exc: CorralError, tenant: str) -> Response:
     """The HTTP answer for a corral error: status, ``Retry-After`` where waiting helps,
     and ``{"error": {"type", "message", "tenant", ...}}``.
@@ -96,6 +101,8 @@ def error_response(exc: CorralError, tenant: str) -> Response:
     ==========================================  ======
     KernelError (the kernel raised)             422, with ``remote_type``
     InvalidCallError: no such method            404
+    InvalidCallError: a key that breaks the     400, with ``rule`` (and no ``tenant``:
+    tenant-key rule                             the message shows it cut and escaped)
     InvalidCallError: arguments                 400
     InvalidCallError: unsendable result         500
     CallTimeoutError                            504
@@ -109,19 +116,33 @@ def error_response(exc: CorralError, tenant: str) -> Response:
     kind = type(exc).__name__
     message = str(exc)
     if isinstance(exc, KernelError):
-        return _error(422, kind, message, tenant=tenant, remote_type=exc.remote_type)
+        return json_error(422, kind, message, tenant=tenant, remote_type=exc.remote_type)
     if isinstance(exc, InvalidCallError):
+        if exc.kind == "tenant":
+            return tenant_error(exc)
         status = {"method": 404, "result": 500}.get(exc.kind, 400)
-        return _error(status, kind, message, tenant=tenant)
+        return json_error(status, kind, message, tenant=tenant)
     if isinstance(exc, CallTimeoutError):
-        return _error(504, kind, message, tenant=tenant)
+        return json_error(504, kind, message, tenant=tenant)
     if isinstance(exc, BackoffError | MemoryPressureError):
-        return _error(503, kind, message, tenant=tenant, retry_after=exc.retry_after)
+        return json_error(503, kind, message, tenant=tenant, retry_after=exc.retry_after)
     if isinstance(exc, CapacityError):
-        return _error(503, kind, message, tenant=tenant, retry_after=1.0)
+        return json_error(503, kind, message, tenant=tenant, retry_after=1.0)
     if isinstance(exc, SupervisorClosedError):
-        return _error(503, kind, message, tenant=tenant)
-    return _error(502, kind, message, tenant=tenant)
+        return json_error(503, kind, message, tenant=tenant)
+    return json_error(502, kind, message, tenant=tenant)
+
+
+def _annotate_error(exc: CorralError) -> None:
+    """The request's log line gets what the error knows: the worker's pid, the stop or
+    refusal reason, the exit status or signal, the kernel's exception type."""
+    annotate(
+        pid=getattr(exc, "pid", None),
+        reason=getattr(exc, "reason", None),
+        exitcode=getattr(exc, "exitcode", None),
+        signal=getattr(exc, "signal", None),
+        remote_type=getattr(exc, "remote_type", None),
+    )
 
 
 class Gateway:
@@ -235,26 +256,30 @@ class Gateway:
     async def call(self, request: Request) -> Response:
         tenant = request.path_params["key"]
         method = request.path_params["method"]
+        annotate(method=method)
         sup = self.supervisor
         if sup is None:
-            return _error(503, "NotReady", "the gateway is starting", tenant=tenant)
+            return json_error(503, "NotReady", "the gateway is starting", tenant=tenant)
         started = time.perf_counter()
         outcome = "ok"
         try:
             body = await self._read_body(request)
             result = await sup.invoke(tenant, method, body.args, body.kwargs)
             try:
-                return _json({"result": result})
+                return json_response({"result": result})
             except (TypeError, ValueError, OverflowError) as exc:
                 outcome = "UnencodableResult"
-                return _error(500, outcome, f"the result is not JSON: {exc}", tenant=tenant)
+                return json_error(500, outcome, f"the result is not JSON: {exc}", tenant=tenant)
         except _BadRequest as exc:
             outcome = exc.kind
-            return _error(exc.status, exc.kind, str(exc), tenant=tenant)
+            return json_error(exc.status, exc.kind, str(exc), tenant=tenant)
         except CorralError as exc:
             outcome = type(exc).__name__
+            _annotate_error(exc)
             return error_response(exc, tenant)
         finally:
+            if outcome != "ok":
+                annotate(error=outcome)
             self.metrics.observe_call(outcome, time.perf_counter() - started)
 
     async def _read_body(self, request: Request) -> CallBody:
@@ -282,31 +307,33 @@ class Gateway:
     async def workers(self, _request: Request) -> Response:
         stats = self.stats()
         if stats is None:
-            return _error(503, "NotReady", "the gateway is starting")
+            return json_error(503, "NotReady", "the gateway is starting")
         limits = {
             "soft": self.options.get("worker_memory_limit"),
             "hard": self.options.get("worker_memory_hard_limit"),
         }
-        return _json({**msgspec.to_builtins(stats), "limits": limits, "now": time.time()})
+        return json_response({**msgspec.to_builtins(stats), "limits": limits, "now": time.time()})
 
     async def events(self, _request: Request) -> Response:
-        return _json({"events": list(self.recent)})
+        return json_response({"events": list(self.recent)})
 
     async def evict(self, request: Request) -> Response:
         tenant = request.path_params["key"]
         if self.supervisor is None:
-            return _error(503, "NotReady", "the gateway is starting", tenant=tenant)
+            return json_error(503, "NotReady", "the gateway is starting", tenant=tenant)
         try:
             evicted = await self.supervisor.evict(tenant)
         except CorralError as exc:
+            annotate(error=type(exc).__name__)
+            _annotate_error(exc)
             return error_response(exc, tenant)
-        return _json({"tenant": tenant, "evicted": evicted})
+        return json_response({"tenant": tenant, "evicted": evicted})
 
     async def healthz(self, _request: Request) -> Response:
         stats = self.stats()
         if stats is None or stats.state != "running":
-            return _json({"status": "unavailable"}, 503)
-        return _json({"status": "ok", "workers": len(stats.workers)})
+            return json_response({"status": "unavailable"}, 503)
+        return json_response({"status": "ok", "workers": len(stats.workers)})
 
     async def readyz(self, _request: Request) -> Response:
         """200 ``{"status": "ready", ...}`` while the gateway can serve a new tenant, else
@@ -322,14 +349,16 @@ class Gateway:
                 "stopping": "shutting down",
                 "stopped": "stopped",
             }.get(self.phase, self.phase)
-            return _json({"status": "unavailable", "reason": reason}, 503)
+            return json_response({"status": "unavailable", "reason": reason}, 503)
         stats = sup.stats()
         if stats.state != "running":
-            return _json({"status": "unavailable", "reason": f"supervisor {stats.state}"}, 503)
+            return json_response(
+                {"status": "unavailable", "reason": f"supervisor {stats.state}"}, 503
+            )
         if stats.memory_pressure is not None:
             reason = f"memory pressure, new workers are refused: {stats.memory_pressure}"
-            return _json({"status": "unavailable", "reason": reason}, 503)
-        return _json(
+            return json_response({"status": "unavailable", "reason": reason}, 503)
+        return json_response(
             {"status": "ready", "workers": len(stats.workers), "max_workers": stats.max_workers}
         )
 
@@ -339,6 +368,25 @@ class Gateway:
     async def dashboard(self, _request: Request) -> Response:
         return HTMLResponse(DASHBOARD_HTML)
 
+    async def openapi(self, request: Request) -> Response:
+        app = request.app
+        assert isinstance(app, _GatewayApp)
+        return json_response(app.openapi)
+
+
+class _GatewayApp(Starlette):
+    """The Starlette app with :class:`GatewayMiddleware` outermost, around Starlette's
+    own error middleware too, so that a 500 also carries the request id and is logged
+    with it. ``openapi`` is the document ``GET /openapi.json`` serves."""
+
+    def __init__(self, *, auth_token: str | None, openapi: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.auth_token = auth_token
+        self.openapi = openapi
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return GatewayMiddleware(super().build_middleware_stack(), self.auth_token)
+
 
 def create_app(
     factory: Factory | None = None,
@@ -346,6 +394,7 @@ def create_app(
     options: Mapping[str, Any] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     check_factory: bool = True,
+    auth_token: str | None = None,
 ) -> Starlette:
     """The gateway app over a new Supervisor.
 
@@ -357,21 +406,40 @@ def create_app(
         check_factory: load the factory in one throwaway worker when the app starts
             (:meth:`Gateway.check_factory`), so that a broken factory fails the
             start-up; False skips it (the factory is then first run by a call).
+        auth_token: every request but ``/``, ``/healthz`` and ``/readyz`` must carry
+            ``Authorization: Bearer <auth_token>`` (else 401); None: no token needed.
 
     Raises:
-        ValueError, TypeError: a bad option (before anything starts).
+        ValueError, TypeError: a bad option (before anything starts), or a token that
+            is empty or not visible ASCII.
     """
+    if auth_token is not None:
+        check_auth_token(auth_token)
     gateway = Gateway(factory or DEFAULT_FACTORY, options or {}, max_body_bytes, check_factory)
     routes = [
         Route("/", gateway.dashboard, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
+        Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/v1/workers", gateway.workers, methods=["GET"]),
         Route("/v1/events", gateway.events, methods=["GET"]),
         Route("/v1/tenants/{key}", gateway.evict, methods=["DELETE"]),
         Route("/v1/tenants/{key}/call/{method}", gateway.call, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=gateway.lifespan)
+    from corral import __version__
+
+    document = openapi_document(
+        ((r.path, r.methods or ()) for r in routes),
+        version=__version__,
+        auth=auth_token is not None,
+    )
+    app = _GatewayApp(
+        routes=routes,
+        lifespan=gateway.lifespan,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        auth_token=auth_token,
+        openapi=document,
+    )
     app.state.gateway = gateway
     return app

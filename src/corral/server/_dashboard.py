@@ -7,7 +7,14 @@ their date, time and reason.
 Everything the page shows from the JSON goes in as text (``textContent``, ``title``,
 ``dataset``), never as markup: tenant keys are chosen by clients. A long key is cut
 with an ellipsis by CSS (the full key is in the element's text and its ``title``, shown
-on hover), so that no key can widen the page."""
+on hover), so that no key can widen the page.
+
+A gateway started with ``--auth-token`` serves this page without the token (it holds
+no data) but not the JSON it polls. Open the page as ``/#token=TOKEN``: the fragment
+never leaves the browser (it is not in the request, a server's log or a ``Referer``);
+the script keeps the token for the tab (``sessionStorage``), takes it off the address
+bar, and sends it as ``Authorization: Bearer`` with each poll. Without it the page says
+how to give it."""
 
 from __future__ import annotations
 
@@ -100,6 +107,16 @@ DASHBOARD_HTML = """<!doctype html>
 </main>
 <script>
 "use strict";
+// With --auth-token: the page is opened as /#token=TOKEN (see the module docstring).
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("corral-token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("corral-token");
+})();
+const FETCH = TOKEN ? { headers: { Authorization: "Bearer " + TOKEN } } : {};
 const FAILURES = new Set(["crashed", "timeout", "protocol_error", "pipe_closed",
   "start_failed", "start_timeout", "memory_limit", "memory_hard_limit", "warden_died",
   "launch_failed"]);
@@ -219,7 +236,14 @@ function renderEvents(events) {
 }
 async function refresh() {
   try {
-    const [w, e] = await Promise.all([fetch("/v1/workers"), fetch("/v1/events")]);
+    const [w, e] = await Promise.all([fetch("/v1/workers", FETCH), fetch("/v1/events", FETCH)]);
+    if (w.status === 401 || e.status === 401) {
+      document.getElementById("error").textContent = TOKEN
+        ? "the token this page was given is refused (401): open it again as /#token=TOKEN"
+        : "this gateway needs its token (--auth-token): open this page as /#token=TOKEN";
+      document.body.dataset.loaded = "401";
+      return;
+    }
     if (!w.ok || !e.ok) throw new Error("HTTP " + w.status + "/" + e.status);
     renderWorkers(await w.json()); renderEvents((await e.json()).events);
     document.getElementById("error").textContent = "";

@@ -3,9 +3,14 @@
 Counters and the latency histogram are fed as things happen (lifecycle events from
 the supervisor, each call's outcome from the app); gauges are read from
 ``Supervisor.stats()`` when ``/metrics`` is scraped, so they are never stale.
-Label values are bounded: stop reasons and error types are corral's own names, and
-per-worker memory is labelled by tenant only for live workers (at most
-``max_workers`` series).
+Label values are bounded: ``outcome`` is ``ok`` or an error type name (corral's, or the
+gateway's few: ``BadJSON``, ``BodyTooLarge``, ``UnencodableResult``), ``reason`` and
+``state`` are corral's own names, and per-worker memory is labelled by tenant only for
+live workers (at most ``max_workers`` series). A tenant label is a key that passed the
+tenant-key rule (``corral.supervisor.tenants``: at most 128 ASCII characters, no
+control character or quote), so it needs no escaping and cannot stretch a scrape; keys
+that break it are refused before a worker exists. Calls refused for their key, token
+or route are not counted here (they never became calls); the gateway's log has them.
 """
 
 from __future__ import annotations

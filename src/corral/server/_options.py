@@ -174,6 +174,7 @@ class Option:
             "seconds": _seconds,
             "port": _port,
             "str": str,
+            "secret": _secret,
             "path": Path,
             "list": lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
             "env": _environment,
@@ -205,7 +206,8 @@ class Option:
                 return tuple(value)
         elif isinstance(value, dict) and self.kind == "env":
             return {str(k): str(v) for k, v in value.items()}
-        raise ValueError(f"{source}: expected {self.describe()}, got {value!r}")
+        shown = "another type" if self.kind == "secret" else repr(value)  # never a secret
+        raise ValueError(f"{source}: expected {self.describe()}, got {shown}")
 
     # -- text for people -----------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class Option:
             "int": "N",
             "port": "PORT",
             "str": "TEXT",
+            "secret": "TOKEN",
             "path": "FILE",
             "list": "A,B,...",
             "env": "KEY=VALUE,...",
@@ -268,6 +271,14 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"a port is 0..65535 (0: any free port), got {port}")
     return port
+
+
+def _secret(text: str) -> str:
+    """A token: checked, never echoed in the error."""
+    from corral.server._http import check_auth_token
+
+    check_auth_token(text)
+    return text
 
 
 def _size_or_fraction(text: str) -> int | float:
@@ -348,7 +359,13 @@ SERVER: dict[str, Option] = {
             "the kernel factory, 'package.module:callable'; checked at start-up by loading "
             "it in one worker, which is then stopped",
         ),
-        Option("host", "str", "127.0.0.1", "address to listen on"),
+        Option(
+            "host",
+            "str",
+            "127.0.0.1",
+            "address to listen on; beyond loopback, set --auth-token (see the README's "
+            "'Exposing the gateway')",
+        ),
         Option("port", "port", 8000, "TCP port to listen on; 0: any free port"),
         Option(
             "max_body_bytes",
@@ -362,6 +379,15 @@ SERVER: dict[str, Option] = {
             30.0,
             "seconds calls in flight get to finish at shutdown (SIGTERM, Ctrl-C) before "
             "they are cancelled",
+        ),
+        Option(
+            "auth_token",
+            "secret",
+            None,
+            "a bearer token every request must carry (Authorization: Bearer TOKEN; 401 "
+            "without it) but GET /, /healthz and /readyz; prefer the variable or the "
+            "config file to the flag, which other users can read in the process list",
+            optional=True,
         ),
         Option(
             "log_level",
