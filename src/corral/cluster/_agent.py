@@ -10,7 +10,7 @@ the local Supervisor's, unchanged (warden, sandbox, limits, clean kills).
 
 Data flow::
 
-    front end ── agent.call(tenant, epoch, method, payload) ──▶ NodeAgent
+    front end ── agent.call(epoch, frame: tenant, method, args) ──▶ NodeAgent
         lease[tenant] == epoch ──────────────────────────────▶ Supervisor.invoke ─▶ worker
         no lease: epoch above any released here, and the directory
         confirms (tenant -> this node, epoch) ─▶ lease taken ─▶ Supervisor.invoke
@@ -32,7 +32,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -46,7 +46,9 @@ __all__ = ["NodeAgent"]
 
 log = logging.getLogger("corral.cluster")
 
-_decode_payload = msgspec.msgpack.Decoder().decode
+_decode_frame = msgspec.msgpack.Decoder(
+    tuple[str, str, float | Literal["default"] | None, list[Any], dict[str, Any]]
+).decode
 _EVENT_BATCH = 512  # events sent to the directory at once, at most
 _RELEASED_KEEP = 65_536  # released epochs remembered while the directory's ack is awaited
 
@@ -136,28 +138,22 @@ class NodeAgent:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    async def call(
-        self,
-        tenant: str,
-        epoch: int,
-        method: str,
-        payload: bytes,
-        timeout: float | str | None,
-    ) -> tuple[Reply, Any]:
-        """Run ``method`` in ``tenant``'s worker here, if the tenant is placed here at
-        ``epoch``. ``payload`` is the msgpack of ``(args, kwargs)``.
+    async def call(self, epoch: int, frame: bytes) -> tuple[Reply, Any]:
+        """Run a call in its tenant's worker here, if the tenant is placed here at
+        ``epoch``. ``frame`` is the msgpack of ``(tenant, method, timeout, args, kwargs)``
+        (``timeout``: seconds, None, or "default").
 
         Returns:
             ``(OK, value)``, ``(ERROR, wire error)`` or ``(STALE, why)``.
         """
+        tenant, method, timeout, args, kwargs = _decode_frame(frame)
         if self._leases.get(tenant) != epoch:
             refused = await self._admit(tenant, epoch)
             if refused is not None:
                 return Reply.STALE, refused
         self._active[tenant] += 1
         try:
-            args, kwargs = _decode_payload(payload)
-            value = await self._sup.invoke(tenant, method, args, kwargs, timeout=timeout)  # type: ignore[arg-type]
+            value = await self._sup.invoke(tenant, method, args, kwargs, timeout=timeout)
         except CorralError as exc:
             return Reply.ERROR, error_to_wire(exc)
         finally:

@@ -11,9 +11,9 @@ where tenants go (:mod:`corral.cluster._directory`) or how workers run
 Data flow::
 
     await cs.call(tenant, method, *args)
-        payload = msgpack((args, kwargs))      (InvalidCallError here, as locally)
+        frame = msgpack((tenant, method, timeout, args, kwargs))   (InvalidCallError here)
         placement = cache[tenant] or directory.place(tenant)
-        agent.call(tenant, epoch, method, payload) ──▶ (OK, value) | (ERROR, corral error)
+        agent.call(epoch, frame) ──▶ (OK, value) | (ERROR, corral error)
             (STALE, why): the cache was stale; ask the directory again (the call never ran)
             RayActorError: the node or its agent died: NodeLostError, once; the directory
             is told first, so that the tenant's next call goes elsewhere
@@ -325,17 +325,16 @@ class ClusterSupervisor:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
                 raise ValueError(f"timeout must be > 0, got {timeout!r}")
         try:
-            payload = _encode((args, {} if kwargs is None else kwargs))
+            # One msgpack frame, one Ray argument: Ray's cost grows with each argument.
+            frame = _encode((tenant, method, timeout, args, {} if kwargs is None else kwargs))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidCallError(f"arguments for {method!r} cannot be sent: {exc}") from exc
-        if len(payload) + _FRAME_OVERHEAD > self._max_frame:
+        if len(frame) + _FRAME_OVERHEAD - len(tenant) - len(method) > self._max_frame:
             raise InvalidCallError(
-                f"arguments for {method!r} are {len(payload)} bytes, "
+                f"arguments for {method!r} are {len(frame)} bytes, "
                 f"over max_frame_bytes={self._max_frame}"
             )
-        return await self._on_agent(
-            tenant, lambda p: p.agent.call.remote(tenant, p.epoch, method, payload, timeout)
-        )
+        return await self._on_agent(tenant, lambda p: p.agent.call.remote(p.epoch, frame))
 
     async def _on_agent(self, tenant: str, send: Callable[[_Placement], Any]) -> Any:
         """Send to the tenant's agent; on a stale placement, place again and resend (the
