@@ -133,9 +133,10 @@ async def test_an_awaitable_result_moves_the_worker_onto_a_loop() -> None:
 )
 async def test_shutdown_hook_runs_in_each_mode(tmp_path: Path, factory: str, line: str) -> None:
     mark = tmp_path / "mark"
-    async with Supervisor(f"{M}:{factory}", sandbox=Sandbox.none(), **FAST) as sup:
-        await sup.call(str(mark), "put", "k", 1)
-        await sup.evict(str(mark))
+    env = {modes.MARK_ENV: str(mark)}
+    async with Supervisor(f"{M}:{factory}", sandbox=Sandbox.none(), env=env, **FAST) as sup:
+        await sup.call("t", "put", "k", 1)
+        await sup.evict("t")
         assert mark.read_text() == line + "\n"
 
 
