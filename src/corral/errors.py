@@ -66,7 +66,7 @@ class InvalidCallError(CorralError, ValueError):
     ``kind`` says which: ``"method"`` (no such public method), ``"arguments"`` (they
     cannot be sent or decoded, or are too large), ``"result"`` (it cannot be sent) or
     ``"tenant"`` (the tenant key breaks the rule: ``corral.TENANT_RULE``; nothing was
-    started or looked up).
+    started or sent).
     """
 
     def __init__(self, message: str, kind: str = "arguments") -> None:

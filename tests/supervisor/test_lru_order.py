@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from corral import Supervisor, SyncSupervisor
+from corral import KernelError, Supervisor, SyncSupervisor
 from tests.helpers import pid_gone
 
 K = "tests.kernels:make"
@@ -35,7 +35,7 @@ async def test_a_b_a_is_b_a_as_soon_as_the_call_returns() -> None:
             assert sup.keys()[-1] == tenant
         assert sup.keys() == ["a", "c", "b"]
         assert workers_order(sup) == ["a", "c", "b"]
-        await asyncio.sleep(0)  # ok-sleep: one loop iteration, so the deferred marks run
+        await asyncio.sleep(0)  # ok-sleep: one loop iteration, for the deferred idle marks
         assert sup.keys() == ["a", "c", "b"]  # and change nothing
 
 
@@ -44,7 +44,7 @@ async def test_a_kernel_error_and_a_warm_start_count_as_use() -> None:
         await sup.call("a", "echo", 1)
         await sup.get_or_create("b")
         assert sup.keys() == ["a", "b"]
-        with pytest.raises(Exception, match="boom"):
+        with pytest.raises(KernelError, match="boom"):
             await sup.call("a", "fail", "boom")
         assert sup.keys() == ["b", "a"]
         await sup.get_or_create("b")  # found, not started: still a use
