@@ -571,6 +571,54 @@ async def test_pressure_stops_idle_workers_lru_first_one_at_a_time_and_refuses_n
         await corral_log.first(logged("memory pressure is over"))
 
 
+@pytest.mark.timeout(120)
+async def test_pressure_chooses_the_next_victim_only_once_the_last_is_reaped() -> None:
+    """A victim slower to go than a sampling interval (its shutdown() hook is held until
+    the test sends SIGUSR1) stays the only worker stopping for as many rounds as it takes:
+    sampling goes on meanwhile, but no round stops another worker (invariant 9)."""
+    probe = FakeProbe()
+    events = Events()
+    async with Supervisor(
+        "tests.supervisor.stop_kernels:held_stop",
+        max_workers=4,
+        idle_ttl=None,
+        min_available_memory=2 * GiB,
+        memory_check_interval=0.01,
+        probe=probe,
+        on_event=events,
+        shutdown_timeout=300.0,  # far beyond the test: a held stop never climbs past ASK
+        start_timeout=20.0,
+    ) as sup:
+        events.sup = sup
+        pids = {t: await sup.call(t, "pid") for t in ("a", "b", "c")}
+        await sup.call("b", "pid")  # idle, least recently used first: a, c, b
+        await probe.rounds()
+        assert sup.stats().memory_pressure is None
+
+        probe.available = GiB
+        try:
+            for victim in ("a", "c", "b"):
+                await probe.rounds(10)  # rounds acted on while the victim's stop is held
+                assert sup.stats().memory_pressure is not None
+                states = {w.tenant: w.state for w in sup.stats().workers}
+                assert states.pop(victim) == "stopping", (victim, states)
+                assert set(states.values()) <= {"ready"}, (victim, states)
+                os.kill(pids[victim], signal.SIGUSR1)
+                _, event = await events.first(stopped(victim))
+                assert (event.reason, event.rung, event.returncode) == ("host_pressure", "ask", 0)
+        finally:  # on failure, let the close go as fast as the stops it would wait for
+            for tenant, pid in pids.items():
+                if tenant in sup:
+                    os.kill(pid, signal.SIGUSR1)
+        assert events.stopped() == [(t, "host_pressure") for t in ("a", "c", "b")]
+        for tenant, others in events.states_at_stop.items():
+            assert set(others.values()) <= {"ready"}, (tenant, others)
+
+        probe.available = 20 * GiB
+        await probe.rounds()
+        assert sup.stats().memory_pressure is None
+
+
 async def test_pressure_can_end_while_a_busy_worker_drains(
     corral_log: Recorder[logging.LogRecord],
 ) -> None:

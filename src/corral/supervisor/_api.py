@@ -317,7 +317,9 @@ class Supervisor:
         self._hard_limit = worker_memory_hard_limit
         self._memory_baseline: int | None = None
         self._pressure_detail = ""
-        self._pressure_victim: WorkerHandle | None = None  # stopped for pressure, maybe draining
+        # The last worker stopped for pressure (draining or stopping) until it is settled:
+        # no other is chosen while it is on its way out (invariant 9).
+        self._pressure_victim: WorkerHandle | None = None
         self._on_event = on_event
         self._subscriptions: list[_Subscription] = []
         self._method_names: set[str] = set()  # names already checked to be public
@@ -882,16 +884,17 @@ class Supervisor:
         """Sample every worker's tree and the host, then act: recycle workers over the soft
         limit; under pressure, stop one worker (idle LRU first, else drain the least
         recently used busy one) and sample again as soon as it is reaped. Sampling never
-        pauses longer than one interval, also while a victim drains."""
+        pauses longer than one interval, also while a victim drains or stops; the rounds
+        taken meanwhile choose no other victim (see :meth:`_memory_round`)."""
         while True:
             victim = await self._memory_round()
             if victim is not None:
                 try:
                     async with asyncio.timeout(self._memory_interval):
-                        await victim.wait_dead()
+                        await victim.wait_settled()
                     continue  # reaped: look again at once
                 except TimeoutError:
-                    continue  # still draining: sample again (it stays the one victim)
+                    continue  # still on its way out: sample again (it stays the one victim)
             await asyncio.sleep(self._memory_interval)
 
     async def _memory_round(self) -> WorkerHandle | None:
@@ -942,6 +945,15 @@ class Supervisor:
                 self._pressure_detail,
                 extra={"reason": reason.value},
             )
+        last = self._pressure_victim
+        if last is not None and not last.is_settled:
+            # One victim at a time: the next is chosen only once the last is reaped (or past
+            # all corral can do to end it: SIGKILLed kill_timeout ago). Without this, a
+            # victim slower to go than one interval (a long shutdown(), a drain, a busy
+            # host) let every round stop one more worker before the memory they freed
+            # could show in a sample.
+            return last
+        self._pressure_victim = None
         idle = self._table.lru_victim()
         victim: WorkerHandle | None = self._table.peek(idle) if idle is not None else None
         if victim is None:  # nobody idle: drain the least recently used busy worker
