@@ -9,6 +9,7 @@ import pytest
 
 import corral
 from corral import SyncSupervisor
+from corral.supervisor.process import LaunchError
 from tests.helpers import pid_gone, run_host
 
 
@@ -51,3 +52,71 @@ def test_a_host_that_never_closes_still_exits_and_leaves_nothing() -> None:
     out, code_ = run_host(code, timeout=20)
     assert code_ == 0, out
     assert pid_gone(int(out.split()[0]))
+
+
+class _NoWarden:
+    """A launcher that can never start: every Supervisor.start() fails with StartError."""
+
+    memory_enforcement = "none"
+    sandbox_report: dict[str, str] = {}
+
+    async def start(self) -> None:
+        raise LaunchError("no warden here")
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        pass
+
+
+def _loop_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "corral-loop"]
+
+
+def test_a_start_that_fails_leaves_no_loop_thread_and_may_be_retried() -> None:
+    """Regression: when the supervisor's start failed, its loop thread ran on (not a
+    daemon, never closed), so the host could not exit, and each retry left one more."""
+    before = _loop_threads()
+    sup = SyncSupervisor("tests.kernels:make", launcher=_NoWarden())
+    for _ in range(3):
+        with pytest.raises(corral.StartError, match="no warden here"):
+            sup.start()
+        assert _loop_threads() == before
+    with pytest.raises(corral.SupervisorClosedError):
+        sup.call("t", "echo", 1)
+    sup.close()  # nothing to close; closed for good from here
+    with pytest.raises(corral.SupervisorClosedError):
+        sup.start()
+
+
+def test_a_host_whose_start_failed_still_exits() -> None:
+    code = (
+        "import corral\n"
+        "from corral.supervisor.process import LaunchError\n"
+        "class NoWarden:\n"
+        "    memory_enforcement = 'none'\n"
+        "    sandbox_report = {}\n"
+        "    async def start(self):\n"
+        "        raise LaunchError('no warden here')\n"
+        "    async def aclose(self, grace=5.0):\n"
+        "        pass\n"
+        "sup = corral.SyncSupervisor('tests.kernels:make', launcher=NoWarden())\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        sup.start()\n"
+        "    except corral.StartError:\n"
+        "        print('refused', flush=True)\n"
+    )
+    out, code_ = run_host(code, timeout=30)
+    assert code_ == 0, out  # None: it hung at exit, joining the loop thread
+    assert out.split() == ["refused"] * 3
+
+
+def test_start_after_close_is_refused_as_for_the_async_supervisor() -> None:
+    sup = SyncSupervisor("tests.kernels:make", max_workers=1)
+    with sup:
+        assert sup.call("t", "echo", 1) == 1
+    with pytest.raises(corral.SupervisorClosedError, match="has been closed"):
+        sup.start()
+    with pytest.raises(corral.SupervisorClosedError):
+        sup.call("t", "echo", 1)
+    sup.close()  # again: a no-op
+    assert _loop_threads() == []

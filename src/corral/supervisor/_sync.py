@@ -37,14 +37,26 @@ class SyncSupervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._sup: Supervisor | None = None
+        self._closed = False  # close() was called: no start() from then on
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the loop thread and the supervisor on it; returns once it is running
-        (also when another thread started it concurrently)."""
+        (also when another thread started it concurrently).
+
+        Raises:
+            SupervisorClosedError: :meth:`close` was called (create a new one).
+            StartError, ValueError: as :meth:`Supervisor.start`.
+
+        **On error:** nothing is left running (no loop thread, no process), and
+        ``start()`` may be called again: each attempt builds a fresh :class:`Supervisor`.
+        """
         with self._lock:
             if self._thread is not None:
                 return
+            if self._closed:
+                raise SupervisorClosedError("this SyncSupervisor has been closed; create a new one")
+            sup = Supervisor(self._factory, **self._options)  # bad options: nothing started
             loop = asyncio.new_event_loop()
             ready = threading.Event()
 
@@ -53,13 +65,35 @@ class SyncSupervisor:
                 loop.call_soon(ready.set)
                 loop.run_forever()
 
-            sup = Supervisor(self._factory, **self._options)
             thread = threading.Thread(target=run, name="corral-loop")
             thread.start()
             ready.wait()
             # Under the lock: a concurrent start() returns only after this, and no call can
             # be submitted before the supervisor runs.
-            asyncio.run_coroutine_threadsafe(sup.start(), loop).result()
+            ended = threading.Event()
+
+            async def start_or_close() -> None:
+                try:
+                    await sup.start()
+                except BaseException:
+                    # A failed start releases what it started; a cancelled one (the host
+                    # interrupted below) may have got further: close it.
+                    await asyncio.shield(sup.aclose())
+                    raise
+                finally:
+                    ended.set()
+
+            future = asyncio.run_coroutine_threadsafe(start_or_close(), loop)
+            try:
+                future.result()
+            except BaseException:
+                # The loop thread is not a daemon and close() will not see it: end it here,
+                # or the host could never exit (and each retry would leave one more).
+                if not future.done():  # interrupted (Ctrl-C): cancel the start, let it clean up
+                    future.cancel()
+                    ended.wait()
+                _stop_loop(loop, thread)
+                raise
             self._sup, self._loop, self._thread = sup, loop, thread
             # A host that never calls close() must still exit: Python joins non-daemon
             # threads (ours) before atexit handlers run, so register where concurrent.futures
@@ -74,19 +108,19 @@ class SyncSupervisor:
             threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        """Stop every worker and the loop thread; returns once all are gone."""
+        """Stop every worker and the loop thread; returns once all are gone. Closed for
+        good, as :meth:`Supervisor.aclose`: a later :meth:`start` is refused."""
         with self._lock:
             # Detach first, under the lock: from here no new call can be submitted.
             thread, loop, sup = self._thread, self._loop, self._sup
             self._thread = self._loop = None
+            self._closed = True
         if thread is None or loop is None or sup is None:
             return
         try:
             asyncio.run_coroutine_threadsafe(sup.aclose(), loop).result()
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+            _stop_loop(loop, thread)
 
     def __enter__(self) -> SyncSupervisor:
         self.start()
@@ -149,6 +183,13 @@ class SyncSupervisor:
 
     def __contains__(self, tenant: object) -> bool:
         return self._run(_value(lambda: tenant in self._supervisor))
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Stop the loop running on ``thread``, wait for the thread to end, close the loop."""
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 async def _value(fn: Callable[[], T]) -> T:
