@@ -393,14 +393,13 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
             True,
             id="detached",
             marks=pytest.mark.xfail(
-                reason="LIMITATION of default() (no namespaces): a worker's child in a "
-                "session of its own is reparented to init when the warden is SIGKILLed; "
-                "killpg of the workers' groups does not reach it. As root each worker has a "
-                "cgroup leaf, but the launcher does not kill the leaves when the warden dies "
-                "(only a later warden's sweep of stale leaves does, if one starts): so it "
-                "passes or fails by chance there, and strictly fails without root. strict() "
-                "covers it: test_strict.py::test_a_killed_warden_takes_every_namespace_with_it",
-                strict=os.geteuid() != 0,
+                os.geteuid() != 0,
+                reason="LIMITATION of default() without root (no namespaces, no cgroups): a "
+                "worker's child in a session of its own is reparented to init when the "
+                "warden is SIGKILLed; killpg of the workers' groups does not reach it. As "
+                "root the launcher kills what is left in each worker's cgroup leaf. strict() "
+                "covers it too: test_strict.py::test_a_killed_warden_takes_every_namespace_with_it",
+                strict=True,
             ),
         ),
     ],

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, NamedTuple, Protocol
 
 from corral.ipc import (
@@ -197,6 +197,8 @@ class _Warden:
             except OSError:  # gone already
                 pass
             os.close(pidfd)
+        # Descendants that left their worker's session escape killpg, not its cgroup.
+        _kill_cgroup_members(self.memory_leaves.values())
         self.memory_leaves.clear()
         callbacks, self.on_exit = self.on_exit, {}
         for callback in callbacks.values():
@@ -512,6 +514,46 @@ class WardenLauncher:
             return
         warden.close_control()
         await _end_warden(warden, grace)
+
+
+def _kill_cgroup_members(leaves: Iterable[str]) -> None:
+    """SIGKILL every process in these cgroup leaves (a dead warden's live workers' leaves:
+    what their workers left behind). cgroup v2: one write to ``cgroup.kill``. v1: each
+    member through a pidfd, signalled only if that very process is still in the leaf (a
+    pid read from ``cgroup.procs`` may have been reused by then). A few writes to cgroupfs,
+    made once per warden death, on the loop (they do not wait on anything)."""
+    for leaf in leaves:
+        try:
+            fd = os.open(os.path.join(leaf, "cgroup.kill"), os.O_WRONLY)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                os.write(fd, b"1")
+                continue
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        try:
+            with open(os.path.join(leaf, "cgroup.procs"), "rb") as procs:
+                members = [int(pid) for pid in procs.read().split()]
+        except (OSError, ValueError):
+            continue
+        relative = "/" + os.path.basename(os.path.dirname(leaf)) + "/" + os.path.basename(leaf)
+        for pid in members:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone
+            try:
+                with open(f"/proc/{pid}/cgroup", "rb") as where:
+                    if relative.encode() in where.read():
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
 
 
 async def _end_warden(warden: _Warden, grace: float) -> None:
