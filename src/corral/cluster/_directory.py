@@ -153,11 +153,13 @@ class Directory:
                 return ("failed", node.id, node.address, node.error)
         return ("ok", self._version, self._event_seq)
 
-    async def detach(self, front_end: str) -> bool:
+    async def detach(self, front_end: str, keep_running: bool = False) -> bool:
         """Unregister a front end. The last one out stops every agent (each stops its
-        workers and warden) and returns True: the caller then kills this actor."""
-        self._front_ends.pop(front_end, None)
-        if self._front_ends or self._state != "running":
+        workers and warden) and returns True: the caller then kills this actor; unless it
+        asks to ``keep_running``: then the deployment waits, as it is, for the next. A front
+        end that never attached (it was refused: other options) stops nothing."""
+        attached = self._front_ends.pop(front_end, None) is not None
+        if not attached or self._front_ends or keep_running or self._state != "running":
             return self._state == "closed"
         self._state = "closing"
         for task in list(self._tasks):

@@ -241,10 +241,16 @@ class ClusterSupervisor:
                     return
                 await asyncio.sleep(0.05)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, keep_running: bool = False) -> None:
         """Detach from the deployment. The last front end to close stops every agent (each
         drains and stops its workers and warden) and the directory: no corral actor or
         process is left. Disconnects from Ray if :meth:`start` connected.
+
+        Args:
+            keep_running: only detach, even as the last front end: the directory, the
+                agents and every tenant's worker (with its state) keep running for the
+                next front end of this namespace (a gateway restarted in place). A later
+                front end's plain ``aclose()`` stops them when it is the last one out.
 
         **Cancellation:** the close goes on in the background.
         """
@@ -254,15 +260,15 @@ class ClusterSupervisor:
         if self._state == "closing":
             return
         self._state = "closing"
-        await asyncio.shield(self._abort())
+        await asyncio.shield(self._abort(keep_running))
 
-    async def _abort(self) -> None:
+    async def _abort(self, keep_running: bool = False) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._directory is not None:
             try:
-                if await self._directory.detach.remote(self._id):
+                if await self._directory.detach.remote(self._id, keep_running):
                     await asyncio.to_thread(ray.kill, self._directory, no_restart=True)
                     await self._wait_gone(self._directory)
             except RayActorError:
