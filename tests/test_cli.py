@@ -69,7 +69,7 @@ def assert_demo_passed(result: subprocess.CompletedProcess[str]) -> None:
     for line in (
         "[1] Four tenants, three worker slots",
         "keys() -> ['bob', 'carol', 'dave']",
-        "corral: worker stopped (lru, ask): exited with code 0  [alice pid",
+        "corral: worker stopped (lru, ask) tenant=alice pid=",
         "raised KernelError: builtins.KeyError: 'shoe size'",
         "raised WorkerCrashedError:",
         "exitcode=7, signal=None",
@@ -77,7 +77,7 @@ def assert_demo_passed(result: subprocess.CompletedProcess[str]) -> None:
         "corral: worker stopped (idle_ttl, ask)",
         "worker output: [bob] notebook for bob closing with 1 notes",
         "corral: worker stopped (evicted, ask)",
-        "over worker_memory_limit: replacing it  [alice pid",
+        "worker over worker_memory_limit tenant=alice pid=",
         "corral: worker stopped (memory_limit, ask)",
         "stops by reason: crashed=1, evicted=1, idle_ttl=1, lru=1, memory_limit=1, timeout=1",
         "All 9 steps behaved as expected",
@@ -196,6 +196,8 @@ def test_a_command_is_required() -> None:
         (("--config", "/nonexistent.toml"), {}, "--config: cannot read '/nonexistent.toml'"),
         ((), {"CORRAL_CONFIG": "/nonexistent.toml"}, "CORRAL_CONFIG: cannot read"),
         (("not-a-factory",), {}, "factory must look like 'package.module:callable'"),
+        (("--ray", "nowhere"), {}, "--ray: expected auto, HOST:PORT or ray://HOST:PORT"),
+        ((), {"CORRAL_RAY_ON_EXIT": "linger"}, "CORRAL_RAY_ON_EXIT: must be one of shutdown"),
         # Found bad only once the supervisor starts: below what a fresh worker weighs.
         (("--worker-memory-limit", "10MiB"), {}, "at or below a fresh worker's baseline"),
     ],
@@ -227,6 +229,26 @@ def test_serve_refuses_a_factory_that_fails_to_load() -> None:
     *_log, error = result.stderr.splitlines()
     assert error.startswith("corral serve: error: the factory no_such_module_xyz:c failed its")
     assert "ModuleNotFoundError: No module named 'no_such_module_xyz'" in error
+
+
+def test_serve_without_ray_never_imports_it() -> None:
+    """Ray is optional: a gateway without --ray (its options, app, factory check) does not
+    import it, and with --ray but no Ray installed the command says how to get it."""
+    code = (
+        "import sys; from corral.cli import main; "
+        "status = main(['serve', '--port', '0', '--start-timeout', '20', 'no_such_module_xyz:c']); "
+        "print(status, 'ray' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.split() == ["2", "False"], result
+    code = "import sys; sys.modules['ray'] = None; from corral.cli import main; sys.exit(main())"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--port", "0", "--ray", "auto"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_refused(result, "corral serve", "--ray needs Ray: pip install 'corral[ray]'")
 
 
 def _can_run_as_nobody() -> bool:

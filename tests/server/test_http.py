@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from corral import TENANT_RULE
 from corral.server import create_app
 from corral.server._http import loggable
-from corral.supervisor.tenants import TENANT_RULE
 
 pytestmark = pytest.mark.timeout(60)
 

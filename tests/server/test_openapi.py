@@ -13,9 +13,9 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
+from corral import check_tenant
 from corral.errors import InvalidCallError
 from corral.server import create_app
-from corral.supervisor.tenants import check_tenant
 from tests.server.test_http import BAD_KEYS
 
 pytestmark = pytest.mark.timeout(60)

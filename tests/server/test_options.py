@@ -127,3 +127,26 @@ def test_the_auth_token_from_every_source_never_shown(tmp_path: Path) -> None:
         resolve(parse("--config", str(config)), {})
     assert "123456789" not in str(caught.value)
     assert SERVER["auth_token"].show_default() == "none"
+
+
+def test_the_ray_settings_from_every_source(tmp_path: Path) -> None:
+    server = resolve(parse(), {}).server
+    assert (server["ray"], server["ray_namespace"], server["ray_on_exit"]) == (
+        None,
+        "corral",
+        "shutdown",
+    )
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nray = "ray://head:10001"\nray_namespace = "prod"\n')
+    server = resolve(parse("--config", str(config)), {"CORRAL_RAY_ON_EXIT": "detach"}).server
+    assert (server["ray"], server["ray_namespace"], server["ray_on_exit"]) == (
+        "ray://head:10001",
+        "prod",
+        "detach",
+    )
+    for address in ("auto", "127.0.0.1:6379", "[::1]:6379", "head.example:6379"):
+        assert resolve(parse("--ray", address), {}).server["ray"] == address
+    assert resolve(parse("--ray", "none"), {"CORRAL_RAY": "auto"}).server["ray"] is None
+    for bad in ("head", "head:port", ":6379", "ray://head", "head:0", "head:70000"):
+        with pytest.raises(ValueError, match="--ray: expected auto, HOST:PORT"):
+            resolve(parse("--ray", bad), {})

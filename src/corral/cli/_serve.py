@@ -23,6 +23,13 @@ WARNING for a 5xx), in place of uvicorn's access log.
 With ``--host`` beyond loopback and no ``--auth-token``, a warning says that anyone who
 can reach the port can call every tenant's kernel (it still serves: a proxy in front may
 be what authenticates).
+
+``--ray ADDRESS`` serves through a Ray cluster (``corral.ClusterSupervisor``). Ray is
+imported only then; without it installed, one line and exit status 2. For a cluster on
+this host's loopback address (``127.0.0.1:PORT``, or ``auto`` finding one), Ray is told
+to keep that address (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, before it is imported):
+by default it replaces a loopback address with the host's other interface address,
+which a cluster that listens on loopback only does not answer on.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -38,6 +46,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -102,14 +111,25 @@ def run(args: argparse.Namespace) -> int:
         return _refuse(f"needs the server extra: pip install 'corral[server]' ({exc})")
     try:
         server, options = resolve(args, os.environ)
+        if server["ray"] is not None:
+            if importlib.util.find_spec("ray") is None:
+                return _refuse("--ray needs Ray: pip install 'corral[ray]'")
+            if _is_local_ray(server["ray"], os.environ):
+                # Before Ray is imported (its constants are read then); see the docstring.
+                os.environ.setdefault(_RAY_KEEP_LOOPBACK, "0")
         app = create_app(
             server["factory"],
             options=options,
             max_body_bytes=server["max_body_bytes"],
             auth_token=server["auth_token"],
+            ray_address=server["ray"],
+            ray_namespace=server["ray_namespace"],
+            ray_on_exit=server["ray_on_exit"],
         )
     except (ValueError, TypeError) as exc:
         return _refuse(str(exc))
+    except ImportError as exc:  # Ray is there but does not import
+        return _refuse(f"--ray needs Ray: pip install 'corral[ray]' ({exc})")
     from corral.server._http import RequestIdFilter
 
     level = str(server["log_level"])
@@ -188,6 +208,29 @@ async def _serve(app: Starlette, uv: uvicorn.Server, sock: socket.socket, host: 
         with contextlib.suppress(RuntimeError):  # already removed, or the loop is closing
             loop.remove_signal_handler(signal.SIGTERM)
     return 0 if uv.started else 1
+
+
+_RAY_KEEP_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _is_local_ray(address: str, environ: Mapping[str, str]) -> bool:
+    """Whether ``--ray ADDRESS`` is a cluster on this host's loopback address. ``auto`` is
+    resolved as Ray resolves it: ``RAY_ADDRESS``, else the address file of the cluster
+    started last on this host. A Ray Client address (``ray://``) never is: the driver
+    then runs on the cluster."""
+    if address == "auto":
+        address = environ.get("RAY_ADDRESS") or ""
+        if not address:
+            temp = environ.get("RAY_TMPDIR") or environ.get("TMPDIR") or "/tmp"
+            try:
+                with open(os.path.join(temp, "ray", "ray_current_cluster")) as file:
+                    address = file.read().strip()
+            except OSError:
+                return False
+    if not address or address.startswith("ray://") or address == "auto":
+        return False
+    host = address.rpartition(":")[0] or address
+    return _is_loopback(host)
 
 
 def _is_loopback(host: str) -> bool:

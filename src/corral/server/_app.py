@@ -1,4 +1,5 @@
-"""The HTTP gateway: a Starlette app over one :class:`corral.Supervisor`.
+"""The HTTP gateway: a Starlette app over one :class:`corral.Supervisor`, or over a Ray
+cluster through a :class:`corral.ClusterSupervisor` (``ray_address``).
 
 Routes (JSON in and out):
 
@@ -23,17 +24,27 @@ worker (tenant ``corral-startup-check``) and is closed, so a factory that cannot
 imported or that raises fails the start-up instead of every call. A request body larger
 than ``max_body_bytes`` is refused (413) before it is read in full.
 
+Over a cluster, the routes are the same; several gateways (replicas) may serve one
+deployment (a Ray namespace) at once, each its own front end. The factory is checked in
+the cluster (``get_or_create("corral-startup-check")`` on whichever node the directory
+picks, then ``evict``); ``/v1/workers`` and ``/metrics`` ask every node for fresh stats
+(each worker with its ``node`` and ``node_address``, and ``nodes``); ``/readyz`` means
+"some node is up and not under memory pressure". On exit the gateway either closes
+the deployment if it is the last front end (``ray_on_exit="shutdown"``) or only detaches
+(``"detach"``), leaving every tenant's worker for the next gateway.
+
 Not here: option parsing (``_options``), the command (``corral.cli._serve``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -52,6 +63,7 @@ from corral.errors import (
     InvalidCallError,
     KernelError,
     MemoryPressureError,
+    NodeLostError,
     StartError,
     SupervisorClosedError,
 )
@@ -71,6 +83,9 @@ from corral.server._openapi import openapi_document
 from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
 from corral.supervisor.config import Factory
 
+if TYPE_CHECKING:
+    from corral.cluster import ClusterStats, ClusterSupervisor
+
 __all__ = ["DEFAULT_FACTORY", "Gateway", "create_app", "error_response"]
 
 log = logging.getLogger("corral.server")
@@ -80,6 +95,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 CHECK_TENANT = "corral-startup-check"
 """The tenant the start-up check calls the factory with (in a worker that is then stopped)."""
 _RECENT_EVENTS = 200
+_CLUSTER_STATS_TIMEOUT = 15.0  # seconds /v1/workers, /metrics and /readyz wait for the nodes
 
 
 class CallBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +127,8 @@ def error_response(exc: CorralError, tenant: str) -> Response:
     SupervisorClosedError                       503
     any other WorkerError (crash, protocol,     502
     start failure, memory limit, stopped)
+    NodeLostError (a cluster node was lost      502, with ``node`` and ``node_address``
+    during the call)
     ==========================================  ======
     """
     kind = type(exc).__name__
@@ -130,6 +148,10 @@ def error_response(exc: CorralError, tenant: str) -> Response:
         return json_error(503, kind, message, tenant=tenant, retry_after=1.0)
     if isinstance(exc, SupervisorClosedError):
         return json_error(503, kind, message, tenant=tenant)
+    if isinstance(exc, NodeLostError):
+        return json_error(
+            502, kind, message, tenant=tenant, node=exc.node, node_address=exc.node_address
+        )
     return json_error(502, kind, message, tenant=tenant)
 
 
@@ -142,7 +164,16 @@ def _annotate_error(exc: CorralError) -> None:
         exitcode=getattr(exc, "exitcode", None),
         signal=getattr(exc, "signal", None),
         remote_type=getattr(exc, "remote_type", None),
+        node=getattr(exc, "node", None),
     )
+
+
+class ClusterSettings(msgspec.Struct, frozen=True):
+    """Where a gateway over a Ray cluster attaches, and what it leaves on exit."""
+
+    address: str | None = "auto"  # "auto", "HOST:PORT", "ray://HOST:PORT"; None: connected
+    namespace: str = "corral"
+    on_exit: Literal["shutdown", "detach"] = "shutdown"
 
 
 class Gateway:
@@ -154,15 +185,20 @@ class Gateway:
         options: Mapping[str, Any],
         max_body_bytes: int,
         check_factory: bool = True,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+        if cluster is not None and cluster.on_exit not in ("shutdown", "detach"):
+            raise ValueError(f"on_exit must be 'shutdown' or 'detach', got {cluster.on_exit!r}")
         self.factory = factory
         self.options = dict(options)
         if "on_event" in self.options:
             raise ValueError("on_event is the gateway's own; use Supervisor.events() instead")
         self.max_body_bytes = max_body_bytes
-        self.supervisor: Supervisor | None = None
+        self.cluster = cluster
+        self.supervisor: Supervisor | ClusterSupervisor | None = None
+        self._owns_ray = False  # this gateway connected this process to Ray (and disconnects)
         self.check_factory_at_start = check_factory
         # Where the lifespan is, for /readyz: "new", "starting", "running", "stopping" or
         # "stopped". Written only by lifespan(); the supervisor's own state says the rest.
@@ -172,11 +208,32 @@ class Gateway:
         self.recent: collections.deque[WorkerEvent] = collections.deque(maxlen=_RECENT_EVENTS)
         self._new_supervisor()  # now, so that bad options fail before anything listens
 
-    def _new_supervisor(self) -> Supervisor:
-        return Supervisor(self.factory, on_event=self._on_event, **self.options)
+    def _new_supervisor(self) -> Supervisor | ClusterSupervisor:
+        if self.cluster is None:
+            return Supervisor(self.factory, on_event=self._on_event, **self.options)
+        from corral.cluster import ClusterSupervisor
+
+        return ClusterSupervisor(
+            self.factory,
+            address=self.cluster.address,
+            namespace=self.cluster.namespace,
+            on_event=self._on_event,
+            **self.options,
+        )
 
     def stats(self) -> SupervisorStats | None:
+        """The current snapshot (over a cluster, the last one fetched)."""
         return self.supervisor.stats() if self.supervisor is not None else None
+
+    async def fresh_stats(self) -> SupervisorStats | None:
+        """The stats now: over a cluster, asked of every node (a ``ClusterStats``)."""
+        sup = self.supervisor
+        if sup is None:
+            return None
+        if isinstance(sup, Supervisor):
+            return self.stats()
+        async with asyncio.timeout(_CLUSTER_STATS_TIMEOUT):
+            return await sup.fetch_stats()
 
     def _on_event(self, event: WorkerEvent) -> None:
         self.recent.append(event)
@@ -193,17 +250,25 @@ class Gateway:
             ValueError: a memory limit at or below a fresh worker's baseline.
         """
         self.phase = "starting"
+        sup: Supervisor | ClusterSupervisor
         try:
-            if self.check_factory_at_start:
-                await self.check_factory()
-            sup = self._new_supervisor()  # one per lifespan: an app may be started again
-            await sup.start()
+            if self.cluster is not None:
+                sup = await self._start_cluster()
+            else:
+                if self.check_factory_at_start:
+                    await self.check_factory()
+                sup = self._new_supervisor()  # one per lifespan: an app may be started again
+                await sup.start()
         except BaseException:
             self.phase = "stopped"
             raise
         self.supervisor = sup
         self.phase = "running"
-        log.info("gateway ready", extra={"sandbox": sup.stats().sandbox})
+        if isinstance(sup, Supervisor):
+            log.info("gateway ready", extra={"sandbox": sup.stats().sandbox})
+        else:
+            assert self.cluster is not None
+            log.info("gateway ready on a Ray cluster", extra={"namespace": self.cluster.namespace})
         if self.on_ready is not None:
             self.on_ready()
         try:
@@ -212,9 +277,90 @@ class Gateway:
             self.phase = "stopping"
             self.supervisor = None
             try:
-                await sup.aclose()
+                await self._close(sup)
             finally:
                 self.phase = "stopped"
+
+    async def _close(self, sup: Supervisor | ClusterSupervisor) -> None:
+        if isinstance(sup, Supervisor):
+            await sup.aclose()
+            return
+        assert self.cluster is not None
+        try:
+            await sup.aclose(keep_running=self.cluster.on_exit == "detach")
+        finally:
+            if self._owns_ray:
+                import ray
+
+                self._owns_ray = False
+                await asyncio.to_thread(ray.shutdown)
+
+    async def _start_cluster(self) -> ClusterSupervisor:
+        """Connect to Ray (unless this process is already), attach to the deployment and
+        check the factory there.
+
+        Ray is connected here rather than by the front end so that the Ray workers'
+        output (every job's, on every node) is not copied into this gateway's log.
+
+        **On error:** detached again (closing the deployment if this gateway was its only
+        front end, whatever ``on_exit`` says: nothing served it) and disconnected.
+        """
+        import ray
+
+        assert self.cluster is not None
+        if not ray.is_initialized():
+            address = self.cluster.address
+            if address is not None and address.startswith("ray://"):
+                await asyncio.to_thread(ray.init, address=address)  # Ray Client: as it is
+            else:
+                await asyncio.to_thread(
+                    ray.init, address=address, log_to_driver=False, configure_logging=False
+                )
+            self._owns_ray = True
+        sup = self._new_supervisor()
+        assert not isinstance(sup, Supervisor)
+        try:
+            await sup.start()
+            if self.check_factory_at_start:
+                await self.check_factory_in_cluster(sup)
+        except BaseException:
+            try:
+                await sup.aclose()
+            finally:
+                if self._owns_ray:
+                    self._owns_ray = False
+                    await asyncio.to_thread(ray.shutdown)
+            raise
+        return sup
+
+    async def check_factory_in_cluster(self, sup: ClusterSupervisor) -> None:
+        """Load the factory in one worker of the cluster, on whichever node the directory
+        places the tenant ``corral-startup-check``, then evict it.
+
+        Unlike the local check, the worker belongs to the served deployment (a Ray
+        deployment has one factory and one set of options), so its start and stop show
+        in the cluster's stats and events. Replicas starting together share the check
+        tenant's one worker.
+
+        Raises:
+            StartError: the factory failed (``remote_type``, ``remote_traceback``), or
+                its tenant is in backoff after failing so (the message says why).
+        """
+        try:
+            await sup.get_or_create(CHECK_TENANT)
+        except MemoryPressureError as exc:
+            log.warning("the factory was not checked at start-up: %s", exc)
+            return
+        except (StartError, BackoffError) as exc:
+            name = self.factory if isinstance(self.factory, str) else repr(self.factory)
+            raise StartError(
+                f"the factory {name} failed its start-up check in the cluster: {exc}",
+                tenant=CHECK_TENANT,
+                pid=getattr(exc, "pid", None),
+                remote_type=getattr(exc, "remote_type", None),
+                remote_traceback=getattr(exc, "remote_traceback", None),
+            ) from exc
+        await sup.evict(CHECK_TENANT)
 
     async def check_factory(self) -> None:
         """Load the factory in one worker, then stop it, so that a factory that cannot be
@@ -305,7 +451,10 @@ class Gateway:
             ) from None
 
     async def workers(self, _request: Request) -> Response:
-        stats = self.stats()
+        try:
+            stats = await self.fresh_stats()
+        except (TimeoutError, SupervisorClosedError) as exc:
+            return json_error(503, "Unavailable", f"the cluster does not answer: {exc}")
         if stats is None:
             return json_error(503, "NotReady", "the gateway is starting")
         limits = {
@@ -350,6 +499,8 @@ class Gateway:
                 "stopped": "stopped",
             }.get(self.phase, self.phase)
             return json_response({"status": "unavailable", "reason": reason}, 503)
+        if not isinstance(sup, Supervisor):
+            return await self._cluster_ready()
         stats = sup.stats()
         if stats.state != "running":
             return json_response(
@@ -362,7 +513,39 @@ class Gateway:
             {"status": "ready", "workers": len(stats.workers), "max_workers": stats.max_workers}
         )
 
+    async def _cluster_ready(self) -> Response:
+        """Ready while some node is up without memory pressure (a new tenant goes there)."""
+        try:
+            stats: ClusterStats | None = await self.fresh_stats()  # type: ignore[assignment]
+        except (TimeoutError, SupervisorClosedError) as exc:
+            reason = f"the cluster's directory does not answer: {exc or 'timed out'}"
+            return json_response({"status": "unavailable", "reason": reason}, 503)
+        if stats is None:
+            return json_response({"status": "unavailable", "reason": "stopped"}, 503)
+        up = [n for n in stats.nodes if n.state == "up"]
+        free = [n for n in up if n.memory_pressure is None]
+        if not free:
+            reason = (
+                "no node is up: " + ", ".join(f"{n.address} {n.state}" for n in stats.nodes)
+                if not up
+                else "memory pressure on every node, new workers are refused: "
+                + "; ".join(f"{n.address} ({n.node[:8]}): {n.memory_pressure}" for n in up)
+            )
+            return json_response({"status": "unavailable", "reason": reason}, 503)
+        return json_response(
+            {
+                "status": "ready",
+                "workers": len(stats.workers),
+                "max_workers": stats.max_workers,
+                "nodes": len(free),
+            }
+        )
+
     async def metrics_text(self, _request: Request) -> Response:
+        if self.cluster is not None:
+            # The gauges read stats() at scrape time: over a cluster, fetch them first.
+            with contextlib.suppress(TimeoutError, SupervisorClosedError):
+                await self.fresh_stats()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def dashboard(self, _request: Request) -> Response:
@@ -395,8 +578,11 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     check_factory: bool = True,
     auth_token: str | None = None,
+    ray_address: str | None = None,
+    ray_namespace: str = "corral",
+    ray_on_exit: Literal["shutdown", "detach"] = "shutdown",
 ) -> Starlette:
-    """The gateway app over a new Supervisor.
+    """The gateway app over a new Supervisor, or over a Ray cluster.
 
     Args:
         factory: the kernel factory (default: the bundled example kernel).
@@ -408,14 +594,32 @@ def create_app(
             start-up; False skips it (the factory is then first run by a call).
         auth_token: every request but ``/``, ``/healthz`` and ``/readyz`` must carry
             ``Authorization: Bearer <auth_token>`` (else 401); None: no token needed.
+        ray_address: serve through a :class:`corral.ClusterSupervisor` on this Ray
+            cluster (``"auto"``, ``"HOST:PORT"``, ``"ray://HOST:PORT"``; needs the ``ray``
+            extra): ``options`` then apply on every node. If this process is connected
+            to Ray already, that connection is used. None: a local Supervisor.
+        ray_namespace: the deployment's Ray namespace (replicas share it, and must pass
+            the same factory and options).
+        ray_on_exit: ``"shutdown"``: when the app stops as the deployment's last front
+            end, stop every node's agent and workers; ``"detach"``: leave them running
+            for the next gateway (:meth:`corral.ClusterSupervisor.aclose`'s
+            ``keep_running``).
 
     Raises:
         ValueError, TypeError: a bad option (before anything starts), or a token that
             is empty or not visible ASCII.
+        ImportError: ``ray_address`` without Ray installed.
     """
     if auth_token is not None:
         check_auth_token(auth_token)
-    gateway = Gateway(factory or DEFAULT_FACTORY, options or {}, max_body_bytes, check_factory)
+    cluster = (
+        None
+        if ray_address is None
+        else ClusterSettings(address=ray_address, namespace=ray_namespace, on_exit=ray_on_exit)
+    )
+    gateway = Gateway(
+        factory or DEFAULT_FACTORY, options or {}, max_body_bytes, check_factory, cluster
+    )
     routes = [
         Route("/", gateway.dashboard, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),

@@ -2,7 +2,10 @@
 ``/v1/workers`` and ``/v1/events`` every second and draws each worker with its tenant,
 pid (and the kernel's own pid where it differs), state, memory against its limits,
 requests, age and idle time; the sandbox layers in force; and the recent stops with
-their date, time and reason.
+their date, time and reason. Over a Ray cluster (``/v1/workers`` then has ``nodes``), each
+worker also shows its node (address, and the node id on hover), a "Nodes" panel lists
+every node with its state, workers against its ``max_workers``, memory pressure and
+start error, and each stop says on which node it happened.
 
 Everything the page shows from the JSON goes in as text (``textContent``, ``title``,
 ``dataset``), never as markup: tenant keys are chosen by clients. A long key is cut
@@ -85,7 +88,8 @@ DASHBOARD_HTML = """<!doctype html>
     <section style="margin-top:14px">
       <h2>Workers</h2>
       <table>
-        <thead><tr><th>tenant</th><th>pid</th><th>state</th><th>memory</th>
+        <thead><tr><th>tenant</th><th class="node-col" hidden>node</th><th>pid</th>
+          <th>state</th><th>memory</th>
           <th>requests</th><th>in flight</th><th>age</th>
           <th title="since its last call ended; none while a call runs">idle</th></tr></thead>
         <tbody id="workers"></tbody>
@@ -95,6 +99,10 @@ DASHBOARD_HTML = """<!doctype html>
     </section>
   </div>
   <div class="side">
+    <section id="nodes-panel" hidden>
+      <h2>Nodes</h2>
+      <ul id="nodes"></ul>
+    </section>
     <section>
       <h2>Sandbox</h2>
       <ul id="sandbox"></ul>
@@ -162,13 +170,20 @@ function memoryCell(row, rss, limits) {
   }
   td.appendChild(text);
 }
+function shortNode(id) { return id ? id.slice(0, 8) : "?"; }
 function renderWorkers(data) {
   const body = document.getElementById("workers");
   body.replaceChildren();
+  const cluster = Array.isArray(data.nodes);  // a gateway over a Ray cluster
+  for (const th of document.querySelectorAll("th.node-col")) th.hidden = !cluster;
   for (const w of data.workers) {
     const row = body.insertRow();
     row.className = "worker"; row.dataset.tenant = w.tenant; row.dataset.state = w.state;
     row.insertCell().appendChild(key(w.tenant));
+    if (cluster) {
+      const node = cell(row, (w.node_address || "?") + " " + shortNode(w.node), "num node");
+      node.dataset.node = w.node || ""; node.title = "Ray node " + (w.node || "unknown");
+    }
     // Under namespaces pid is corral's init and the kernel runs as its child.
     const pid = cell(row, w.pid == null ? "-" : String(w.pid), "num");
     if (w.kernel_pid != null && w.kernel_pid !== w.pid) {
@@ -192,6 +207,10 @@ function renderWorkers(data) {
     ["started", data.starts], ["stopped", stops.reduce((n, [, c]) => n + c, 0)],
     ["in backoff", data.tenants_in_backoff],
     ["memory", data.memory_pressure ? "pressure" : "ok"]];
+  if (cluster) {
+    const up = data.nodes.filter(n => n.state === "up").length;
+    cards.splice(1, 0, ["nodes up", up + " / " + data.nodes.length]);
+  }
   for (const [reason, count] of stops.slice(0, 4)) cards.push(["stops: " + reason, count]);
   const box = document.getElementById("cards"); box.replaceChildren();
   for (const [label, value] of cards) {
@@ -202,6 +221,24 @@ function renderWorkers(data) {
   document.getElementById("summary").textContent = "state " + data.state +
     " | hard memory limit: " + data.memory_enforcement;
   renderSandbox(data.sandbox || {});
+  renderNodes(cluster ? data.nodes : null);
+}
+function renderNodes(nodes) {  // ClusterStats.nodes: state, placed, workers, pressure, error
+  document.getElementById("nodes-panel").hidden = !nodes;
+  const list = document.getElementById("nodes");
+  list.replaceChildren();
+  for (const n of nodes || []) {
+    const li = document.createElement("li"); li.className = "layer node"; li.dataset.node = n.node;
+    const name = document.createElement("span"); name.className = "name num";
+    name.textContent = n.address + " " + shortNode(n.node); name.title = "Ray node " + n.node;
+    const text = document.createElement("span");
+    const trouble = n.error || n.memory_pressure;
+    text.className = "status " + (n.state !== "up" ? "bad" : trouble ? "warn" : "on");
+    text.textContent = n.state + ", " + n.workers + " / " + n.max_workers + " workers" +
+      (n.memory_pressure ? ", memory pressure: " + n.memory_pressure : "") +
+      (n.error ? ", " + n.error : "");
+    li.append(name, text); list.appendChild(li);
+  }
 }
 function renderSandbox(layers) {  // layer -> "on ...", "off" or "unavailable: why"
   const list = document.getElementById("sandbox");
@@ -230,6 +267,7 @@ function renderEvents(events) {
     reason.textContent = e.kind === "backoff"
       ? "backoff " + e.retry_after.toFixed(1) + "s (" + e.reason + ")" : e.reason;
     li.append(when, " ", key(e.tenant), " ", reason);
+    if (e.node) li.append("  on " + (e.node_address || "?") + " " + shortNode(e.node));
     if (e.returncode != null && e.kind === "stopped") li.append("  rc " + e.returncode);
     list.appendChild(li);
   }

@@ -46,8 +46,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from corral import TENANT_RULE, check_tenant
 from corral.errors import InvalidCallError
-from corral.supervisor.tenants import TENANT_RULE, check_tenant
 
 __all__ = [
     "OPEN_PATHS",

@@ -7,15 +7,25 @@ Label values are bounded: ``outcome`` is ``ok`` or an error type name (corral's,
 gateway's few: ``BadJSON``, ``BodyTooLarge``, ``UnencodableResult``), ``reason`` and
 ``state`` are corral's own names, and per-worker memory is labelled by tenant only for
 live workers (at most ``max_workers`` series). A tenant label is a key that passed the
-tenant-key rule (``corral.supervisor.tenants``: at most 128 ASCII characters, no
+tenant-key rule (``corral.TENANT_RULE``: at most 128 ASCII characters, no
 control character or quote), so it needs no escaping and cannot stretch a scrape; keys
 that break it are refused before a worker exists. Calls refused for their key, token
 or route are not counted here (they never became calls); the gateway's log has them.
+
+Over a Ray cluster (a ``ClusterStats`` snapshot, fetched by the app before each scrape)
+the gauges are the cluster's sums; ``corral_worker_memory_bytes`` also has a ``node``
+label (the Ray node id), and each node the directory knows gets
+``corral_node_up``, ``corral_node_workers``, ``corral_node_max_workers`` and
+``corral_node_memory_pressure``, labelled ``node`` and ``address`` (a lost node stays
+listed, as ``corral_node_up`` 0). The counters count the events this gateway hears,
+which are every node's: replicas of one deployment each count them all, so add up
+one replica's, not all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -89,15 +99,23 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(
             "corral_max_workers", "The max_workers setting.", value=stats.max_workers
         )
+        # A ClusterStats has nodes, and its workers (NodeWorkerInfo) their node; read by
+        # name so that this module never imports corral.cluster (and Ray).
+        nodes = getattr(stats, "nodes", None)
         memory = GaugeMetricFamily(
             "corral_worker_memory_bytes",
             "Tree RSS of each live worker (last sample; absent until sampled).",
-            labels=["tenant"],
+            labels=["tenant"] if nodes is None else ["tenant", "node"],
         )
         for worker in stats.workers:
             if worker.rss is not None:
-                memory.add_metric([worker.tenant], worker.rss)
+                labels = [worker.tenant]
+                if nodes is not None:
+                    labels.append(getattr(worker, "node", ""))
+                memory.add_metric(labels, worker.rss)
         yield memory
+        if nodes is not None:
+            yield from _node_gauges(nodes)
         yield GaugeMetricFamily(
             "corral_tenants_in_backoff", "Tenants refused for now.", value=stats.tenants_in_backoff
         )
@@ -106,3 +124,28 @@ class _Snapshot(Collector):
             "1 while new workers are refused for lack of memory.",
             value=0 if stats.memory_pressure is None else 1,
         )
+
+
+def _node_gauges(nodes: list[Any]) -> Iterator[Metric]:
+    """One series per node the directory knows (``ClusterStats.nodes``)."""
+    labels = ["node", "address"]
+    up = GaugeMetricFamily(
+        "corral_node_up", "1 while corral's agent on the node is up.", labels=labels
+    )
+    workers = GaugeMetricFamily(
+        "corral_node_workers", "Live workers on the node, as its agent last reported.",
+        labels=labels,
+    )  # fmt: skip
+    limit = GaugeMetricFamily("corral_node_max_workers", "The node's max_workers.", labels=labels)
+    pressure = GaugeMetricFamily(
+        "corral_node_memory_pressure",
+        "1 while the node refuses new workers for lack of memory.",
+        labels=labels,
+    )
+    for node in nodes:
+        key = [node.node, node.address]
+        up.add_metric(key, 1 if node.state == "up" else 0)
+        workers.add_metric(key, node.workers)
+        limit.add_metric(key, node.max_workers)
+        pressure.add_metric(key, 0 if node.memory_pressure is None else 1)
+    yield from (up, workers, limit, pressure)

@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
+from corral import TENANT_MAX_BYTES, TENANT_RULE
 from corral.supervisor._api import SupervisorStats, WorkerEvent
-from corral.supervisor.tenants import TENANT_MAX_BYTES, TENANT_RULE
 
 __all__ = ["openapi_document"]
 

@@ -13,8 +13,9 @@ takes, its default and its help text. That one declaration gives the flag
   from its docstring's ``Args:`` (a new option appears here without a change). Options
   that take code (``on_event``, ``launcher``, ``probe``, ``clock``) are for embedding
   only. TOML table ``[supervisor]``.
-* :data:`SERVER`, the gateway's own settings (``host``, ``port``, ``factory``, ...).
-  TOML table ``[server]``.
+* :data:`SERVER`, the gateway's own settings (``host``, ``port``, ``factory``, the Ray
+  cluster to serve through: ``ray``, ``ray_namespace``, ``ray_on_exit``, ...). TOML
+  table ``[server]``.
 
 Sources win in this order: flag, environment variable, config file, default.
 :func:`resolve` applies it; every error is a ``ValueError`` whose message names the
@@ -94,7 +95,8 @@ class Option:
         flag: ``"--max-workers"``.
         env: ``"CORRAL_MAX_WORKERS"``.
         kind: ``"int"``, ``"size"``, ``"size_or_fraction"``, ``"seconds"``, ``"port"``,
-            ``"choice"``, ``"sandbox"``, ``"str"``, ``"path"``, ``"list"`` or ``"env"``.
+            ``"choice"``, ``"sandbox"``, ``"str"``, ``"path"``, ``"ray_address"``,
+            ``"list"`` or ``"env"``.
         optional: ``none`` (or ``off``) is a value, meaning None.
         default: the value when no source gives one (shown in ``--help``).
         help: what the setting does (for Supervisor options, the docstring's text).
@@ -176,6 +178,7 @@ class Option:
             "str": str,
             "secret": _secret,
             "path": Path,
+            "ray_address": _ray_address,
             "list": lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
             "env": _environment,
         }
@@ -222,6 +225,7 @@ class Option:
             "str": "TEXT",
             "secret": "TOKEN",
             "path": "FILE",
+            "ray_address": "auto|HOST:PORT|ray://HOST:PORT",
             "list": "A,B,...",
             "env": "KEY=VALUE,...",
         }.get(self.kind, "")
@@ -271,6 +275,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"a port is 0..65535 (0: any free port), got {port}")
     return port
+
+
+def _ray_address(text: str) -> str:
+    """``auto``, ``HOST:PORT`` (a GCS) or ``ray://HOST:PORT`` (Ray Client)."""
+    if text == "auto":
+        return text
+    rest = text.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected auto, HOST:PORT or ray://HOST:PORT, got {text!r}")
+    return text
 
 
 def _secret(text: str) -> str:
@@ -388,6 +403,35 @@ SERVER: dict[str, Option] = {
             "without it) but GET /, /healthz and /readyz; prefer the variable or the "
             "config file to the flag, which other users can read in the process list",
             optional=True,
+        ),
+        Option(
+            "ray",
+            "ray_address",
+            None,
+            "serve through a Ray cluster (a corral.ClusterSupervisor; needs corral[ray]): "
+            "auto (the cluster RAY_ADDRESS names, else the one started last on this host), "
+            "HOST:PORT (its GCS) or ray://HOST:PORT (Ray Client); none: one local "
+            "Supervisor. Supervisor options then apply on every node (max_workers is per "
+            "node)",
+            optional=True,
+        ),
+        Option(
+            "ray_namespace",
+            "str",
+            "corral",
+            "with --ray: the deployment's Ray namespace; gateway replicas (and other front "
+            "ends) in one namespace share its tenants and must pass the same factory and "
+            "options",
+        ),
+        Option(
+            "ray_on_exit",
+            "choice",
+            "shutdown",
+            "with --ray, what this gateway does to the deployment when it exits: shutdown: "
+            "if it is the last front end attached, stop every node's agent and workers "
+            "(tenants' state is lost); detach: leave them running for the next gateway "
+            "(a single replica restarted in place)",
+            choices=("shutdown", "detach"),
         ),
         Option(
             "log_level",
