@@ -248,7 +248,9 @@ async def test_soft_limit_replaces_a_leaking_worker_once_its_calls_in_flight_com
         else:
             pytest.fail(f"the worker never came near the limit (tree RSS {rss / MiB:.0f} MiB)")
         assert sup.stats().stops == {}
-        assert not any(logged("worker uses")(record) for _, record in corral_log.seen)
+        assert not any(
+            logged("worker over worker_memory_limit")(record) for _, record in corral_log.seen
+        )
 
         # The call that crosses, with a call in flight on the same worker: it waits for a
         # signal, so it is still in flight when the worker is condemned, however slow the host.
@@ -259,7 +261,7 @@ async def test_soft_limit_replaces_a_leaking_worker_once_its_calls_in_flight_com
         crossed = time.monotonic()
 
         decided, record = await corral_log.first(
-            logged("worker uses", tenant="leaky", reason="memory_limit")
+            logged("worker over worker_memory_limit", tenant="leaky", reason="memory_limit")
         )
         assert record.levelno == logging.WARNING and "over worker_memory_limit" in record.msg
         # Condemned at the first sample that saw it over the limit (not a later one).
@@ -538,7 +540,7 @@ async def test_pressure_stops_idle_workers_lru_first_one_at_a_time_and_refuses_n
         err = await refused()
         detail = sup.stats().memory_pressure
         assert detail is not None and pressure.describes in detail and detail in str(err)
-        await corral_log.first(logged("memory pressure:", reason=pressure.reason))
+        await corral_log.first(logged("memory pressure reason=", reason=pressure.reason))
 
         # The idle ones go first, then the busy one is drained, not killed.
         await corral_log.first(logged("worker draining", tenant="d", reason=pressure.reason))

@@ -122,13 +122,15 @@ class InlineLogFormatter(logging.Formatter):
         stamp = "" if self._since is None else f"{time.monotonic() - self._since:6.2f}s "
         source = "worker output" if record.name == "corral.worker" else record.name
         level = "" if record.levelno <= logging.INFO else f"{record.levelname}: "
-        # corral passes the tenant and pid as `extra`, so they are record attributes.
+        # corral passes the tenant and pid as `extra`, so they are record attributes; most
+        # of its lines also say them (tenant=... pid=...), and then they are not repeated.
+        message = record.getMessage()
         where = []
-        if tenant := getattr(record, "tenant", None):
+        if (tenant := getattr(record, "tenant", None)) and f"tenant={tenant}" not in message:
             where.append(str(tenant))
-        if pid := getattr(record, "pid", None):
+        if (pid := getattr(record, "pid", None)) and f"pid={pid}" not in message:
             where.append(f"pid {pid}")
-        line = f"{self._indent}{stamp}{source}: {level}{record.getMessage()}"
+        line = f"{self._indent}{stamp}{source}: {level}{message}"
         if where:
             line += f"  [{' '.join(where)}]"
         if record.exc_info:

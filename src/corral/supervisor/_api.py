@@ -815,7 +815,9 @@ class Supervisor:
         except Exception:
             # The hook is the host's code at a boundary; a broken hook must not break
             # the worker's bookkeeping (this runs inside the handle's callbacks).
-            log.exception("on_event hook raised", extra={"tenant": event.tenant})
+            log.exception(
+                "on_event hook raised tenant=%s", event.tenant, extra={"tenant": event.tenant}
+            )
 
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None:
         if self._table.peek(handle.tenant) is handle:
@@ -837,7 +839,9 @@ class Supervisor:
             )
             if delay is not None:
                 log.warning(
-                    "tenant in backoff for %.1fs after repeated failures",
+                    "tenant in backoff tenant=%s reason=%s: %.1fs after repeated failures",
+                    handle.tenant,
+                    report.reason.value,
                     delay,
                     extra={"tenant": handle.tenant, "reason": report.reason.value},
                 )
@@ -927,7 +931,10 @@ class Supervisor:
             over = by_pid.get(pid)
             if over is not None and over.is_serving:
                 log.warning(
-                    "worker uses %d MiB, over worker_memory_limit: replacing it",
+                    "worker over worker_memory_limit tenant=%s pid=%s reason=memory_limit: "
+                    "uses %d MiB; replacing it",
+                    over.tenant,
+                    pid,
                     sample.trees[pid] // 2**20,
                     extra={"tenant": over.tenant, "pid": pid, "reason": "memory_limit"},
                 )
@@ -941,7 +948,8 @@ class Supervisor:
             return None
         if was is None:
             log.warning(
-                "memory pressure: %s; stopping workers one at a time",
+                "memory pressure reason=%s: %s; stopping workers one at a time",
+                reason.value,
                 self._pressure_detail,
                 extra={"reason": reason.value},
             )

@@ -300,7 +300,12 @@ class WorkerHandle:
         start = msgspec.structs.replace(self._opts.start, tenant=self.tenant)
         self._writer.write(encode_frame(start))
         self._timer = self._loop.call_later(self._opts.start_timeout, self._on_start_timeout)
-        log.debug("worker starting", extra={"tenant": self.tenant, "pid": self.pid})
+        log.debug(
+            "worker starting tenant=%s pid=%s",
+            self.tenant,
+            self.pid,
+            extra={"tenant": self.tenant, "pid": self.pid},
+        )
 
     def _on_start_timeout(self) -> None:
         self._timer = None
@@ -520,7 +525,12 @@ class WorkerHandle:
             self.kernel_pid = msg.host_pid if msg.host_pid is not None else self.pid
             transition(self, Event.HELLO_RECEIVED)
             self._ready.set_result(None)
-            log.info("worker ready", extra={"tenant": self.tenant, "pid": self.pid})
+            log.info(
+                "worker ready tenant=%s pid=%s",
+                self.tenant,
+                self.pid,
+                extra={"tenant": self.tenant, "pid": self.pid},
+            )
             self._listener.worker_ready(self)
             self._listener.worker_idle(self)
         elif isinstance(msg, StartFailed) and self.state is S.STARTING:
@@ -548,7 +558,9 @@ class WorkerHandle:
             self.stop_reason = StopReason.START_FAILED
             self._start_error = None
         log.debug(
-            "worker pipe closed; making sure it is gone",
+            "worker pipe closed tenant=%s pid=%s; making sure it is gone",
+            self.tenant,
+            self.pid,
             extra={"tenant": self.tenant, "pid": self.pid},
         )
         self._kill(None, None)
@@ -559,7 +571,11 @@ class WorkerHandle:
         what = one_line(what, _DETAIL_MAX)
         self._detail = what
         log.warning(
-            "worker protocol violation: %s", what, extra={"tenant": self.tenant, "pid": self.pid}
+            "worker protocol violation tenant=%s pid=%s: %s",
+            self.tenant,
+            self.pid,
+            what,
+            extra={"tenant": self.tenant, "pid": self.pid},
         )
         self._kill(StopReason.PROTOCOL_ERROR, what)
 
@@ -578,7 +594,9 @@ class WorkerHandle:
                     self._opts.drain_timeout, self._on_drain_timeout
                 )
             log.info(
-                "worker draining (%s)",
+                "worker draining tenant=%s pid=%s reason=%s",
+                self.tenant,
+                self.pid,
                 reason.value,
                 extra={"tenant": self.tenant, "pid": self.pid, "reason": reason.value},
             )
@@ -610,7 +628,13 @@ class WorkerHandle:
         if reason is not None and self.stop_reason is None:
             self.stop_reason = reason
         if why is not None:
-            log.warning("killing worker: %s", why, extra={"tenant": self.tenant, "pid": self.pid})
+            log.warning(
+                "killing worker tenant=%s pid=%s: %s",
+                self.tenant,
+                self.pid,
+                why,
+                extra={"tenant": self.tenant, "pid": self.pid},
+            )
         transition(self, Event.KILL_REQUESTED)
         self._begin_stop(Rung.KILL)
 
@@ -647,7 +671,10 @@ class WorkerHandle:
             self._launcher.signal(pid, signal.SIGKILL)
         if not await self._wait_dead(self._opts.kill_timeout):
             log.error(
-                "worker still not reaped %.1fs after SIGKILL (uninterruptible sleep?)",
+                "worker still not reaped tenant=%s pid=%s: %.1fs after SIGKILL "
+                "(uninterruptible sleep?)",
+                self.tenant,
+                pid,
                 self._opts.kill_timeout,
                 extra={"tenant": self.tenant, "pid": pid},
             )
@@ -720,11 +747,16 @@ class WorkerHandle:
             if reason not in (StopReason.CRASHED, StopReason.PROTOCOL_ERROR)
             else logging.WARNING
         )
+        # "(reason, rung)" for people, the fields for whoever parses the line; the
+        # status is corral's own words (no worker text), so it may follow.
         log.log(
             level,
-            "worker stopped (%s, %s): %s",
+            "worker stopped (%s, %s) tenant=%s pid=%s reason=%s: %s",
             reason.value,
             self._rung.value,
+            self.tenant,
+            self.pid,
+            reason.value,
             status,
             extra={"tenant": self.tenant, "pid": self.pid, "reason": reason.value},
         )

@@ -409,7 +409,7 @@ class WardenLauncher:
         for layer, status in self._sandbox_report.items():
             if status.startswith("unavailable"):
                 log.warning(
-                    "sandbox layer %s %s (best effort: running without it)",
+                    "sandbox layer=%s %s (best effort: running without it)",
                     layer,
                     status,
                     extra={"layer": layer},
