@@ -4,6 +4,7 @@ cluster: tests/cluster/test_gateway.py.)"""
 
 from __future__ import annotations
 
+import jsonschema
 import msgspec
 import pytest
 from prometheus_client import generate_latest
@@ -12,6 +13,7 @@ from corral import NodeLostError
 from corral.cluster import ClusterStats, NodeStats, NodeWorkerInfo
 from corral.server import create_app, error_response
 from corral.server._metrics import Metrics
+from corral.server._openapi import openapi_document
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -93,3 +95,17 @@ async def test_ready_while_some_node_is_up_without_pressure(
         assert body == {"status": "ready", "workers": 1, "max_workers": 16, "nodes": 1}
     else:
         assert body["status"] == "unavailable" and body["reason"].startswith(reason), body
+
+
+def test_the_workers_schema_describes_a_cluster_answer() -> None:
+    document = openapi_document([("/v1/workers", ["GET"])], version="0", auth=False)
+    schema = document["paths"]["/v1/workers"]["get"]["responses"]["200"]["content"]
+    root = {**schema["application/json"]["schema"], "components": document["components"]}
+    body = {
+        **msgspec.to_builtins(cluster_stats(node(A), node(B, state="lost", pressure="low"))),
+        "limits": {"soft": None, "hard": None},
+        "now": 3.0,
+    }
+    jsonschema.Draft202012Validator(root).validate(body)
+    body["nodes"][0]["state"] = "sideways"
+    assert not jsonschema.Draft202012Validator(root).is_valid(body)

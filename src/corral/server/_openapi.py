@@ -190,6 +190,22 @@ class Error(msgspec.Struct):
     error: ErrorDetail
 
 
+_NODE = {  # corral.cluster.NodeStats, written out: importing it would import Ray
+    "type": "object",
+    "properties": {
+        "node": {"type": "string", "description": "Ray node id (hex)."},
+        "address": {"type": "string", "description": "The node's IP address."},
+        "state": {"enum": ["starting", "up", "failed", "lost"]},
+        "placed": {"type": "integer", "description": "Tenants placed on it."},
+        "workers": {"type": "integer", "description": "Live workers, as last reported."},
+        "max_workers": {"type": "integer"},
+        "memory_pressure": {"type": ["string", "null"]},
+        "error": {"type": ["string", "null"], "description": "Why its agent could not start."},
+    },
+    "required": ["node", "address", "state", "placed", "workers", "max_workers"],
+}
+
+
 def _components() -> dict[str, Any]:
     from corral.server._app import CallBody  # what the call route decodes
 
@@ -210,6 +226,22 @@ def _components() -> dict[str, Any]:
                         },
                     },
                     "now": {"type": "number", "description": "The gateway's time.time()."},
+                    "nodes": {
+                        "type": "array",
+                        "description": "With --ray only (a ClusterStats): every node the "
+                        "cluster's directory knows. Each worker then also has node (the "
+                        "Ray node id) and node_address.",
+                        "items": _NODE,
+                    },
+                    "node_sandbox": {
+                        "type": "object",
+                        "description": "With --ray only: each node's sandbox layers.",
+                        "additionalProperties": {"type": "object"},
+                    },
+                    "placements": {
+                        "type": "integer",
+                        "description": "With --ray only: tenants placed cluster-wide.",
+                    },
                 },
                 "required": ["limits", "now"],
             },
