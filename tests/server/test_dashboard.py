@@ -541,3 +541,75 @@ def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) ->
     assert stop["time"] == at.strftime("%Y-%m-%d %H:%M:%S"), (stop, event)
     assert stop["datetime"].startswith(at.strftime("%Y-%m-%dT%H:%M:%S")), (stop, event)
     assert stop["right"] <= page["viewport"], stop
+
+
+def test_over_a_cluster_each_worker_shows_its_node(tmp_path: Path) -> None:
+    """The page fed a cluster's answers (served here as fixed JSON, the shapes of
+    ``ClusterStats`` and ``NodeWorkerEvent``): a node column, a Nodes panel, and the node
+    of each stop. (tests/cluster/test_gateway.py checks the real answers carry them.)"""
+    import http.server
+    import threading
+
+    chromium = find_chromium()
+    a, b = "a1" * 28, "b2" * 28
+    worker = {
+        "tenant": "alpha", "pid": 41, "state": "ready", "rss": 3 << 20, "requests": 2,
+        "in_flight": 0, "started_at": 1.0, "last_used": 2.0, "stop_reason": None,
+        "kernel_pid": 41, "node": a, "node_address": "10.0.0.1",
+    }  # fmt: skip
+    nodes = [
+        {"node": a, "address": "10.0.0.1", "state": "up", "placed": 1, "workers": 1,
+         "max_workers": 8, "memory_pressure": None, "error": None},
+        {"node": b, "address": "10.0.0.2", "state": "lost", "placed": 0, "workers": 0,
+         "max_workers": 8, "memory_pressure": None, "error": None},
+    ]  # fmt: skip
+    answers = {
+        "/": DASHBOARD_HTML.encode(),
+        "/v1/workers": json.dumps({
+            "state": "running", "max_workers": 16, "workers": [worker], "starts": 2,
+            "stops": {"evicted": 1}, "tenants_in_backoff": 0, "memory_enforcement": "none",
+            "memory_baseline": None, "memory_pressure": None, "sandbox": {}, "nodes": nodes,
+            "node_sandbox": {}, "placements": 1, "limits": {"soft": None, "hard": None},
+            "now": 10.0,
+        }).encode(),
+        "/v1/events": json.dumps({"events": [
+            {"kind": "stopped", "tenant": "beta", "at": 5.0, "pid": 42, "reason": "evicted",
+             "returncode": 0, "retry_after": None, "node": b, "node_address": "10.0.0.2"},
+        ]}).encode(),
+    }  # fmt: skip
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = answers.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header(
+                "Content-Type", "text/html" if self.path == "/" else "application/json"
+            )
+            self.end_headers()
+            self.wfile.write(body or b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="fake-gateway")
+    thread.start()
+    try:
+        html = dump_dom(chromium, f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    page = DashboardParser()
+    page.feed(html)
+    page.close()
+    assert page.body.get("data-loaded") == "1", html
+    (row,) = page.rows
+    assert row.cells[:3] == ["alpha", f"10.0.0.1 {a[:8]}", "41"], row
+    assert f'title="Ray node {a}"' in html
+    panel = re.search(r'<section id="nodes-panel"( hidden="")?>(.*?)</section>', html, re.S)
+    assert panel is not None and panel.group(1) is None, html  # shown
+    assert panel.group(2).count('class="layer node"') == 2
+    assert "lost, 0 / 8 workers" in panel.group(2) and "up, 1 / 8 workers" in panel.group(2)
+    (stop,) = page.stops
+    assert stop.tenant == "beta" and f"on 10.0.0.2 {b[:8]}" in stop.text, stop
