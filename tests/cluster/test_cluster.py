@@ -157,6 +157,25 @@ async def test_same_api_and_errors(ray_cluster: RayCluster, front_end: ClusterSu
 
 
 @pytest.mark.timeout(120)
+async def test_bad_tenant_keys_are_refused_as_the_local_supervisor_refuses_them(
+    ray_cluster: RayCluster, front_end: ClusterSupervisor
+) -> None:
+    cs = front_end
+    for bad in ("", "a/b", "bad key", ".hidden", "x" * 129, "line\nbreak", "acme\u0430", 7):
+        with pytest.raises(corral.InvalidCallError) as local:
+            corral.check_tenant(bad)
+        key: Any = bad
+        for attempt in (cs.call(key, "echo", 1), cs.get_or_create(key), cs.evict(key)):
+            with pytest.raises(corral.InvalidCallError) as remote:
+                await attempt
+            assert (remote.value.kind, str(remote.value)) == ("tenant", str(local.value))
+        with pytest.raises(corral.InvalidCallError) as remote:
+            bad in cs  # noqa: B015
+        assert str(remote.value) == str(local.value)
+    assert cs.keys() == [] and (await cs.fetch_stats()).placements == 0  # nothing was placed
+
+
+@pytest.mark.timeout(120)
 async def test_state_is_kept_across_calls_from_two_front_ends(
     ray_cluster: RayCluster, lock_dir: str
 ) -> None:

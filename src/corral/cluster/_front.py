@@ -40,7 +40,9 @@ from corral.errors import (
     SupervisorClosedError,
 )
 from corral.supervisor import Supervisor, WorkerEvent
+from corral.supervisor._shared import Subscription, check_method, read_events
 from corral.supervisor.config import Factory
+from corral.supervisor.tenants import check_tenant
 
 from ._directory import Directory
 from ._wire import (
@@ -68,24 +70,6 @@ class _Placement(msgspec.Struct, frozen=True):
     address: str
     epoch: int
     agent: Any  # the node agent's actor handle
-
-
-class _Subscription:
-    def __init__(self, buffer: int) -> None:
-        self.events: list[NodeWorkerEvent] = []
-        self.buffer = buffer
-        self.closed = False
-        self.wakeup = asyncio.Event()
-
-    def put(self, event: NodeWorkerEvent) -> None:
-        self.events.append(event)
-        if len(self.events) > self.buffer:
-            del self.events[0]
-        self.wakeup.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.wakeup.set()
 
 
 def _fingerprint(factory: Factory, options: Mapping[str, Any]) -> str:
@@ -154,7 +138,7 @@ class ClusterSupervisor:
         self._view: dict[str, tuple[str, int]] = {}
         self._version = 0
         self._event_seq = 0
-        self._subscriptions: list[_Subscription] = []
+        self._subscriptions: list[Subscription[NodeWorkerEvent]] = []
         self._stats: ClusterStats | None = None
         self._stats_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -319,14 +303,9 @@ class ClusterSupervisor:
         timeout: float | Literal["default"] | None,
     ) -> Any:
         self._check_open()
-        _check_tenant(tenant)
+        check_tenant(tenant)
         if method not in self._method_names:
-            if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
-                raise InvalidCallError(
-                    f"method must be a public identifier, got {method!r}", kind="method"
-                )
-            if len(self._method_names) < 4096:
-                self._method_names.add(method)
+            check_method(method, self._method_names)
         if timeout != "default" and timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
                 raise ValueError(f"timeout must be > 0, got {timeout!r}")
@@ -415,7 +394,7 @@ class ClusterSupervisor:
         """Start the tenant's worker on its node if it has none, and describe it (with its
         node)."""
         self._check_open()
-        _check_tenant(tenant)
+        check_tenant(tenant)
         info: NodeWorkerInfo = await self._on_agent(
             tenant, lambda p: p.agent.get_or_create.remote(tenant, p.epoch)
         )
@@ -425,7 +404,7 @@ class ClusterSupervisor:
         """Stop the tenant's worker wherever it runs; True if there was one. Returns once
         the process is gone (the placement is released then)."""
         self._check_open()
-        _check_tenant(tenant)
+        check_tenant(tenant)
         where = await self._directory.where.remote(tenant)
         self._cache.pop(tenant, None)
         if where is None:
@@ -464,6 +443,8 @@ class ClusterSupervisor:
         return len(self._view)
 
     def __contains__(self, tenant: object) -> bool:
+        """As ``tenant in Supervisor``: InvalidCallError for a key that breaks the rule."""
+        check_tenant(tenant)
         return tenant in self._view
 
     def stats(self) -> ClusterStats:
@@ -499,18 +480,8 @@ class ClusterSupervisor:
             raise ValueError(f"buffer must be >= 1, got {buffer!r}")
         if self._state == "closed":
             return
-        subscription = _Subscription(buffer)
-        self._subscriptions.append(subscription)
-        try:
-            while True:
-                while subscription.events:
-                    yield subscription.events.pop(0)
-                if subscription.closed:
-                    return
-                subscription.wakeup.clear()
-                await subscription.wakeup.wait()
-        finally:
-            self._subscriptions.remove(subscription)
+        async for event in read_events(self._subscriptions, buffer):
+            yield event
 
     # -- background ----------------------------------------------------------------------------
 
@@ -583,8 +554,3 @@ async def _consume(ref: Any) -> None:
         await ref
     except RayActorError:
         pass
-
-
-def _check_tenant(tenant: object) -> None:
-    if type(tenant) is not str or not tenant:
-        raise InvalidCallError(f"tenant must be a non-empty str, got {tenant!r}")

@@ -7,9 +7,6 @@ its own, any number of host threads calling at once), around a
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import weakref
 from typing import Any, cast
 
 from corral.supervisor import Supervisor, SyncSupervisor
@@ -24,41 +21,12 @@ class SyncClusterSupervisor(SyncSupervisor):
     """Same operations as :class:`ClusterSupervisor`, as plain blocking methods; takes the
     same arguments. Use it as a context manager or call :meth:`start` and :meth:`close`."""
 
-    def start(self) -> None:
-        """Start the loop thread and the front end on it (connecting to Ray there)."""
-        with self._lock:
-            if self._thread is not None:
-                return
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
+    _thread_name = "corral-cluster-loop"
 
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                loop.call_soon(ready.set)
-                loop.run_forever()
-
-            sup = ClusterSupervisor(self._factory, **self._options)
-            thread = threading.Thread(target=run, name="corral-cluster-loop")
-            thread.start()
-            ready.wait()
-            try:
-                asyncio.run_coroutine_threadsafe(sup.start(), loop).result()
-            except BaseException:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join()
-                loop.close()
-                raise
-            # The base class's methods forward to whatever runs on the loop: the front end
-            # has the Supervisor's methods.
-            self._sup, self._loop, self._thread = cast(Supervisor, sup), loop, thread
-            ref = weakref.ref(self)
-
-            def close_at_exit() -> None:
-                me = ref()
-                if me is not None:
-                    me.close()
-
-            threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
+    def _new_supervisor(self) -> Supervisor:
+        # The base class's methods forward to whatever runs on the loop: the front end has
+        # the Supervisor's methods. Its start() connects to Ray, on the loop thread.
+        return cast(Supervisor, ClusterSupervisor(self._factory, **self._options))
 
     def stats(self) -> ClusterStats:
         return cast(ClusterStats, super().stats())

@@ -17,7 +17,6 @@ worker starts, stop escalations, the TTL sweeper and the memory sampler.
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import inspect
 import logging
@@ -38,6 +37,7 @@ from corral.errors import (
     SupervisorClosedError,
 )
 from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
+from corral.supervisor._shared import Subscription, check_method, read_events
 from corral.supervisor.backoff import BackoffPolicy, RestartTracker
 from corral.supervisor.config import (
     DEFAULT_ENV_ALLOWLIST,
@@ -127,23 +127,6 @@ class WorkerEvent(msgspec.Struct, frozen=True):
     returncode: int | None = None
     retry_after: float | None = None  # "backoff": seconds until the tenant may start again
     at: float = msgspec.field(default_factory=time.time)  # wall-clock time of the event
-
-
-class _Subscription:
-    """One reader of :meth:`Supervisor.events`: a bounded buffer that drops the oldest."""
-
-    def __init__(self, buffer: int) -> None:
-        self.events: collections.deque[WorkerEvent] = collections.deque(maxlen=buffer)
-        self.closed = False
-        self.wakeup = asyncio.Event()
-
-    def put(self, event: WorkerEvent) -> None:
-        self.events.append(event)  # full: the oldest goes
-        self.wakeup.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.wakeup.set()
 
 
 class SupervisorStats(msgspec.Struct, frozen=True):
@@ -321,7 +304,7 @@ class Supervisor:
         # no other is chosen while it is on its way out (invariant 9).
         self._pressure_victim: WorkerHandle | None = None
         self._on_event = on_event
-        self._subscriptions: list[_Subscription] = []
+        self._subscriptions: list[Subscription[WorkerEvent]] = []
         self._method_names: set[str] = set()  # names already checked to be public
         self._clock = clock
         self._table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
@@ -504,18 +487,8 @@ class Supervisor:
             raise ValueError(f"buffer must be >= 1, got {buffer!r}")
         if self._state is _State.CLOSED:
             return
-        subscription = _Subscription(buffer)
-        self._subscriptions.append(subscription)
-        try:
-            while True:
-                while subscription.events:
-                    yield subscription.events.popleft()
-                if subscription.closed:
-                    return
-                subscription.wakeup.clear()
-                await subscription.wakeup.wait()
-        finally:
-            self._subscriptions.remove(subscription)
+        async for event in read_events(self._subscriptions, buffer):
+            yield event
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -589,12 +562,7 @@ class Supervisor:
         if type(tenant) is not str:
             check_tenant(tenant)  # a str is checked on the way to a worker (below)
         if method not in self._method_names:  # checked once per name
-            if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
-                raise InvalidCallError(
-                    f"method must be a public identifier, got {method!r}", kind="method"
-                )
-            if len(self._method_names) < 4096:
-                self._method_names.add(method)
+            check_method(method, self._method_names)
         try:
             payload = _encode((args, {} if kwargs is None else kwargs))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:

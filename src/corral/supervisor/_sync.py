@@ -31,6 +31,8 @@ class SyncSupervisor:
     or call :meth:`start` and :meth:`close`.
     """
 
+    _thread_name = "corral-loop"
+
     def __init__(self, factory: Factory, **options: Any) -> None:
         self._factory = factory
         self._options = options
@@ -56,7 +58,7 @@ class SyncSupervisor:
                 return
             if self._closed:
                 raise SupervisorClosedError("this SyncSupervisor has been closed; create a new one")
-            sup = Supervisor(self._factory, **self._options)  # bad options: nothing started
+            sup = self._new_supervisor()  # bad options: nothing started
             loop = asyncio.new_event_loop()
             ready = threading.Event()
 
@@ -65,7 +67,7 @@ class SyncSupervisor:
                 loop.call_soon(ready.set)
                 loop.run_forever()
 
-            thread = threading.Thread(target=run, name="corral-loop")
+            thread = threading.Thread(target=run, name=self._thread_name)
             thread.start()
             ready.wait()
             # Under the lock: a concurrent start() returns only after this, and no call can
@@ -106,6 +108,12 @@ class SyncSupervisor:
                     me.close()
 
             threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
+
+    def _new_supervisor(self) -> Supervisor:
+        """The async object :meth:`start` runs on the loop thread, built from the
+        constructor's arguments; a subclass may return another with the same methods
+        (``SyncClusterSupervisor``: a ``ClusterSupervisor``)."""
+        return Supervisor(self._factory, **self._options)
 
     def close(self) -> None:
         """Stop every worker and the loop thread; returns once all are gone. Closed for
