@@ -226,14 +226,25 @@ class Gateway:
         return self.supervisor.stats() if self.supervisor is not None else None
 
     async def fresh_stats(self) -> SupervisorStats | None:
-        """The stats now: over a cluster, asked of every node (a ``ClusterStats``)."""
+        """The stats now: over a cluster, asked of every node (a ``ClusterStats``).
+
+        Raises:
+            TimeoutError: the cluster did not answer within 15 s.
+            SupervisorClosedError: closing, or the cluster's directory is gone (the head
+                node was lost).
+        """
         sup = self.supervisor
         if sup is None:
             return None
         if isinstance(sup, Supervisor):
             return self.stats()
-        async with asyncio.timeout(_CLUSTER_STATS_TIMEOUT):
-            return await sup.fetch_stats()
+        from ray.exceptions import RayActorError  # imported already: sup is Ray's
+
+        try:
+            async with asyncio.timeout(_CLUSTER_STATS_TIMEOUT):
+                return await sup.fetch_stats()
+        except RayActorError as exc:
+            raise SupervisorClosedError(f"corral's directory is gone: {exc}") from exc
 
     def _on_event(self, event: WorkerEvent) -> None:
         self.recent.append(event)
