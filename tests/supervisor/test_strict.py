@@ -37,7 +37,7 @@ K = "tests.kernels:make"
 LOCK_DIR = default_lock_dir()
 FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 
 def strict(**changes: Any) -> Sandbox:
@@ -125,7 +125,7 @@ async def test_the_namespace_alone_kills_a_setsid_daemon_with_the_worker() -> No
         pids = tree(worker_pid(sup, "t"))
         assert len(pids) == 3  # init, worker, daemon
         await sup.evict("t")
-        assert wait_pids_exit(pids, timeout=2.0) == []
+        assert wait_pids_exit(pids, timeout=30.0) == []
 
 
 async def test_a_killed_warden_takes_every_namespace_with_it() -> None:
@@ -138,7 +138,7 @@ async def test_a_killed_warden_takes_every_namespace_with_it() -> None:
         warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
         assert warden is not None
         os.kill(warden, signal.SIGKILL)
-        assert wait_pids_exit(pids, timeout=3.0) == []
+        assert wait_pids_exit(pids, timeout=30.0) == []
 
 
 async def test_a_uid_is_held_while_its_worker_lives_and_freed_after(sup: Supervisor) -> None:
@@ -161,7 +161,7 @@ async def test_memory_is_the_workers_tree_not_its_init() -> None:
     async with strict_supervisor(K, sandbox=strict(), memory_check_interval=0.05, **options) as sup:
         await sup.call("t", "hog", 64)
         init = worker_pid(sup, "t")
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             while (sup.stats().workers[0].rss or 0) < 64 << 20:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # ok-sleep: the sampler's next round, with a deadline
         reported = sup.stats().workers[0].rss
