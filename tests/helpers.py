@@ -127,24 +127,46 @@ async def start_strict(sup: corral.Supervisor) -> corral.Supervisor:
 
 
 class Served:
-    """``corral serve`` in a subprocess on a free loopback port, ready to take calls.
+    """``corral serve`` in a subprocess on a free loopback port.
 
-    ``url`` is its base URL. :meth:`stop` sends SIGTERM (a graceful shutdown) and
-    returns the exit code; the process is killed if it outlives ``timeout``."""
+    With ``wait`` (the default) it is ready to take calls when the constructor returns;
+    otherwise :meth:`wait_ready` waits for its ready line. ``url`` is its base URL.
+    :meth:`stop` sends SIGTERM (a graceful shutdown) and returns the exit code; the
+    process is killed if it outlives ``timeout``."""
 
-    def __init__(self, *args: str, log: str | os.PathLike[str], timeout: float = 30.0) -> None:
-        import select
+    def __init__(
+        self,
+        *args: str,
+        log: str | os.PathLike[str],
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
         import subprocess
         import sys
-        import time
 
+        self.log_path = os.fspath(log)
         self.log = open(log, "w")  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "corral", "serve", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
+            env=env,
         )
+        self.url = ""
+        if wait:
+            try:
+                self.wait_ready(timeout)
+            except RuntimeError:
+                self.stop()
+                raise
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """Wait (with a deadline) for the ready line; return the base URL."""
+        import select
+        import time
+
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         line = ""
@@ -153,9 +175,15 @@ class Served:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
             line = self.proc.stdout.readline() if ready else ""
             if (not ready or not line) and (left <= 0 or self.proc.poll() is not None):
-                self.stop()
-                raise RuntimeError(f"corral serve did not get ready: see {log}")
+                raise RuntimeError(f"corral serve did not get ready: {self.tail()}")
         self.url = line.removeprefix("corral serve: ready on ").strip().rstrip("/")
+        return self.url
+
+    def tail(self) -> str:
+        """The end of what it wrote to stderr."""
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-3000:]
 
     def stop(self, timeout: float = 30.0) -> int:
         import signal

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import ray
 
 from corral.server import create_app
 from tests.cluster.conftest import LOOPBACK, RayCluster
+from tests.helpers import Served
 
 K = "tests.cluster.kernels:make"
 FAST = ("--start-timeout", "30", "--shutdown-timeout", "2", "--term-timeout", "1")
@@ -45,52 +44,18 @@ def ray_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
 
 
-class Replica:
-    """``corral serve --ray ...`` in a subprocess on a free loopback port. Started at once;
-    :meth:`wait_ready` waits for its ready line, :meth:`stop` sends SIGTERM and returns
-    the exit status (killing it if it outlives the deadline)."""
+class Replica(Served):
+    """``corral serve --ray ...`` started at once, ready after :meth:`wait_ready`, in the
+    environment without the loopback setting (the command must make it)."""
 
     def __init__(self, *args: str, log: Path) -> None:
-        self.log_path = log
-        self.log = open(log, "w")  # closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=ray_env(),
-        )
-        self.url = ""
+        super().__init__(*args, log=log, env=ray_env(), wait=False)
 
     def wait_ready(self, timeout: float = _DEADLINE) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = ""
-        while not line.startswith("corral serve: ready on "):
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
-            line = self.proc.stdout.readline() if ready else ""
-            if (not ready or not line) and (left <= 0 or self.proc.poll() is not None):
-                raise AssertionError(f"corral serve did not get ready: {self.tail()}")
-        self.url = line.removeprefix("corral serve: ready on ").strip().rstrip("/")
-        return self.url
-
-    def tail(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()[-3000:]
+        return super().wait_ready(timeout)
 
     def stop(self, timeout: float = _DEADLINE) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
-        return code
+        return super().stop(timeout)
 
 
 def named_actors(ns: str) -> list[dict[str, Any]]:
