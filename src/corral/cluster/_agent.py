@@ -31,7 +31,7 @@ import collections
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -147,33 +147,32 @@ class NodeAgent:
             ``(OK, value)``, ``(ERROR, wire error)`` or ``(STALE, why)``.
         """
         tenant, method, timeout, args, kwargs = _decode_frame(frame)
+        return await self._leased(
+            tenant, epoch, lambda: self._sup.invoke(tenant, method, args, kwargs, timeout=timeout)
+        )
+
+    async def get_or_create(self, tenant: str, epoch: int) -> tuple[Reply, Any]:
+        """Start ``tenant``'s worker here (if placed here at ``epoch``) and describe it."""
+        reply, value = await self._leased(tenant, epoch, lambda: self._sup.get_or_create(tenant))
+        return (reply, self._with_node(value)) if reply is Reply.OK else (reply, value)
+
+    async def _leased(
+        self, tenant: str, epoch: int, work: Callable[[], Awaitable[Any]]
+    ) -> tuple[Reply, Any]:
+        """Run ``work()`` for ``tenant`` if it is placed here at ``epoch`` (counted as
+        active meanwhile, so its placement is not released under it)."""
         if self._leases.get(tenant) != epoch:
             refused = await self._admit(tenant, epoch)
             if refused is not None:
                 return Reply.STALE, refused
         self._active[tenant] += 1
         try:
-            value = await self._sup.invoke(tenant, method, args, kwargs, timeout=timeout)
+            value = await work()
         except CorralError as exc:
             return Reply.ERROR, error_to_wire(exc)
         finally:
             self._done(tenant)
         return Reply.OK, value
-
-    async def get_or_create(self, tenant: str, epoch: int) -> tuple[Reply, Any]:
-        """Start ``tenant``'s worker here (if placed here at ``epoch``) and describe it."""
-        if self._leases.get(tenant) != epoch:
-            refused = await self._admit(tenant, epoch)
-            if refused is not None:
-                return Reply.STALE, refused
-        self._active[tenant] += 1
-        try:
-            info = await self._sup.get_or_create(tenant)
-        except CorralError as exc:
-            return Reply.ERROR, error_to_wire(exc)
-        finally:
-            self._done(tenant)
-        return Reply.OK, self._with_node(info)
 
     async def evict(self, tenant: str) -> bool:
         """Evict ``tenant``'s worker here; True if there was one (returns once it is gone)."""
