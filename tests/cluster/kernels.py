@@ -8,6 +8,14 @@ own) and takes a non-blocking exclusive ``flock`` on it for the worker's whole l
 nodes of the test cluster share this machine's file system, so a second live worker
 for the same tenant anywhere in the cluster fails to take it: that worker answers
 every call with ``overlap: True``. The OS releases the lock when the process exits.
+
+**Gate.** :meth:`Kernel.hold` is a call that stays in flight until the test lets it go,
+with locks only (a worker may read the test's directory, not write it): it takes a
+shared ``flock`` on ``<dir>/<tenant>.entered`` (the test sees it is in: its own
+``LOCK_EX | LOCK_NB`` there fails), then blocks on a shared ``flock`` of ``<dir>/gate``,
+which the test holds exclusively until it opens the gate (or until its process exits,
+so a failed test never leaves a worker blocked). A worker killed while blocked simply
+dies; the OS drops its locks.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 from corral.supervisor.memory import MemorySample, ProcTreeProbe
 
 LOCK_DIR_ENV = "CORRAL_CLUSTER_LOCKS"
+GATE = "gate"
 
 
 class Kernel:
@@ -65,6 +74,22 @@ class Kernel:
 
     async def nap(self, seconds: float) -> dict[str, Any]:
         await asyncio.sleep(seconds)  # ok-sleep: a call in flight, for node loss
+        self.calls += 1
+        return {"calls": self.calls, "pid": self.pid, "overlap": self.overlap}
+
+    def hold(self) -> dict[str, Any]:
+        """A call in flight until the test opens the gate (see the module docstring)."""
+        directory = os.environ[LOCK_DIR_ENV]
+        entered = os.open(os.path.join(directory, f"{self.tenant}.entered"), os.O_RDONLY)
+        try:
+            fcntl.flock(entered, fcntl.LOCK_SH)  # "I am in"
+            gate = os.open(os.path.join(directory, GATE), os.O_RDONLY)
+            try:
+                fcntl.flock(gate, fcntl.LOCK_SH)  # blocks while the test holds the gate
+            finally:
+                os.close(gate)
+        finally:
+            os.close(entered)
         self.calls += 1
         return {"calls": self.calls, "pid": self.pid, "overlap": self.overlap}
 

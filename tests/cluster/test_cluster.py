@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import inspect
 import os
 import shutil
@@ -35,7 +36,7 @@ import ray
 import corral
 from corral.cluster import ClusterSupervisor, NodeWorkerEvent, SyncClusterSupervisor
 from tests.cluster.conftest import LOOPBACK, RayCluster, corral_processes
-from tests.cluster.kernels import LOCK_DIR_ENV, PressureProbe
+from tests.cluster.kernels import GATE, LOCK_DIR_ENV, PressureProbe
 
 K = "tests.cluster.kernels:make"
 FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 30.0}
@@ -70,6 +71,55 @@ def lock_files(directory: str, tenants: list[str]) -> None:
         with open(path, "w"):
             pass
         os.chmod(path, 0o644)
+
+
+class Gate:
+    """The test's side of :meth:`Kernel.hold <tests.cluster.kernels.Kernel.hold>`: holds
+    ``<dir>/gate`` exclusively while the ``with`` block runs (the held calls block on it),
+    and tells which tenants' calls have entered (their ``<tenant>.entered`` is locked)."""
+
+    def __init__(self, directory: str, tenants: list[str]) -> None:
+        self.directory = directory
+        self.tenants = tenants
+        for name in [GATE, *(f"{t}.entered" for t in tenants)]:
+            path = os.path.join(directory, name)
+            with open(path, "w"):
+                pass
+            os.chmod(path, 0o644)  # world-readable: a worker may run as a uid of its own
+        self._fd = -1
+
+    def __enter__(self) -> Gate:
+        self._fd = os.open(os.path.join(self.directory, GATE), os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self._fd)  # opens the gate (and would if this process died)
+
+    def entered(self, tenant: str) -> bool:
+        fd = os.open(os.path.join(self.directory, f"{tenant}.entered"), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its call holds it
+        finally:
+            os.close(fd)  # (drops the probe's own lock, if it got it)
+        return False
+
+    async def all_entered(self, calls: list[asyncio.Future[Any]], timeout: float) -> None:
+        """Wait until every tenant's call is in its kernel. Polls: the workers, sandboxed,
+        can only take locks here, which offer nothing to wait on. A call that ended
+        already (it failed) is raised at once."""
+        waiting = set(self.tenants)
+        async with asyncio.timeout(timeout):
+            while waiting:
+                for call in calls:
+                    if call.done():
+                        call.result()  # raises the failure
+                        raise AssertionError(f"a held call returned: {call.result()!r}")
+                waiting = {t for t in waiting if not self.entered(t)}
+                if waiting:
+                    await asyncio.sleep(0.02)
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
@@ -442,10 +492,12 @@ async def test_node_loss_mid_load(ray_cluster: RayCluster, lock_dir: str) -> Non
         doomed_procs = [psutil.Process(p) for p in doomed_pids]
         doomed_procs += [c for p in doomed_procs[:1] for c in p.children(recursive=True)]
 
-        # Calls in flight everywhere, then the node goes.
-        in_flight = [asyncio.ensure_future(cs.call(t, "nap", 3.0)) for t in tenants]
-        await asyncio.sleep(1.0)  # ok-sleep: let the naps start on their workers
-        await asyncio.to_thread(ray_cluster.remove_node, doomed)
+        # Calls in flight everywhere (each one in its kernel, held at the gate), then the
+        # node goes, then the gate opens: no call can finish before the node is gone.
+        with Gate(lock_dir, tenants) as gate:
+            in_flight = [asyncio.ensure_future(cs.invoke(t, "hold", timeout=120)) for t in tenants]
+            await gate.all_entered(in_flight, timeout=60)
+            await asyncio.to_thread(ray_cluster.remove_node, doomed)
         outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
         lost = {
             t: o for t, o in zip(tenants, outcomes, strict=True) if isinstance(o, BaseException)
