@@ -439,6 +439,14 @@ class FakeProbe:
         self.count += 1
         self._ticked.set()
 
+    async def until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Wait until ``condition()`` holds, checked after each round (what the rounds
+        act on changes only then)."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._ticked.clear()
+                await self._ticked.wait()
+
     async def rounds(self, n: int = 3, timeout: float = 30.0) -> None:
         """Wait until a round that read the numbers as they are now has been acted on: the
         sample in progress may have read the old ones; the next is acted on before the third."""
@@ -573,13 +581,23 @@ async def test_pressure_stops_idle_workers_lru_first_one_at_a_time_and_refuses_n
         await corral_log.first(logged("memory pressure is over"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 async def test_pressure_chooses_the_next_victim_only_once_the_last_is_reaped() -> None:
     """A victim slower to go than a sampling interval (its shutdown() hook is held until
     the test sends SIGUSR1) stays the only worker stopping for as many rounds as it takes:
-    sampling goes on meanwhile, but no round stops another worker (invariant 9)."""
+    sampling goes on meanwhile, but no round stops another worker (invariant 9).
+
+    Every worker started is released in ``finally`` (all the pids the ``ready`` events
+    gave, but those already seen stopped), so a failure anywhere ends the close at once
+    and is reported as itself; a worker missed even so is escalated past ASK after
+    ``shutdown_timeout`` (well inside the test's timeout; each victim is held for a few
+    rounds only, far less)."""
     probe = FakeProbe()
     events = Events()
+
+    def state(tenant: str) -> str | None:
+        return next((w.state for w in sup.stats().workers if w.tenant == tenant), None)
+
     async with Supervisor(
         "tests.supervisor.stop_kernels:held_stop",
         max_workers=4,
@@ -588,37 +606,50 @@ async def test_pressure_chooses_the_next_victim_only_once_the_last_is_reaped() -
         memory_check_interval=0.01,
         probe=probe,
         on_event=events,
-        shutdown_timeout=300.0,  # far beyond the test: a held stop never climbs past ASK
-        start_timeout=20.0,
+        shutdown_timeout=45.0,  # beyond any hold in the test; a missed release ends in TERM
+        term_timeout=2.0,
+        start_timeout=60.0,
+        call_timeout=60.0,
     ) as sup:
         events.sup = sup
-        pids = {t: await sup.call(t, "pid") for t in ("a", "b", "c")}
-        await sup.call("b", "pid")  # idle, least recently used first: a, c, b
-        await probe.rounds()
-        assert sup.stats().memory_pressure is None
-
-        probe.available = GiB
         try:
+            pids = {t: await sup.call(t, "pid") for t in ("a", "b", "c")}
+            await sup.call("b", "pid")  # idle, least recently used first: a, c, b
+            await probe.rounds(timeout=60)
+            assert sup.stats().memory_pressure is None
+
+            probe.available = GiB
             for victim in ("a", "c", "b"):
-                await probe.rounds(10)  # rounds acted on while the victim's stop is held
+                await probe.until(lambda v=victim: state(v) == "stopping", timeout=60)
+                await probe.rounds(10, timeout=60)  # rounds acted on while the stop is held
                 assert sup.stats().memory_pressure is not None
                 states = {w.tenant: w.state for w in sup.stats().workers}
                 assert states.pop(victim) == "stopping", (victim, states)
                 assert set(states.values()) <= {"ready"}, (victim, states)
                 os.kill(pids[victim], signal.SIGUSR1)
-                _, event = await events.first(stopped(victim))
+                _, event = await events.first(stopped(victim), timeout=60)
                 assert (event.reason, event.rung, event.returncode) == ("host_pressure", "ask", 0)
-        finally:  # on failure, let the close go as fast as the stops it would wait for
-            for tenant, pid in pids.items():
-                if tenant in sup:
-                    os.kill(pid, signal.SIGUSR1)
+        finally:  # let the close go as fast as the stops it waits for, whatever failed
+            release(events)
         assert events.stopped() == [(t, "host_pressure") for t in ("a", "c", "b")]
         for tenant, others in events.states_at_stop.items():
             assert set(others.values()) <= {"ready"}, (tenant, others)
 
         probe.available = 20 * GiB
-        await probe.rounds()
+        await probe.rounds(timeout=60)
         assert sup.stats().memory_pressure is None
+
+
+def release(events: Events) -> None:
+    """SIGUSR1 to every worker the events saw ready and not yet stopped (a stopped one's
+    pid may be another process's by now). One that is gone already is skipped."""
+    started = {e.pid for _, e in events.seen if e.kind == "ready" and e.pid is not None}
+    gone = {e.pid for _, e in events.seen if e.kind == "stopped"}
+    for pid in sorted(started - gone):
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
 
 
 async def test_pressure_can_end_while_a_busy_worker_drains(
