@@ -37,6 +37,7 @@ import corral
 from corral.cluster import ClusterSupervisor, NodeWorkerEvent, SyncClusterSupervisor
 from tests.cluster.conftest import LOOPBACK, RayCluster, corral_processes
 from tests.cluster.kernels import GATE, LOCK_DIR_ENV, PressureProbe
+from tests.helpers import wait_pid_gone
 
 K = "tests.cluster.kernels:make"
 FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 30.0}
@@ -119,7 +120,7 @@ class Gate:
                         raise AssertionError(f"a held call returned: {call.result()!r}")
                 waiting = {t for t in waiting if not self.entered(t)}
                 if waiting:
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)  # ok-sleep: a poll (locks offer no wait)
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
@@ -132,7 +133,7 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 20.0) -> Non
                 value = await value
             if value:
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # ok-sleep: a poll of other processes' state
 
 
 async def named_actors_left(namespace: str, timeout: float = 30.0) -> list[Any]:
@@ -146,7 +147,7 @@ async def named_actors_left(namespace: str, timeout: float = 30.0) -> list[Any]:
         ]
         if not left or time.monotonic() > deadline:
             return left
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # ok-sleep: a poll of Ray's actor list, under a deadline
 
 
 @pytest.fixture
@@ -457,10 +458,8 @@ async def test_aclose_leaves_no_actor_and_no_process(ray_cluster: RayCluster) ->
     assert await two.call("c1", "echo", 1) == 1
     await two.aclose()  # the last: every agent drains its node, then the actors go
     assert await named_actors_left(ns) == []
-    deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(p) for p in [*agent_pids, *workers]):
-        assert time.monotonic() < deadline, "an agent or worker process is still there"
-        await asyncio.sleep(0.05)
+    # Waited for on pidfds (a TimeoutError names none: the assert below would).
+    await asyncio.gather(*(wait_pid_gone(p, 30.0) for p in [*agent_pids, *workers]))
     assert corral_processes() == []
     with pytest.raises(corral.SupervisorClosedError):
         await two.call("c1", "echo", 1)
@@ -523,10 +522,8 @@ async def test_node_loss_mid_load(ray_cluster: RayCluster, lock_dir: str) -> Non
             if a["overlap"]
         ]
         # No process of that node's corral is left (agent, warden, workers).
-        deadline = time.monotonic() + 30
-        while [p for p in doomed_procs if p.is_running()]:
-            assert time.monotonic() < deadline, [p.pid for p in doomed_procs if p.is_running()]
-            await asyncio.sleep(0.05)
+        await asyncio.gather(*(wait_pid_gone(p.pid, 30.0) for p in doomed_procs))
+        assert not [p.pid for p in doomed_procs if p.is_running()]
 
         # A node that joins gets an agent, and new tenants.
         joined = ray_cluster.add_node()  # (Ray sets signal handlers: main thread only)

@@ -34,6 +34,10 @@ the deployment if it is the last front end (``ray_on_exit="shutdown"``) or only 
 (``"detach"``), leaving every tenant's worker for the next gateway.
 
 Not here: option parsing (``_options``), the command (``corral.cli._serve``).
+
+Long because one app factory serves a local Supervisor and a cluster: the routes, the
+error mapping every front end shares (:func:`error_response`), the lifespan with the
+factory check, and the cluster's views of workers, readiness and metrics.
 """
 
 from __future__ import annotations

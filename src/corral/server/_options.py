@@ -24,6 +24,10 @@ flag, variable or key it came from.
 Not here: the HTTP app (``_app``), the command itself (``corral.cli._serve``), and the
 range checks the Supervisor makes itself (``corral.supervisor.config``), which run when
 it is constructed.
+
+Long because every setting of ``corral serve`` is declared here, each with the parsing
+and checks of its kind (sizes, durations, fractions, addresses, the sandbox preset), so
+that flag, variable and config file cannot disagree.
 """
 
 from __future__ import annotations

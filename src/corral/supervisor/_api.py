@@ -12,6 +12,10 @@ Data flow::
 The supervisor owns the table, every handle, the restart tracker and one
 TaskGroup (run by a single runner task) that holds every background task:
 worker starts, stop escalations, the TTL sweeper and the memory sampler.
+
+Long because the Supervisor still owns the pool as well as the façade: room waiting,
+restarts, the TTL sweeper and the memory rounds; the planned split moves them into a private
+pool object and a memory watch.
 """
 
 from __future__ import annotations

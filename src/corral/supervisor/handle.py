@@ -9,6 +9,10 @@ deadline, or the worker's death. Nothing else completes a call future.
 Everything the worker sends is untrusted: frames are size-capped and decoded
 against the declared message union, replies must match an outstanding id, and
 anything else kills the worker (``ProtocolError``).
+
+Long because one worker's whole life has one owner here: its start, the books of its
+calls (send, reply, deadline), the pipe reader on the warm path and the stop's
+escalation; moving the stop record into ``lifecycle`` is the next planned split.
 """
 
 from __future__ import annotations

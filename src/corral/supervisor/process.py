@@ -10,6 +10,10 @@ status. A remote backend would implement the same three methods.
 Everything here is non-blocking on the event loop: the control socket and the
 warden's pidfd are watched with ``add_reader``; sends never block (a queue
 drains on writability).
+
+Long because the seam and its one backend live together: the warden's control protocol,
+its start and replacement, and what its death means for every worker it had (process
+groups, pidfds, cgroup leaves).
 """
 
 from __future__ import annotations
