@@ -552,7 +552,8 @@ def _kill_cgroup_members(leaves: Iterable[str]) -> None:
                 continue  # gone
             try:
                 with open(f"/proc/{pid}/cgroup", "rb") as where:
-                    if relative.encode() in where.read():
+                    # The line's path ends with the leaf ("/corral-1/w7", not ".../w70").
+                    if any(line.endswith(relative.encode()) for line in where.read().split()):
                         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:
                 pass
