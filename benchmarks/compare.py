@@ -55,7 +55,7 @@ import _peers
 import psutil
 
 from corral import Sandbox, Supervisor
-from corral.supervisor.table import WorkerTable
+from corral.supervisor._table import WorkerTable
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import time
 
-from corral.supervisor.memory import ProcTreeProbe
+from corral.supervisor._memory import ProcTreeProbe
 
 
 def main() -> None:

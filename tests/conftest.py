@@ -45,13 +45,13 @@ async def no_pending_tasks() -> AsyncIterator[None]:
     corral's code must make no blocking call on the event loop while it runs."""
     with blockbuster_ctx(["corral"]) as bb:
         # The warden's one fork/exec per supervisor reads the exec status pipe (deliberate).
-        bb.functions["os.read"].can_block_in("corral/supervisor/process.py", "_launch")
+        bb.functions["os.read"].can_block_in("corral/supervisor/_process.py", "_launch")
         # A dead warden's cgroup leaves are emptied with a few cgroupfs writes (deliberate).
         for name in ("os.write", "io.BufferedReader.read"):
-            bb.functions[name].can_block_in("corral/supervisor/process.py", "_kill_cgroup_members")
+            bb.functions[name].can_block_in("corral/supervisor/_process.py", "_kill_cgroup_members")
         # A callable factory imports dill once, in the (sync) constructor.
         for function in bb.functions.values():
-            function.can_block_in("corral/supervisor/config.py", "serialise_factory")
+            function.can_block_in("corral/supervisor/_config.py", "serialise_factory")
         yield
     current = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]

@@ -25,7 +25,7 @@ import fcntl
 import os
 from typing import Any
 
-from corral.supervisor.memory import MemorySample, ProcTreeProbe
+from corral.supervisor._memory import MemorySample, ProcTreeProbe
 
 LOCK_DIR_ENV = "CORRAL_CLUSTER_LOCKS"
 GATE = "gate"

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from corral import Sandbox, Supervisor, WorkerEvent
-from corral.supervisor.memory import MemorySample, ProcTreeProbe, cgroup_working_set
-from corral.supervisor.process import WardenLauncher
+from corral.supervisor._memory import MemorySample, ProcTreeProbe, cgroup_working_set
+from corral.supervisor._process import WardenLauncher
 from tests.helpers import start_strict
 
 K = "tests.cgroup_kernels:make"

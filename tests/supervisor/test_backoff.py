@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from corral.errors import describe_exit
-from corral.supervisor.backoff import BackoffPolicy, RestartTracker
+from corral.supervisor._backoff import BackoffPolicy, RestartTracker
 from tests.helpers import FakeClock
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from corral import Supervisor
-from corral.supervisor.pipes import PipeWriter
+from corral.supervisor._pipes import PipeWriter
 
 K = "tests.kernels:make"
 

@@ -22,9 +22,9 @@ import pytest
 
 import corral
 from corral import Supervisor
-from corral.supervisor.handle import WorkerHandle
-from corral.supervisor.memory import MemorySample
-from corral.supervisor.process import ExitCallback, Launcher, SpawnedProcess
+from corral.supervisor._handle import WorkerHandle
+from corral.supervisor._memory import MemorySample
+from corral.supervisor._process import ExitCallback, Launcher, SpawnedProcess
 from tests.helpers import pid_gone, run_host, wait_pid_gone
 from tests.kernels import Kernel
 
@@ -243,7 +243,7 @@ async def test_a_call_whose_worker_is_reported_dead_while_it_is_sent_still_fails
 async def _bury(sup: Supervisor) -> None:
     """Clean up after a supervisor whose TaskGroup died (aclose() would hang)."""
     launcher = sup._launcher
-    assert isinstance(launcher, corral.supervisor.process.WardenLauncher)
+    assert isinstance(launcher, corral.supervisor._process.WardenLauncher)
     if launcher._proc is not None and launcher._exited is not None:
         launcher._kill_warden()
         async with asyncio.timeout(10):
@@ -342,7 +342,7 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
     async with Supervisor(K, **FAST) as sup:
         await sup.call("warm", "echo", 1)
         launcher = sup._launcher
-        assert isinstance(launcher, corral.supervisor.process.WardenLauncher)
+        assert isinstance(launcher, corral.supervisor._process.WardenLauncher)
         assert launcher.warden_pid is not None and launcher._warden is not None
         warden = psutil.Process(launcher.warden_pid)
         known = {c.pid for c in warden.children()}
@@ -667,7 +667,7 @@ async def test_a_detached_grandchild_under_a_live_child_is_reaped(how: str) -> N
 
 _HOST_WARDEN_RESTART = """
 import asyncio, corral
-import corral.supervisor.process as process
+import corral.supervisor._process as process
 
 # As if the warden came from another corral install: every warden is refused after its
 # hello and sent SIGTERM; the next call starts a new warden while the old one tears down.

@@ -44,7 +44,7 @@ import pytest
 
 import corral
 from corral import Sandbox, Supervisor
-from corral.supervisor.config import DEFAULT_ENV_ALLOWLIST
+from corral.supervisor._config import DEFAULT_ENV_ALLOWLIST
 from tests.helpers import pid_gone, start_strict, wait_pid_gone
 from tests.hostile import BOMB_CAP
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from corral.errors import CorralError, InvariantError
-from corral.supervisor.lifecycle import (
+from corral.supervisor._lifecycle import (
     Event,
     Rung,
     StopReason,

@@ -27,8 +27,8 @@ import pytest
 
 import corral
 from corral import StopReason, Supervisor, WorkerEvent
-from corral.supervisor.handle import WorkerHandle
-from corral.supervisor.memory import MemoryPolicy, MemorySample, ProbeThread, ProcTreeProbe
+from corral.supervisor._handle import WorkerHandle
+from corral.supervisor._memory import MemoryPolicy, MemorySample, ProbeThread, ProcTreeProbe
 from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"

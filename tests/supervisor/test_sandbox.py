@@ -33,7 +33,7 @@ import pytest
 import corral
 import tests.kernels
 from corral import Sandbox, Supervisor
-from corral.supervisor.process import WardenLauncher
+from corral.supervisor._process import WardenLauncher
 from corral.supervisor.sandbox import SandboxUnavailableError
 from tests.helpers import pid_gone, wait_pid_gone
 

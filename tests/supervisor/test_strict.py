@@ -29,7 +29,7 @@ import pytest_asyncio
 
 import corral
 from corral import Sandbox, Supervisor
-from corral.supervisor.memory import ProcTreeProbe
+from corral.supervisor._memory import ProcTreeProbe
 from corral.worker._privileged import default_lock_dir
 from tests.helpers import REQUIRE_STRICT, run_host, start_strict, wait_pids_exit
 

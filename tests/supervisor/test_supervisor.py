@@ -12,7 +12,7 @@ import pytest
 
 import corral
 from corral import Rung, StopReason, Supervisor
-from corral.supervisor.handle import WorkerHandle
+from corral.supervisor._handle import WorkerHandle
 from tests.helpers import pid_gone, wait_pid_gone
 
 K = "tests.kernels:make"

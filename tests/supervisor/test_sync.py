@@ -9,7 +9,7 @@ import pytest
 
 import corral
 from corral import SyncSupervisor
-from corral.supervisor.process import LaunchError
+from corral.supervisor._process import LaunchError
 from tests.helpers import pid_gone, run_host
 
 
@@ -90,7 +90,7 @@ def test_a_start_that_fails_leaves_no_loop_thread_and_may_be_retried() -> None:
 def test_a_host_whose_start_failed_still_exits() -> None:
     code = (
         "import corral\n"
-        "from corral.supervisor.process import LaunchError\n"
+        "from corral.supervisor._process import LaunchError\n"
         "class NoWarden:\n"
         "    memory_enforcement = 'none'\n"
         "    sandbox_report = {}\n"

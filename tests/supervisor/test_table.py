@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corral.supervisor.table import TableStatistics, WorkerTable
+from corral.supervisor._table import TableStatistics, WorkerTable
 from tests.helpers import FakeClock
 
 

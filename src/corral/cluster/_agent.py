@@ -38,7 +38,7 @@ import msgspec
 
 from corral.errors import CorralError, StartError
 from corral.supervisor import Supervisor, WorkerEvent
-from corral.supervisor.config import Factory
+from corral.supervisor._config import Factory
 
 from ._wire import NodeWorkerEvent, NodeWorkerInfo, Reply, error_to_wire
 

@@ -36,7 +36,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from corral.errors import StartError
-from corral.supervisor.config import Factory
+from corral.supervisor._config import Factory
 
 from ._agent import NodeAgent
 from ._wire import ClusterStats, NodeStats, NodeWorkerEvent, agent_name, error_to_wire

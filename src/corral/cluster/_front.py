@@ -40,8 +40,8 @@ from corral.errors import (
     SupervisorClosedError,
 )
 from corral.supervisor import Supervisor, WorkerEvent
+from corral.supervisor._config import Factory
 from corral.supervisor._shared import Subscription, check_method, read_events
-from corral.supervisor.config import Factory
 from corral.supervisor.tenants import check_tenant
 
 from ._directory import Directory

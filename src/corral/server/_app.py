@@ -84,8 +84,8 @@ from corral.server._http import (
 )
 from corral.server._metrics import Metrics
 from corral.server._openapi import openapi_document
-from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
-from corral.supervisor.config import Factory
+from corral.supervisor._config import Factory
+from corral.supervisor.supervisor import Supervisor, SupervisorStats, WorkerEvent
 
 if TYPE_CHECKING:
     from corral.cluster import ClusterStats, ClusterSupervisor

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from corral import TENANT_MAX_BYTES, TENANT_RULE
-from corral.supervisor._api import SupervisorStats, WorkerEvent
+from corral.supervisor.supervisor import SupervisorStats, WorkerEvent
 
 __all__ = ["openapi_document"]
 

@@ -22,7 +22,7 @@ Sources win in this order: flag, environment variable, config file, default.
 flag, variable or key it came from.
 
 Not here: the HTTP app (``_app``), the command itself (``corral.cli._serve``), and the
-range checks the Supervisor makes itself (``corral.supervisor.config``), which run when
+range checks the Supervisor makes itself (``corral.supervisor._config``), which run when
 it is constructed.
 
 Long because every setting of ``corral serve`` is declared here, each with the parsing
@@ -43,8 +43,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral.supervisor._api import Supervisor
 from corral.supervisor.sandbox import Sandbox
+from corral.supervisor.supervisor import Supervisor
 
 __all__ = [
     "OPTIONS",

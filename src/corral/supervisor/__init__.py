@@ -4,12 +4,12 @@ probe, and the public :class:`Supervisor` / :class:`SyncSupervisor`.
 Imports ``corral.ipc``; never ``corral.worker`` (that runs in other processes).
 """
 
-from corral.supervisor._api import Supervisor, SupervisorStats, WorkerEvent
-from corral.supervisor._sync import SyncSupervisor
-from corral.supervisor.config import DEFAULT_ENV_ALLOWLIST
-from corral.supervisor.handle import WorkerInfo
-from corral.supervisor.lifecycle import Rung, StopReason, StopReport, WorkerState
+from corral.supervisor._config import DEFAULT_ENV_ALLOWLIST
+from corral.supervisor._handle import WorkerInfo
+from corral.supervisor._lifecycle import Rung, StopReason, StopReport, WorkerState
 from corral.supervisor.sandbox import Sandbox, SandboxUnavailableError
+from corral.supervisor.supervisor import Supervisor, SupervisorStats, WorkerEvent
+from corral.supervisor.sync import SyncSupervisor
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",

@@ -41,9 +41,8 @@ from corral.errors import (
     SupervisorClosedError,
 )
 from corral.ipc import DEFAULT_MAX_FRAME_BYTES, Start
-from corral.supervisor._shared import Subscription, check_method, read_events
-from corral.supervisor.backoff import BackoffPolicy, RestartTracker
-from corral.supervisor.config import (
+from corral.supervisor._backoff import BackoffPolicy, RestartTracker
+from corral.supervisor._config import (
     DEFAULT_ENV_ALLOWLIST,
     Factory,
     check_count,
@@ -52,18 +51,19 @@ from corral.supervisor.config import (
     serialise_factory,
     worker_environment,
 )
-from corral.supervisor.handle import HandleOptions, WorkerHandle, WorkerInfo
-from corral.supervisor.lifecycle import SERVING, StopReason, StopReport, WorkerState
-from corral.supervisor.memory import (
+from corral.supervisor._handle import HandleOptions, WorkerHandle, WorkerInfo
+from corral.supervisor._lifecycle import SERVING, StopReason, StopReport, WorkerState
+from corral.supervisor._memory import (
     MemoryPolicy,
     MemorySample,
     ProbeThread,
     ProcessProbe,
     ProcTreeProbe,
 )
-from corral.supervisor.process import Launcher, WardenLauncher
+from corral.supervisor._process import Launcher, WardenLauncher
+from corral.supervisor._shared import Subscription, check_method, read_events
+from corral.supervisor._table import WorkerTable
 from corral.supervisor.sandbox import Sandbox
-from corral.supervisor.table import WorkerTable
 from corral.supervisor.tenants import check_tenant
 
 __all__ = ["Supervisor", "SupervisorStats", "WorkerEvent"]

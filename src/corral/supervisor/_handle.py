@@ -60,7 +60,7 @@ from corral.ipc import (
     encode_frame_parts,
     frame_header,
 )
-from corral.supervisor.lifecycle import (
+from corral.supervisor._lifecycle import (
     SERVING,
     Event,
     Rung,
@@ -69,8 +69,8 @@ from corral.supervisor.lifecycle import (
     WorkerState,
     transition,
 )
-from corral.supervisor.pipes import LogSink, PipeWriter
-from corral.supervisor.process import Launcher, LaunchError
+from corral.supervisor._pipes import LogSink, PipeWriter
+from corral.supervisor._process import Launcher, LaunchError
 
 __all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
 

@@ -4,7 +4,7 @@ Covers: numbers of seconds and counts, the factory (an import
 string checked for shape, or a callable serialised with dill here, so that an
 unpicklable factory fails at construction, not at the first call), and the
 workers' environment (allowlist plus extras, validated). Not here: what the
-options do (see :mod:`corral.supervisor._api`), tenant keys
+options do (see :mod:`corral.supervisor.supervisor`), tenant keys
 (:mod:`corral.supervisor.tenants`).
 """
 

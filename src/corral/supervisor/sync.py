@@ -15,9 +15,9 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
 from corral.errors import SupervisorClosedError
-from corral.supervisor._api import Supervisor, SupervisorStats
-from corral.supervisor.config import Factory
-from corral.supervisor.handle import WorkerInfo
+from corral.supervisor._config import Factory
+from corral.supervisor._handle import WorkerInfo
+from corral.supervisor.supervisor import Supervisor, SupervisorStats
 
 __all__ = ["SyncSupervisor"]
 

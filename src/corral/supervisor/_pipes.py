@@ -5,7 +5,7 @@ else buffered until it is writable) and reports a broken pipe once.
 :class:`LogSink` drains a worker's stdout/stderr into the ``corral.worker``
 logger, bounded in line length and rate, one escaped line per record. Neither
 starts a task or a thread: both are ``add_writer``/``add_reader`` callbacks.
-Reading the reply pipe is the handle's own job (see :mod:`corral.supervisor.handle`).
+Reading the reply pipe is the handle's own job (see :mod:`corral.supervisor._handle`).
 """
 
 from __future__ import annotations
