@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from corral.server._options import OPTIONS, SERVER, add_flags, parse_size, resolve
+from corral.supervisor import SupervisorOptions
 from corral.supervisor.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(30)
@@ -20,7 +22,7 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_every_supervisor_option_has_help_from_the_docstring_a_flag_and_a_variable() -> None:
+def test_every_supervisor_option_has_help_from_its_field_a_flag_and_a_variable() -> None:
     assert "max_workers" in OPTIONS and "on_event" not in OPTIONS and "clock" not in OPTIONS
     for option in [*OPTIONS.values(), *SERVER.values()]:
         assert option.help and "``" not in option.help and ":class:" not in option.help
@@ -28,6 +30,30 @@ def test_every_supervisor_option_has_help_from_the_docstring_a_flag_and_a_variab
         assert option.env == "CORRAL_" + option.name.upper()
         assert option.env in option.help_text()
     assert OPTIONS["max_workers"].help.startswith("live worker processes never exceed this")
+
+
+def test_the_supervisor_options_are_the_fields_of_supervisor_options() -> None:
+    """Name, order, default and help text, each from its field (the sandbox's default
+    is shown as the preset None stands for)."""
+    fields = msgspec.structs.fields(SupervisorOptions)
+    assert list(OPTIONS) == [field.name for field in fields]
+    for field in fields:
+        option = OPTIONS[field.name]
+        assert option.help == SupervisorOptions.help(field.name)
+        assert option.default == (field.default if field.name != "sandbox" else "default")
+    kinds = {name: option.kind for name, option in OPTIONS.items()}
+    assert (kinds["max_workers"], kinds["idle_ttl"], kinds["max_frame_bytes"]) == (
+        "int",
+        "seconds",
+        "size",
+    )
+    assert (kinds["min_available_memory"], kinds["env"], kinds["env_allowlist"]) == (
+        "size_or_fraction",
+        "env",
+        "list",
+    )
+    assert OPTIONS["memory_method"].choices == ("auto", "cgroup", "rlimit")
+    assert (OPTIONS["idle_ttl"].optional, OPTIONS["start_timeout"].optional) == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +127,16 @@ def test_sandbox_none_is_the_none_preset_from_every_source(tmp_path: Path) -> No
         ((), {}, "[srever]\n", "unknown table(s) ['srever']"),
         ((), {}, "[server]\nlog_level = 'loud'\n", "log_level: must be one of debug"),
         ((), {}, "not toml", "config file"),
+        # Parsed, then refused by SupervisorOptions, in its words.
+        (("--max-workers", "0"), {}, "", "max_workers must be an int >= 1, got 0"),
+        ((), {"CORRAL_IDLE_TTL": "-1"}, "", "idle_ttl must be >= 0, got -1.0"),
+        (
+            ("--worker-memory-limit", "2GiB"),
+            {"CORRAL_WORKER_MEMORY_HARD_LIMIT": "1GiB"},
+            "",
+            "worker_memory_limit (2147483648) must be below worker_memory_hard_limit",
+        ),
+        ((), {}, "[supervisor]\nenv = {'A=B' = '1'}\n", "env: 'A=B' is not a valid"),
     ],
 )
 def test_bad_values_name_their_source(

@@ -39,9 +39,10 @@ from corral.errors import (
     NodeLostError,
     SupervisorClosedError,
 )
-from corral.supervisor import Supervisor, WorkerEvent
-from corral.supervisor._config import Factory
+from corral.supervisor import WorkerEvent
+from corral.supervisor._config import Factory, serialise_factory
 from corral.supervisor._shared import Subscription, check_method, read_events
+from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.tenants import check_tenant
 
 from ._directory import Directory
@@ -116,7 +117,11 @@ class ClusterSupervisor:
             if name in supervisor_options:
                 raise ValueError(f"{name} cannot be carried to the cluster's nodes")
         # Checked now, as the local Supervisor checks them (the agents build theirs later).
-        Supervisor(factory, **supervisor_options)
+        # ``probe`` is code the Supervisor takes beside its options; it is carried as given.
+        serialise_factory(factory)
+        checked = SupervisorOptions(
+            **{name: value for name, value in supervisor_options.items() if name != "probe"}
+        )
         if not namespace:
             raise ValueError("namespace must be a non-empty str")
         self._factory = factory
@@ -127,8 +132,8 @@ class ClusterSupervisor:
         self._on_event = on_event
         self._report_interval = report_interval
         self._stats_interval = stats_interval
-        self._call_timeout = supervisor_options.get("call_timeout", 30.0)
-        self._max_frame = supervisor_options.get("max_frame_bytes", 64 * 2**20)
+        self._call_timeout = checked.call_timeout
+        self._max_frame = checked.max_frame_bytes
         self._id = uuid.uuid4().hex
         self._state = "new"  # "new" -> "running" -> "closing" -> "closed"
         self._owns_ray = False

@@ -7,12 +7,12 @@ takes, its default and its help text. That one declaration gives the flag
 (``max_workers``), parses and checks their text the same way, and writes the line
 ``--help`` shows. Two groups:
 
-* :data:`OPTIONS`, one per option of :class:`corral.Supervisor` whose value can be
-  written down (numbers, sizes, durations, names, the sandbox preset, the
-  environment), derived from the constructor's signature, with the help text taken
-  from its docstring's ``Args:`` (a new option appears here without a change). Options
-  that take code (``on_event``, ``launcher``, ``probe``, ``clock``) are for embedding
-  only. TOML table ``[supervisor]``.
+* :data:`OPTIONS`, one per field of :class:`corral.SupervisorOptions` (the Supervisor's
+  options whose value can be written down: numbers, sizes, durations, names, the
+  sandbox preset, the environment), derived from the field's type, default and help
+  text (a new option appears here without a change). Options that take code
+  (``on_event``, ``launcher``, ``probe``, ``clock``) are for embedding only. TOML table
+  ``[supervisor]``.
 * :data:`SERVER`, the gateway's own settings (``host``, ``port``, ``factory``, the Ray
   cluster to serve through: ``ray``, ``ray_namespace``, ``ray_on_exit``, ...). TOML
   table ``[server]``.
@@ -22,8 +22,8 @@ Sources win in this order: flag, environment variable, config file, default.
 flag, variable or key it came from.
 
 Not here: the HTTP app (``_app``), the command itself (``corral.cli._serve``), and the
-range checks the Supervisor makes itself (``corral.supervisor._config``), which run when
-it is constructed.
+range checks of the Supervisor's options (``SupervisorOptions``), which :func:`resolve`
+runs on what it found.
 
 Long because every setting of ``corral serve`` is declared here, each with the parsing
 and checks of its kind (sizes, durations, fractions, addresses, the sandbox preset), so
@@ -33,7 +33,6 @@ that flag, variable and config file cannot disagree.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import re
 import tomllib
@@ -43,8 +42,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.sandbox import Sandbox
-from corral.supervisor.supervisor import Supervisor
 
 __all__ = [
     "OPTIONS",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CORRAL_"
-_CODE_OPTIONS = {"factory", "on_event", "launcher", "probe", "clock"}
 _SIZES = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}  # fmt: skip
@@ -103,7 +103,7 @@ class Option:
             ``"list"`` or ``"env"``.
         optional: ``none`` (or ``off``) is a value, meaning None.
         default: the value when no source gives one (shown in ``--help``).
-        help: what the setting does (for Supervisor options, the docstring's text).
+        help: what the setting does (for Supervisor options, ``SupervisorOptions.help``).
     """
 
     def __init__(
@@ -324,43 +324,14 @@ def _environment(text: str) -> dict[str, str]:
 # -- the declarations --------------------------------------------------------------------------
 
 
-def _docstring_args(doc: str) -> dict[str, str]:
-    """``name: text`` entries of a Google-style ``Args:`` section, one line each;
-    ``a / b: text`` gives both names the text."""
-    out: dict[str, str] = {}
-    lines = inspect.cleandoc(doc).splitlines()
-    try:
-        start = lines.index("Args:") + 1
-    except ValueError:
-        return out
-    names: list[str] = []
-    for line in lines[start:]:
-        if line and not line.startswith(" "):
-            break  # the next section
-        entry = re.fullmatch(r" {4}([\w /]+?):\s*(.*)", line)
-        if entry:
-            names = [n.strip() for n in entry.group(1).split("/")]
-            for name in names:
-                out[name] = entry.group(2)
-        elif line.strip():
-            for name in names:
-                out[name] += " " + line.strip()
-    return {
-        name: re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "") for name, text in out.items()
-    }
-
-
 def _supervisor_options() -> dict[str, Option]:
-    hints = typing.get_type_hints(Supervisor.__init__)
-    docs = _docstring_args(Supervisor.__doc__ or "")
-    out = {}
-    for name, param in inspect.signature(Supervisor.__init__).parameters.items():
-        if name == "self" or name in _CODE_OPTIONS:
-            continue
-        if name not in docs:
-            raise TypeError(f"Supervisor option {name} has no text in the docstring's Args")
-        out[name] = Option.from_annotation(name, hints[name], param.default, docs[name])
-    return out
+    hints = typing.get_type_hints(SupervisorOptions)  # Annotated help texts stripped
+    return {
+        field.name: Option.from_annotation(
+            field.name, hints[field.name], field.default, SupervisorOptions.help(field.name)
+        )
+        for field in msgspec.structs.fields(SupervisorOptions)
+    }
 
 
 OPTIONS: dict[str, Option] = _supervisor_options()
@@ -510,7 +481,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         environ: the environment (``os.environ``); empty variables count as unset.
 
     Raises:
-        ValueError: a bad value, unknown key or unreadable config file, the source named.
+        ValueError: a bad value, unknown key or unreadable config file, the source named;
+            or Supervisor options that :class:`SupervisorOptions` refuses (out of range,
+            a soft memory limit not below the hard one), in its words.
     """
     config_text = _given(CONFIG, args, environ)
     server: dict[str, Any] = {name: option.default for name, option in SERVER.items()}
@@ -530,6 +503,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
             given = _given(option, args, environ)
             if given is not None:
                 table[option.name] = option.from_text(*given)
+    SupervisorOptions(**supervisor)  # checked now, before anything starts
     return Settings(server, supervisor)
 
 

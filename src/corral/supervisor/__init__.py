@@ -7,6 +7,7 @@ Imports ``corral.ipc``; never ``corral.worker`` (that runs in other processes).
 from corral.supervisor._config import DEFAULT_ENV_ALLOWLIST
 from corral.supervisor._handle import WorkerInfo
 from corral.supervisor._lifecycle import Rung, StopReason, StopReport, WorkerState
+from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.sandbox import Sandbox, SandboxUnavailableError
 from corral.supervisor.supervisor import Supervisor, SupervisorStats, WorkerEvent
 from corral.supervisor.sync import SyncSupervisor
@@ -19,6 +20,7 @@ __all__ = [
     "StopReason",
     "StopReport",
     "Supervisor",
+    "SupervisorOptions",
     "SupervisorStats",
     "SyncSupervisor",
     "WorkerEvent",

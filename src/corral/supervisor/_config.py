@@ -1,11 +1,12 @@
 """Checking a Supervisor's options before anything starts.
 
-Covers: numbers of seconds and counts, the factory (an import
-string checked for shape, or a callable serialised with dill here, so that an
-unpicklable factory fails at construction, not at the first call), and the
-workers' environment (allowlist plus extras, validated). Not here: what the
-options do (see :mod:`corral.supervisor.supervisor`), tenant keys
-(:mod:`corral.supervisor.tenants`).
+Covers: the checks :class:`~corral.supervisor.options.SupervisorOptions` runs on its
+values (numbers of seconds and counts, memory sizes, the workers' extra environment
+variables), the factory (an import string checked for shape, or a callable serialised
+with dill here, so that an unpicklable factory fails at construction, not at the first
+call), and the workers' environment (allowlist plus extras). Not here: the options
+themselves and their help texts (:mod:`corral.supervisor.options`), what they do
+(:mod:`corral.supervisor.supervisor`), tenant keys (:mod:`corral.supervisor.tenants`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
     "Factory",
     "check_count",
+    "check_env",
     "check_memory",
+    "check_number",
     "check_seconds",
     "serialise_factory",
     "worker_environment",
@@ -38,6 +41,12 @@ def check_count(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_number(name: str, value: object) -> None:
+    """A number of seconds: an int or a float, never a bool or NaN (any range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+
+
 def check_seconds(
     name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
 ) -> None:
@@ -45,8 +54,7 @@ def check_seconds(
         if allow_none:
             return
         raise ValueError(f"{name} must be a number of seconds, got None")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    check_number(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
@@ -102,9 +110,15 @@ def worker_environment(
     variables plus ``extra``. Raises ValueError for a name or value exec would refuse."""
     env = {k: os.environ[k] for k in allowlist if k in os.environ}
     env.update(extra or {})
+    check_env(env)
+    return env
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Raises ValueError for a name or value exec would refuse (not a str, an empty
+    name, ``=`` in a name, a NUL anywhere)."""
     for key, setting in env.items():
         if not isinstance(key, str) or not isinstance(setting, str):
             raise ValueError(f"env: names and values must be str, got {key!r}={setting!r}")
         if not key or "=" in key or "\0" in key or "\0" in setting:
             raise ValueError(f"env: {key!r} is not a valid environment variable")
-    return env
