@@ -12,8 +12,12 @@ warden, which starts every worker, is never held by a tree of 100,000 files.
 Directories are named ``corral-scratch-<warden pid>-*``; a new warden removes those of
 wardens that no longer exist.
 
-Not here: the worker's side (``_sandbox`` makes the directory its cwd and the only
-writable place under Landlock).
+This module keeps no state: :func:`make` returns a :class:`Scratch` record, and
+:func:`release` returns the pid of the child removing it, if any.
+
+Not here: which worker or remover child holds which directory, and reaping the removers
+(the warden's per-child records: ``_children``, ``_warden``); the worker's side
+(``_sandbox`` makes the directory its cwd and the only writable place under Landlock).
 """
 
 from __future__ import annotations
@@ -24,9 +28,20 @@ import os
 import shutil
 import tempfile
 
+import msgspec
+
 from corral.worker._os import check, libc
 
-__all__ = ["PREFIX", "ScratchDirs", "detect_quota"]
+__all__ = [
+    "PREFIX",
+    "Scratch",
+    "detect_quota",
+    "make",
+    "release",
+    "remove_now",
+    "remove_stale",
+    "remove_tree",
+]
 
 PREFIX = "corral-scratch-"
 _MS_NOSUID = 2
@@ -77,81 +92,71 @@ def detect_quota() -> str:
     return "available (tmpfs, nosuid,nodev)"
 
 
-class ScratchDirs:
-    """The scratch directories of one warden's live workers, and their removal."""
+class Scratch(msgspec.Struct, frozen=True):
+    """One scratch directory, from :func:`make` to :func:`release` (or :func:`remove_now`).
+    Which worker uses it is the warden's record of that worker, not kept here."""
 
-    def __init__(self) -> None:
-        self._dirs: dict[int, str] = {}  # worker pid -> its scratch directory
-        self._mounted: set[str] = set()  # the ones that are a tmpfs
-        self._removing: dict[int, str] = {}  # remover pid -> the directory it removes
+    path: str  # e.g. "/tmp/corral-scratch-4242-k3j9x_2a"
+    mounted: bool  # a tmpfs of its own (goes with one unmount), else a plain directory
 
-    def make(self, uid: int | None, size: int | None, inodes: int | None) -> str:
-        """A new scratch directory, owned by ``uid`` (if any); a tmpfs when ``size`` is
-        set. Raises OSError (nothing is left behind)."""
-        path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+
+def make(uid: int | None, size: int | None, inodes: int | None) -> Scratch:
+    """A new scratch directory, owned by ``uid`` (if any); a tmpfs when ``size`` is set.
+
+    Raises:
+        OSError: it could not be made or mounted (nothing is left behind).
+    """
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    try:
+        if size is not None:
+            _mount_tmpfs(path, size, inodes or 16_384, uid)
+            return Scratch(path, mounted=True)
+        if uid is not None:
+            os.chown(path, uid, uid)
+    except OSError:
+        os.rmdir(path)
+        raise
+    return Scratch(path, mounted=False)
+
+
+def release(scratch: Scratch) -> int | None:
+    """Remove a scratch directory that no process uses any more, without blocking on its
+    contents: a tmpfs is detached; a plain directory is removed by a child process
+    (inline only if no child can be forked).
+
+    Returns:
+        The pid of that child, which the caller reaps (and must not take for an orphan
+        meanwhile); None if the directory is gone already.
+    """
+    if scratch.mounted:
         try:
-            if size is not None:
-                _mount_tmpfs(path, size, inodes or 16_384, uid)
-                self._mounted.add(path)
-            elif uid is not None:
-                os.chown(path, uid, uid)
+            _unmount(scratch.path)
+            os.rmdir(scratch.path)
+            return None
         except OSError:
-            os.rmdir(path)
-            raise
-        return path
-
-    def adopt(self, pid: int, path: str) -> None:
-        self._dirs[pid] = path
-
-    def is_remover(self, pid: int) -> bool:
-        return pid in self._removing
-
-    def reaped(self, pid: int) -> bool:
-        """A child of ours was reaped: True if it was one of our removers."""
-        return self._removing.pop(pid, None) is not None
-
-    def release(self, pid: int) -> None:
-        """The worker ``pid`` was reaped: remove its scratch directory without waiting."""
-        path = self._dirs.pop(pid, None)
-        if path is not None:
-            self.discard(path)
-
-    def discard(self, path: str) -> None:
-        """Remove a directory that no worker uses any more, without blocking on its
-        contents: a tmpfs is detached; a plain directory is removed by a child process
-        (inline only if no child can be forked)."""
-        if path in self._mounted:
-            self._mounted.discard(path)
-            try:
-                _unmount(path)
-                os.rmdir(path)
-                return
-            except OSError:
-                pass  # still there: remove what is in it like a plain directory
+            pass  # still there: remove what is in it like a plain directory
+    try:
+        pid = os.fork()
+    except OSError:
+        remove_tree(scratch.path)
+        return None
+    if pid == 0:
         try:
-            pid = os.fork()
-        except OSError:
-            remove_tree(path)
-            return
-        if pid == 0:
-            try:
-                remove_tree(path)
-            finally:
-                os._exit(0)
-        self._removing[pid] = path
+            remove_tree(scratch.path)
+        finally:
+            os._exit(0)
+    return pid
 
-    def remove_all(self) -> None:
-        """At the warden's exit (every child is gone): remove what is left, inline."""
-        for path in (*self._dirs.values(), *self._removing.values()):
-            if path in self._mounted:
-                try:
-                    _unmount(path)
-                except OSError:
-                    pass
-            remove_tree(path)
-        self._dirs.clear()
-        self._removing.clear()
-        self._mounted.clear()
+
+def remove_now(scratch: Scratch) -> None:
+    """Remove a scratch directory inline: at the warden's exit, once every child (a
+    remover of this very directory, too) is gone."""
+    if scratch.mounted:
+        try:
+            _unmount(scratch.path)
+        except OSError:
+            pass
+    remove_tree(scratch.path)
 
 
 def remove_tree(path: str) -> None:

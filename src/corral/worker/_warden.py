@@ -15,7 +15,11 @@ orphans are SIGKILLed and reaped. When the supervisor dies (control socket EOF,
 or the parent-death signal), the warden SIGKILLs every descendant, reaps them
 and exits. Workers also carry a parent-death SIGKILL tied to the warden.
 
-Does not cover: the request protocol (``_loop``) or sandboxing.
+It keeps one record (``_children``) per child it has not reaped yet: a worker or a
+scratch remover; a child without one is an orphan.
+
+Does not cover: the request protocol (``_loop``), sandboxing (``_sandbox``,
+``_privileged``), cgroups (``_cgroup``) or scratch directories (``_scratch``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from corral.ipc import (
 from corral.ipc.launch import boot_argv
 from corral.worker import _loop, _privileged, _sandbox, _scratch
 from corral.worker._cgroup import Cgroups, Leaves, detect
+from corral.worker._children import Child, ScratchRemover, Worker
 from corral.worker._os import (
     HOST_PID_ENV,
     limit_data_segment,
@@ -83,14 +88,12 @@ class Warden:
             else None
         )
         self._uid_slots: _privileged.UidSlots | None = None
-        self._uids: dict[int, int] = {}  # worker pid -> its dedicated uid
-        self._init_status: dict[int, int] = {}  # init pid -> read end of its status pipe
+        # Every child not reaped yet, e.g. {4242: Worker(4242, 200017, 9, Scratch(...))}.
+        self._children: dict[int, Child] = {}
         self._cgroups = cgroups  # memory and pids hierarchies (v2 or v1), per-worker leaves
         self._python = python
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
-        self._workers: set[int] = set()
-        self._scratch = _scratch.ScratchDirs()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
 
@@ -181,7 +184,8 @@ class Warden:
             self._send(SpawnFailed(msg.id, f"expected 3 fds, got {len(fds)}"))
             return
         spec = msg.sandbox
-        scratch = uid = None
+        scratch: _scratch.Scratch | None = None
+        uid = None
         leaves = Leaves((), None)
         status_r = status_w = -1
         try:
@@ -197,7 +201,7 @@ class Warden:
                     self._uid_slots = _privileged.UidSlots(*spec.uid_range)
                 uid = self._uid_slots.acquire()
             if spec.scratch:
-                scratch = self._scratch.make(uid, spec.scratch_bytes, spec.scratch_inodes)
+                scratch = _scratch.make(uid, spec.scratch_bytes, spec.scratch_inodes)
             if spec.namespaces:
                 if not self._namespaces:
                     raise OSError("namespaces are not available here")
@@ -210,7 +214,7 @@ class Warden:
                 if fd >= 0:
                     os.close(fd)
             if scratch is not None:
-                self._scratch.discard(scratch)
+                self._release_scratch(scratch)
             self._cgroups.discard(leaves)
             if uid is not None and self._uid_slots is not None:
                 self._uid_slots.release(uid)
@@ -220,14 +224,11 @@ class Warden:
             _loop.run_and_exit(lambda: self._child(fds, msg, leaves, scratch, uid, status_w))
         for fd in fds:
             os.close(fd)
+        init_status = None
         if status_w >= 0:
             os.close(status_w)
-            self._init_status[pid] = status_r
-        if uid is not None:
-            self._uids[pid] = uid
-        self._workers.add(pid)
-        if scratch is not None:
-            self._scratch.adopt(pid, scratch)
+            init_status = status_r
+        self._children[pid] = Worker(pid, uid, init_status, scratch)
         self._cgroups.adopt(pid, leaves)
         self._send(WorkerSpawned(msg.id, pid, leaves.memory))
 
@@ -236,7 +237,7 @@ class Warden:
         fds: list[int],
         msg: SpawnWorker,
         leaves: Leaves,
-        scratch: str | None,
+        scratch: _scratch.Scratch | None,
         uid: int | None,
         status_w: int,
     ) -> int:
@@ -285,7 +286,7 @@ class Warden:
         os.closerange(WORKER_FD_OUT + 1, _max_fd())
         # Then: rlimits, scratch dir, uid, parent-death signal, no-new-privs, Landlock,
         # seccomp.
-        _sandbox.apply(msg.sandbox, scratch, uid, parent_pid)
+        _sandbox.apply(msg.sandbox, scratch.path if scratch is not None else None, uid, parent_pid)
         tempfile.tempdir = None  # the warden's cached /tmp: let tempfile follow TMPDIR
         if exec_fresh:
             argv = boot_argv(
@@ -299,7 +300,8 @@ class Warden:
     # -- signals and reaping -----------------------------------------------------------------
 
     def _kill(self, msg: KillWorker) -> None:
-        if msg.pid not in self._workers:
+        worker = self._children.get(msg.pid)
+        if not isinstance(worker, Worker):
             return  # already reaped: its pid may belong to someone else now
         victims: list[psutil.Process] = []
         if msg.signal == signal.SIGKILL:
@@ -307,7 +309,7 @@ class Warden:
                 victims = psutil.Process(msg.pid).children(recursive=True)
             except psutil.Error:
                 victims = []
-            if msg.pid in self._init_status:
+            if worker.init_status is not None:
                 # A namespace's init: kill everything below it and let it report how its
                 # worker ended (killed, or exited a moment ago: a crash must not read as
                 # our SIGKILL). It exits at once, and the kernel kills any straggler.
@@ -337,23 +339,10 @@ class Warden:
                 break
             if pid == 0:
                 break
-            if pid in self._workers:
-                self._workers.discard(pid)
-                status = self._worker_status(pid, status)
-                try:
-                    os.killpg(pid, signal.SIGKILL)  # whatever the worker left in its group
-                except OSError:  # gone (or, without root, not ours to signal)
-                    pass
-                self._kill_orphans()
-                # Everything left in its cgroups dies: its whole tree, setsid'd and
-                # reparented descendants too (its memory leaf alone is enough for that).
-                oom = self._cgroups.reaped(pid)
-                self._scratch.release(pid)
-                uid = self._uids.pop(pid, None)
-                if uid is not None and self._uid_slots is not None:
-                    self._uid_slots.release(uid)  # its whole tree is gone: free to reuse
-                self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status), oom))
-            elif not self._scratch.reaped(pid):  # not a scratch remover: an orphan
+            child = self._children.pop(pid, None)
+            if isinstance(child, Worker):
+                self._worker_reaped(child, status)
+            elif child is None:  # not ours to report: an orphan
                 orphans_died = True
         if orphans_died:
             # Orphans we adopted have died. Their own children (say, a daemon that
@@ -363,10 +352,34 @@ class Warden:
             self._kill_orphans()
             self._cgroups.sweep()
 
-    def _worker_status(self, pid: int, status: int) -> int:
+    def _worker_reaped(self, worker: Worker, status: int) -> None:
+        """Finish off what the worker left, release what was set up for it and report its
+        exit. Its record is gone already."""
+        status = self._worker_status(worker, status)
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # whatever the worker left in its group
+        except OSError:  # gone (or, without root, not ours to signal)
+            pass
+        self._kill_orphans()
+        # Everything left in its cgroups dies: its whole tree, setsid'd and reparented
+        # descendants too (its memory leaf alone is enough for that).
+        oom = self._cgroups.reaped(worker.pid)
+        if worker.scratch is not None:
+            self._release_scratch(worker.scratch)
+        if worker.uid is not None and self._uid_slots is not None:
+            self._uid_slots.release(worker.uid)  # its whole tree is gone: free to reuse
+        self._send(WorkerExited(worker.pid, os.waitstatus_to_exitcode(status), oom))
+
+    def _release_scratch(self, scratch: _scratch.Scratch) -> None:
+        remover = _scratch.release(scratch)
+        if remover is not None:
+            self._children[remover] = ScratchRemover(remover, scratch)
+
+    @staticmethod
+    def _worker_status(worker: Worker, status: int) -> int:
         """The worker's own wait status: for a namespace init, what it reported on its
         status pipe (if it lived to report; else it was killed, and its status is it)."""
-        status_r = self._init_status.pop(pid, None)
+        status_r = worker.init_status
         if status_r is None:
             return status
         try:
@@ -383,14 +396,14 @@ class Warden:
         """Children that are not workers were reparented to us: a worker's escaped
         descendants (double fork). Nobody can tell whose they are; they go. (A child of
         ours keeps its pid until we reap it, so signalling it by pid is safe.)"""
-        for pid in self._children():
-            if pid not in self._workers and not self._scratch.is_remover(pid):
+        for pid in self._child_pids():
+            if pid not in self._children:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
 
-    def _children(self) -> list[int]:
+    def _child_pids(self) -> list[int]:
         """Our direct children: the kernel's list for our (only) thread, which costs a
         read of our own, not a scan of every process on the host; psutil where the
         kernel has no such list."""
@@ -408,9 +421,11 @@ class Warden:
         process forked after one round's snapshot is caught by the next."""
         while True:
             self._cgroups.kill_all()
-            for pid in self._workers:
+            for child in self._children.values():
+                if not isinstance(child, Worker):
+                    continue
                 try:
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(child.pid, signal.SIGKILL)
                 except OSError:  # gone (or, without root, not ours to signal)
                     pass
             try:
@@ -429,7 +444,9 @@ class Warden:
             except InterruptedError:
                 pass
         self._cgroups.remove_all()
-        self._scratch.remove_all()
+        for child in self._children.values():  # none of them runs any more
+            if child.scratch is not None:
+                _scratch.remove_now(child.scratch)
         os._exit(0)
 
 
