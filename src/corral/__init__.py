@@ -25,6 +25,7 @@ from corral.errors import (
     WorkerStoppedError,
 )
 from corral.supervisor import (
+    LayerStatus,
     Rung,
     Sandbox,
     StopReason,
@@ -33,9 +34,13 @@ from corral.supervisor import (
     SupervisorOptions,
     SupervisorStats,
     SyncSupervisor,
+    TenantBackoff,
     WorkerEvent,
     WorkerInfo,
+    WorkerReady,
+    WorkerStarting,
     WorkerState,
+    WorkerStopped,
 )
 from corral.supervisor.tenants import TENANT_MAX_BYTES, TENANT_RULE, check_tenant
 
@@ -51,6 +56,7 @@ __all__ = [
     "CorralError",
     "InvalidCallError",
     "KernelError",
+    "LayerStatus",
     "MemoryLimitError",
     "MemoryPressureError",
     "NodeLostError",
@@ -66,11 +72,15 @@ __all__ = [
     "SupervisorStats",
     "SyncClusterSupervisor",
     "SyncSupervisor",
+    "TenantBackoff",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerEvent",
     "WorkerInfo",
+    "WorkerReady",
+    "WorkerStarting",
     "WorkerState",
+    "WorkerStopped",
     "WorkerStoppedError",
     "__version__",
     "check_tenant",

@@ -18,8 +18,6 @@ worker sends is ever unpickled or mapped back to a Python class.
 
 from __future__ import annotations
 
-import signal as _signal
-
 from corral._text import one_line
 
 __all__ = [
@@ -38,7 +36,6 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStoppedError",
-    "describe_exit",
 ]
 
 
@@ -230,33 +227,3 @@ class KernelError(CorralError):
             f"{one_line(remote_type, 200)}: {one_line(remote_message, 2000)} "
             f"(in {tenant!r}.{method})"
         )
-
-
-def describe_exit(returncode: int | None) -> str:
-    """Say in words how a process ended, with the likely cause.
-
-    Args:
-        returncode: as from ``waitpid``: >= 0 an exit code, < 0 a signal number,
-            None unknown (the process was not reaped by us).
-    """
-    if returncode is None:
-        return "exit status unknown"
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    signum = -returncode
-    try:
-        name = _signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    hints = {
-        _signal.SIGKILL: "out of memory, or killed from outside?",
-        _signal.SIGSEGV: "segmentation fault in native code?",
-        _signal.SIGABRT: "abort() in native code?",
-        _signal.SIGBUS: "bus error in native code?",
-        _signal.SIGXCPU: "CPU time limit reached?",
-        _signal.SIGTERM: "terminated from outside?",
-    }
-    hint = (
-        hints.get(_signal.Signals(signum)) if signum in _signal.Signals._value2member_map_ else None
-    )
-    return f"killed by {name}" + (f" ({hint})" if hint else "")

@@ -31,6 +31,7 @@ import httpx
 import psutil
 import pytest
 
+from corral import LayerStatus
 from corral.server._dashboard import DASHBOARD_HTML
 from tests.helpers import Served, wait_pids_exit
 
@@ -531,7 +532,12 @@ def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) ->
         assert DURATION.match(rows[tenant]["idle"]), rows[tenant]
 
     # The sandbox layers in force, as stats().sandbox gives them.
-    assert stats["sandbox"] and page["sandbox"] == stats["sandbox"], page["sandbox"]
+    # (each as one line, as LayerStatus's str() writes it)
+    shown = {
+        layer: str(LayerStatus(status["state"], status.get("detail", "")))
+        for layer, status in stats["sandbox"].items()
+    }
+    assert shown and page["sandbox"] == shown, (page["sandbox"], shown)
 
     # The stop: its date and time (UTC here), the reason, the key cut like the row's.
     [stop] = page["stops"]

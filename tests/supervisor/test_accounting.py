@@ -187,7 +187,7 @@ async def test_fork_and_thread_bombs_hit_the_pids_bound_and_the_worker_serves_on
             await start_strict(sup)
         else:
             await sup.start()
-        report = sup.stats().sandbox["cgroup_tree"]
+        report = str(sup.stats().sandbox["cgroup_tree"])
         if not report.startswith("on"):
             pytest.skip(f"no pids cgroup here: {report}")
         pid = await sup.call("t", "whoami")

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from corral.errors import describe_exit
 from corral.supervisor._backoff import BackoffPolicy, RestartTracker
+from corral.supervisor._outcomes import describe_exit
 from tests.helpers import FakeClock
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def brief(events: list[WorkerEvent]) -> list[tuple[str, str, str | None]]:
-    return [(e.kind, e.tenant, e.reason) for e in events]
+    return [(e.kind, e.tenant, getattr(e, "reason", None)) for e in events]
 
 
 async def test_start_ready_crash_backoff_and_close_arrive_in_order() -> None:

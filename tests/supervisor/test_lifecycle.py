@@ -9,14 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from corral.errors import CorralError, InvariantError
-from corral.supervisor._lifecycle import (
-    Event,
-    Rung,
-    StopReason,
-    StopReport,
-    WorkerState,
-    transition,
-)
+from corral.supervisor._lifecycle import WARM_REPLY, WARM_SEND, Ending, Event, transition
+from corral.supervisor.records import Rung, StopReason, StopReport, WorkerState
 
 S = WorkerState
 E = Event
@@ -35,11 +29,10 @@ ALLOWED: dict[tuple[WorkerState, Event], WorkerState] = {
     (S.READY, E.PROCESS_EXITED): S.DEAD,
     (S.BUSY, E.ALL_REPLIED): S.READY,
     (S.BUSY, E.EVICTED): S.DRAINING,
-    (S.BUSY, E.DEADLINE_PASSED): S.STOPPING,
     (S.BUSY, E.KILL_REQUESTED): S.STOPPING,
     (S.BUSY, E.PROCESS_EXITED): S.DEAD,
     (S.DRAINING, E.ALL_REPLIED): S.STOPPING,
-    (S.DRAINING, E.DEADLINE_PASSED): S.STOPPING,
+    (S.DRAINING, E.DRAIN_TIMED_OUT): S.STOPPING,
     (S.DRAINING, E.KILL_REQUESTED): S.STOPPING,
     (S.DRAINING, E.PROCESS_EXITED): S.DEAD,
     (S.STOPPING, E.KILL_REQUESTED): S.STOPPING,
@@ -77,7 +70,36 @@ def test_disallowed_transition_raises_and_leaves_the_state(
 
 def test_the_specification_covers_every_pair() -> None:
     assert len(ALLOWED) + len(DISALLOWED) == len(S) * len(E)
-    assert len(DISALLOWED) == 28
+    assert len(DISALLOWED) == 29
+
+
+@pytest.mark.parametrize("spelled_out", [WARM_SEND, WARM_REPLY], ids=["send", "reply"])
+def test_the_warm_path_transitions_the_handle_spells_out_are_the_tables(
+    spelled_out: tuple[WorkerState, Event, WorkerState],
+) -> None:
+    start, event, end = spelled_out
+    assert ALLOWED[(start, event)] is end
+    assert transition(FakeHandle(start), event) is end
+
+
+def test_the_handle_spells_out_exactly_the_warm_transitions() -> None:
+    """Every write of ``state`` in the handle outside transition() is one of the two warm
+    ones, from the state it names: read from the handle's source."""
+    import inspect
+    import re
+
+    from corral.supervisor import _handle
+
+    source = inspect.getsource(_handle)
+    writes = re.findall(r"self\.state = S\.(\w+)", source)
+    assert writes[0] == "STARTING", writes  # the initial state, in __init__
+    writes = writes[1:]
+    assert sorted(writes) == sorted([WARM_SEND[2].name, WARM_REPLY[2].name]), writes
+    for start, _event, end in (WARM_SEND, WARM_REPLY):
+        guard = re.search(
+            rf"if self\.state is S\.{start.name}:\n\s+self\.state = S\.{end.name}", source
+        )
+        assert guard is not None, f"{start.name} -> {end.name} is not guarded by its from-state"
 
 
 def test_dead_is_final() -> None:
@@ -104,14 +126,18 @@ def test_invariant_error_is_a_corral_error() -> None:
             [E.HELLO_RECEIVED, E.CALL_SENT, E.EVICTED, E.ALL_REPLIED, E.PROCESS_EXITED],
             [S.READY, S.BUSY, S.DRAINING, S.STOPPING, S.DEAD],
         ),
-        (  # a call timed out, then the worker had to be killed
-            [E.HELLO_RECEIVED, E.CALL_SENT, E.DEADLINE_PASSED, E.KILL_REQUESTED, E.PROCESS_EXITED],
+        (  # a call timed out: killed (and SIGKILLed again while stopping)
+            [E.HELLO_RECEIVED, E.CALL_SENT, E.KILL_REQUESTED, E.KILL_REQUESTED, E.PROCESS_EXITED],
             [S.READY, S.BUSY, S.STOPPING, S.STOPPING, S.DEAD],
+        ),
+        (  # evicted while busy, and its calls outlived drain_timeout
+            [E.HELLO_RECEIVED, E.CALL_SENT, E.EVICTED, E.DRAIN_TIMED_OUT, E.PROCESS_EXITED],
+            [S.READY, S.BUSY, S.DRAINING, S.STOPPING, S.DEAD],
         ),
         ([E.START_FAILED, E.PROCESS_EXITED], [S.STOPPING, S.DEAD]),
         ([E.HELLO_RECEIVED, E.CALL_SENT, E.PROCESS_EXITED], [S.READY, S.BUSY, S.DEAD]),
     ],
-    ids=["idle-evict", "drain", "timeout-kill", "start-failed", "crash"],
+    ids=["idle-evict", "drain", "timeout-kill", "drain-timeout", "start-failed", "crash"],
 )
 def test_paths_through_the_machine(events: list[Event], states: list[WorkerState]) -> None:
     handle = FakeHandle(S.STARTING)
@@ -150,3 +176,65 @@ def test_stop_report_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         report.returncode = 1  # type: ignore[misc]
     assert report.returncode == 0
+
+
+# --- Ending: the one record of a stop -----------------------------------------------------------
+
+KILLED = -int(signal.SIGKILL)
+
+
+def test_the_first_reason_decided_is_reported() -> None:
+    ending = Ending()
+    ending.decide(StopReason.CALL_TIMEOUT)
+    ending.decide(StopReason.CLOSED)
+    ending.climb(Rung.KILL)
+    assert ending.close(KILLED, oom_killed=False) == StopReport(
+        StopReason.CALL_TIMEOUT, Rung.KILL, KILLED
+    )
+
+
+def test_the_rung_only_climbs() -> None:
+    ending = Ending()
+    for rung in (Rung.TERM, Rung.ASK, Rung.NONE):
+        ending.climb(rung)
+    assert ending.rung is Rung.TERM
+    ending.climb(Rung.KILL)
+    assert ending.rung is Rung.KILL
+
+
+@pytest.mark.parametrize(
+    ("decided", "pipe_closed", "returncode", "oom", "reason", "rung"),
+    [
+        # nobody asked, it exited or was killed from outside: a crash, no rung of ours
+        (None, False, 3, False, StopReason.CRASHED, Rung.NONE),
+        (None, False, KILLED, False, StopReason.CRASHED, Rung.NONE),
+        # its pipe closed, corral's SIGKILL ended it; or it exited first by itself
+        (None, True, KILLED, False, StopReason.PIPE_CLOSED, Rung.KILL),
+        (None, True, 1, False, StopReason.CRASHED, Rung.NONE),
+        # no exit status: its warden died
+        (None, False, None, False, StopReason.WARDEN_DIED, Rung.KILL),
+        # the OS's out-of-memory kill overrides a soft-limit recycle, not a timeout
+        (StopReason.MEMORY_LIMIT, False, KILLED, True, StopReason.MEMORY_HARD_LIMIT, Rung.NONE),
+        (None, False, KILLED, True, StopReason.MEMORY_HARD_LIMIT, Rung.NONE),
+        (StopReason.CALL_TIMEOUT, False, KILLED, True, StopReason.CALL_TIMEOUT, Rung.KILL),
+        # a decided stop keeps its reason and its rung
+        (StopReason.LRU, False, 0, False, StopReason.LRU, Rung.KILL),
+    ],
+)
+def test_close_settles_the_reason_and_the_rung(
+    decided: StopReason | None,
+    pipe_closed: bool,
+    returncode: int | None,
+    oom: bool,
+    reason: StopReason,
+    rung: Rung,
+) -> None:
+    ending = Ending()
+    if decided is not None:
+        ending.decide(decided)
+    if pipe_closed:
+        ending.lost_pipe()
+    ending.climb(Rung.KILL)
+    report = ending.close(returncode, oom_killed=oom)
+    assert report == StopReport(reason, rung, returncode)
+    assert ending.report is report and ending.reason is reason and ending.rung is rung

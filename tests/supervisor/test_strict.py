@@ -92,7 +92,7 @@ async def test_each_worker_has_its_own_uid_pid_namespace_and_nothing_else_in_vie
         assert me["interfaces"] == ["lo"]  # no way out
         assert me["nproc"] == [64, 64]  # RLIMIT_NPROC counts this uid only
     assert a["uid"] != b["uid"]
-    assert all(report[layer].startswith("on") for layer in report), report
+    assert all(status.on for status in report.values()), report
 
 
 async def test_exit_statuses_come_through_the_init(sup: Supervisor) -> None:
@@ -181,7 +181,8 @@ async def main():
     sandbox = corral.Sandbox(namespaces=True)  # required: no best effort
     async with corral.Supervisor("tests.kernels:make", sandbox=sandbox) as sup:
         me = await sup.call("t", "identity")
-        print(json.dumps({"report": sup.stats().sandbox, "me": me}))
+        report = {layer: str(status) for layer, status in sup.stats().sandbox.items()}
+        print(json.dumps({"report": report, "me": me}))
 
 asyncio.run(main())
 """

@@ -16,6 +16,9 @@ runs: every call but the runaway one has a generous timeout, waits are for
 corral's own events (with generous deadlines, as safety nets only), and the
 only timed claim it checks follows from the order of events, never from a
 measured duration.
+
+Long because the tour is one script, step after step, each with what it shows and what
+it checks, so that it reads as the README's story does.
 """
 
 from __future__ import annotations
@@ -258,15 +261,15 @@ class _Stops:
     wait on (a worker that is gone was removed from ``keys()`` before its event)."""
 
     def __init__(self) -> None:
-        self.seen: list[corral.WorkerEvent] = []
+        self.seen: list[corral.WorkerStopped] = []
         self._changed = asyncio.Event()
 
     def __call__(self, event: corral.WorkerEvent) -> None:
-        if event.kind == "stopped":
+        if isinstance(event, corral.WorkerStopped):
             self.seen.append(event)
             self._changed.set()
 
-    async def wait(self, pid: int | None) -> corral.WorkerEvent:
+    async def wait(self, pid: int | None) -> corral.WorkerStopped:
         """The ``stopped`` event of worker ``pid``, once there is one."""
         while True:
             self._changed.clear()

@@ -37,10 +37,9 @@ from typing import Any, Literal
 import msgspec
 
 from corral.errors import CorralError, StartError
-from corral.supervisor import Supervisor, WorkerEvent
-from corral.supervisor._config import Factory
+from corral.supervisor import Factory, Supervisor, WorkerEvent
 
-from ._wire import NodeWorkerEvent, NodeWorkerInfo, Reply, error_to_wire
+from ._wire import NodeWorkerEvent, NodeWorkerInfo, Reply, error_to_wire, on_node
 
 __all__ = ["NodeAgent"]
 
@@ -239,13 +238,7 @@ class NodeAgent:
         self._wake.set()
 
     def _on_event(self, event: WorkerEvent) -> None:
-        self._events.append(
-            NodeWorkerEvent(
-                **{f: getattr(event, f) for f in event.__struct_fields__},
-                node=self._node,
-                node_address=self._address,
-            )
-        )
+        self._events.append(on_node(event, self._node, self._address))
         if event.kind == "stopped":
             self._maybe_release(event.tenant)
         self._wake.set()

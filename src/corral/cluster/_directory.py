@@ -19,6 +19,9 @@ One async actor, named and detached in corral's namespace, on the head node (the
 state is in memory: if the head node dies, the Ray cluster (its GCS) goes with it.
 Every method's decision is made without an ``await`` in the middle, so decisions
 are atomic with respect to each other.
+
+Long because placement, epochs, releases, node loss, events and the summed stats are
+one actor's state, and each decision must see all of it at once.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from corral.errors import StartError
-from corral.supervisor._config import Factory
+from corral.supervisor import Factory, LayerStatus
 
 from ._agent import NodeAgent
 from ._wire import ClusterStats, NodeStats, NodeWorkerEvent, agent_name, error_to_wire
@@ -486,7 +489,7 @@ class Directory:
         stops: collections.Counter[str] = collections.Counter()
         backoff = 0
         pressure = []
-        sandboxes: dict[str, dict[str, str]] = {}
+        sandboxes: dict[str, dict[str, LayerStatus]] = {}
         enforcement = "none"
         baseline: int | None = None
         for node, result in zip(up, results, strict=True):

@@ -18,6 +18,9 @@ Data flow::
             RayActorError: the node or its agent died: NodeLostError, once; the directory
             is told first, so that the tenant's next call goes elsewhere
     background: directory.watch() long-poll ─▶ placements view (keys, len, in) + events
+
+Long because it is the whole Supervisor API (calls, placement cache, events, stats,
+close) over the cluster's actors, with the node-loss handling each method needs.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from corral.errors import (
 )
 from corral.supervisor import WorkerEvent
 from corral.supervisor._config import Factory, serialise_factory
-from corral.supervisor._shared import Subscription, check_method, read_events
+from corral.supervisor._shared import check_method
+from corral.supervisor.events import Subscription, read_events
 from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.tenants import check_tenant
 
@@ -97,14 +101,16 @@ class ClusterSupervisor:
         report_interval: seconds between an agent's load reports to the directory.
         stats_interval: seconds between refreshes of :meth:`stats`' snapshot while it
             is read.
-        **supervisor_options: every node's local Supervisor options (``max_workers`` is
-            per node; memory limits, sandbox, timeouts, ...), checked here as the local
-            Supervisor checks them.
+        options: every node's local Supervisor options (a
+            :class:`~corral.SupervisorOptions`; ``max_workers`` is per node).
+        **supervisor_options: options by name, on top of ``options`` (as for the local
+            Supervisor), checked here as the local Supervisor checks them.
     """
 
     def __init__(
         self,
         factory: Factory,
+        options: SupervisorOptions | None = None,
         *,
         address: str | None = "auto",
         namespace: str = "corral",
@@ -119,9 +125,10 @@ class ClusterSupervisor:
         # Checked now, as the local Supervisor checks them (the agents build theirs later).
         # ``probe`` is code the Supervisor takes beside its options; it is carried as given.
         serialise_factory(factory)
-        checked = SupervisorOptions(
-            **{name: value for name, value in supervisor_options.items() if name != "probe"}
-        )
+        named = {name: value for name, value in supervisor_options.items() if name != "probe"}
+        checked = SupervisorOptions(**named) if options is None else options.with_(**named)
+        if options is not None:  # the nodes get every option by name, as given here
+            supervisor_options = {**msgspec.structs.asdict(checked), **supervisor_options}
         if not namespace:
             raise ValueError("namespace must be a non-empty str")
         self._factory = factory

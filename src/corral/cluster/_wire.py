@@ -20,18 +20,32 @@ from typing import Any
 import msgspec
 
 from corral import errors
-from corral.supervisor import SupervisorStats, WorkerEvent, WorkerInfo
+from corral.supervisor import (
+    LayerStatus,
+    SupervisorStats,
+    TenantBackoff,
+    WorkerEvent,
+    WorkerInfo,
+    WorkerReady,
+    WorkerStarting,
+    WorkerStopped,
+)
 
 __all__ = [
     "DIRECTORY_NAME",
     "ClusterStats",
     "NodeStats",
+    "NodeTenantBackoff",
     "NodeWorkerEvent",
     "NodeWorkerInfo",
+    "NodeWorkerReady",
+    "NodeWorkerStarting",
+    "NodeWorkerStopped",
     "Reply",
     "agent_name",
     "error_from_wire",
     "error_to_wire",
+    "on_node",
 ]
 
 DIRECTORY_NAME = "corral-directory"
@@ -58,11 +72,50 @@ class NodeWorkerInfo(WorkerInfo, frozen=True):
     node_address: str = ""  # the node's IP address
 
 
-class NodeWorkerEvent(WorkerEvent, frozen=True):
-    """:class:`~corral.WorkerEvent` with the Ray node it happened on."""
+class NodeWorkerStarting(WorkerStarting, frozen=True, tag="starting"):
+    """:class:`~corral.WorkerStarting` on a Ray node."""
+
+    node: str = ""  # Ray node id (hex)
+    node_address: str = ""
+
+
+class NodeWorkerReady(WorkerReady, frozen=True, tag="ready"):
+    """:class:`~corral.WorkerReady` on a Ray node."""
 
     node: str = ""
     node_address: str = ""
+
+
+class NodeWorkerStopped(WorkerStopped, frozen=True, tag="stopped"):
+    """:class:`~corral.WorkerStopped` on a Ray node."""
+
+    node: str = ""
+    node_address: str = ""
+
+
+class NodeTenantBackoff(TenantBackoff, frozen=True, tag="backoff"):
+    """:class:`~corral.TenantBackoff` on a Ray node."""
+
+    node: str = ""
+    node_address: str = ""
+
+
+NodeWorkerEvent = NodeWorkerStarting | NodeWorkerReady | NodeWorkerStopped | NodeTenantBackoff
+"""A :data:`~corral.WorkerEvent` with the Ray node it happened on (``node``,
+``node_address``): each kind's class, with the same ``kind`` tag."""
+
+_ON_NODE: dict[type[WorkerEvent], type[NodeWorkerEvent]] = {
+    WorkerStarting: NodeWorkerStarting,
+    WorkerReady: NodeWorkerReady,
+    WorkerStopped: NodeWorkerStopped,
+    TenantBackoff: NodeTenantBackoff,
+}
+
+
+def on_node(event: WorkerEvent, node: str, address: str) -> NodeWorkerEvent:
+    """``event`` as it happened on ``node`` (at ``address``)."""
+    fields = msgspec.structs.asdict(event)
+    return _ON_NODE[type(event)](**fields, node=node, node_address=address)
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -89,7 +142,7 @@ class ClusterStats(SupervisorStats, frozen=True):
     """
 
     nodes: list[NodeStats] = []
-    node_sandbox: dict[str, dict[str, str]] = {}
+    node_sandbox: dict[str, dict[str, LayerStatus]] = {}
     placements: int = 0  # tenants placed cluster-wide
 
 

@@ -59,6 +59,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from corral import Supervisor, SupervisorStats, WorkerEvent
 from corral.errors import (
     BackoffError,
     CallTimeoutError,
@@ -84,8 +85,7 @@ from corral.server._http import (
 )
 from corral.server._metrics import Metrics
 from corral.server._openapi import openapi_document
-from corral.supervisor._config import Factory
-from corral.supervisor.supervisor import Supervisor, SupervisorStats, WorkerEvent
+from corral.supervisor import Factory
 
 if TYPE_CHECKING:
     from corral.cluster import ClusterStats, ClusterSupervisor

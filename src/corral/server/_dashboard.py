@@ -240,7 +240,7 @@ function renderNodes(nodes) {  // ClusterStats.nodes: state, placed, workers, pr
     li.append(name, text); list.appendChild(li);
   }
 }
-function renderSandbox(layers) {  // layer -> "on ...", "off" or "unavailable: why"
+function renderSandbox(layers) {  // layer -> LayerStatus: {state: on|off|unavailable, detail}
   const list = document.getElementById("sandbox");
   list.replaceChildren();
   for (const [layer, status] of Object.entries(layers)) {
@@ -248,9 +248,10 @@ function renderSandbox(layers) {  // layer -> "on ...", "off" or "unavailable: w
     const name = document.createElement("span"); name.className = "name";
     name.textContent = layer;
     const text = document.createElement("span");
-    text.className = "status " + (status.startsWith("on") ? "on" :
-      status.startsWith("unavailable") ? "unavailable" : "off");
-    text.textContent = status;
+    const detail = status.detail || "";
+    text.className = "status " + status.state;
+    text.textContent = status.state === "unavailable" ? "unavailable: " + detail :
+      status.state + (detail ? " (" + detail + ")" : "");
     li.append(name, text); list.appendChild(li);
   }
 }

@@ -31,8 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.supervisor._lifecycle import WorkerState
-from corral.supervisor.supervisor import SupervisorStats, WorkerEvent
+from corral import SupervisorStats, WorkerEvent, WorkerState
 
 __all__ = ["Metrics"]
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import msgspec
 
-from corral import TENANT_MAX_BYTES, TENANT_RULE
-from corral.supervisor.supervisor import SupervisorStats, WorkerEvent
+from corral import TENANT_MAX_BYTES, TENANT_RULE, SupervisorStats, WorkerEvent
 
 __all__ = ["openapi_document"]
 

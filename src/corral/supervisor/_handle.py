@@ -10,9 +10,12 @@ Everything the worker sends is untrusted: frames are size-capped and decoded
 against the declared message union, replies must match an outstanding id, and
 anything else kills the worker (``ProtocolError``).
 
+What its end means is decided elsewhere: the state table and the record of the stop
+(reason, rung, outcome) are :mod:`corral.supervisor._lifecycle`'s, the words and the
+errors :mod:`corral.supervisor._outcomes`'s; this module acts (signals, pipes, futures).
+
 Long because one worker's whole life has one owner here: its start, the books of its
-calls (send, reply, deadline), the pipe reader on the warm path and the stop's
-escalation; moving the stop record into ``lifecycle`` is the next planned split.
+calls (send, reply, deadline), the pipe reader on the warm path and the stop's escalation.
 """
 
 from __future__ import annotations
@@ -36,12 +39,7 @@ from corral.errors import (
     InvalidCallError,
     KernelError,
     MemoryLimitError,
-    ProtocolError,
     StartError,
-    WorkerCrashedError,
-    WorkerError,
-    WorkerStoppedError,
-    describe_exit,
 )
 from corral.ipc import (
     DECODE_BUDGET_FACTOR,
@@ -60,19 +58,13 @@ from corral.ipc import (
     encode_frame_parts,
     frame_header,
 )
-from corral.supervisor._lifecycle import (
-    SERVING,
-    Event,
-    Rung,
-    StopReason,
-    StopReport,
-    WorkerState,
-    transition,
-)
+from corral.supervisor._lifecycle import SERVING, Ending, Event, transition
+from corral.supervisor._outcomes import call_error, exit_status, mib, start_error
 from corral.supervisor._pipes import LogSink, PipeWriter
 from corral.supervisor._process import Launcher, LaunchError
+from corral.supervisor.records import Rung, StopReason, StopReport, WorkerInfo, WorkerState
 
-__all__ = ["HandleListener", "HandleOptions", "WorkerHandle", "WorkerInfo"]
+__all__ = ["HandleListener", "HandleOptions", "WorkerHandle"]
 
 log = logging.getLogger("corral")
 
@@ -102,24 +94,6 @@ class HandleListener(Protocol):
     def worker_idle(self, handle: WorkerHandle) -> None: ...
     def worker_busy(self, handle: WorkerHandle) -> None: ...
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None: ...
-
-
-class WorkerInfo(msgspec.Struct, frozen=True):
-    """A snapshot of one worker, as reported by ``Supervisor.stats()``."""
-
-    tenant: str
-    pid: int | None
-    state: str  # a WorkerState value, e.g. "ready"
-    rss: int | None  # bytes, last sample; None before the first sample
-    requests: int  # calls completed (result or kernel error)
-    in_flight: int
-    started_at: float  # epoch seconds
-    last_used: float  # epoch seconds of the last call start or completion
-    stop_reason: str | None  # set once corral decided to stop it
-    # The host pid of the process that runs the kernel: pid itself, except under
-    # namespaces (strict()), where pid is corral's init and this is its child, the
-    # kernel's pid 2. None until the worker is ready.
-    kernel_pid: int | None = None
 
 
 class _Pending(msgspec.Struct):
@@ -156,9 +130,8 @@ class WorkerHandle:
         self.requests = 0
         self.started_at = time.monotonic()
         self.last_used = self.started_at
-        self.stop_reason: StopReason | None = None
-        self.waiters = 0  # callers waiting for READY; the supervisor pins the worker meanwhile
-        self.report: StopReport | None = None
+        self.waiters = 0  # callers waiting for READY; the pool pins the worker meanwhile
+        self.ending = Ending()  # how it ends: reason, rung, outcome (see _lifecycle)
         self._launcher = launcher
         self._listener = listener
         self._opts = options
@@ -188,20 +161,14 @@ class WorkerHandle:
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._ready.add_done_callback(_consume_exception)
         self._dead = asyncio.Event()
-        # Dead, or SIGKILLed and still not reaped after kill_timeout (a wedged warden):
-        # either way, nothing more this handle can do on its own.
-        self._settled = asyncio.Event()
+        self._settled = asyncio.Event()  # set when is_settled becomes true
         self._timer: asyncio.TimerHandle | None = None  # start or drain deadline
         # One timer for every call's deadline, not one per call: armed at a deadline no
         # later than the earliest pending one; when it fires, expired calls are timed out
         # and it is armed again for the earliest left. Steady state costs no timer work.
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = math.inf
-        self._rung = Rung.NONE
         self._stopping: asyncio.Task[None] | None = None
-        self._start_error: StartError | None = None
-        self._eof_killed = False  # we SIGKILLed it because its pipe closed
-        self._detail = ""  # what went wrong, for error messages: "sent an undecodable frame"
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -216,9 +183,19 @@ class WorkerHandle:
 
     @property
     def is_settled(self) -> bool:
-        """Reaped, or SIGKILLed ``kill_timeout`` ago and still not reaped (see
-        :meth:`wait_settled`): nothing more will come of waiting for it."""
-        return self._settled.is_set()
+        """Reaped, or SIGKILLed ``kill_timeout`` ago and still not reaped (a wedged
+        warden): nothing more will come of waiting for it (see :meth:`wait_settled`)."""
+        return self.state is S.DEAD or self.ending.kill_unanswered
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why corral stops it, once decided."""
+        return self.ending.reason
+
+    @property
+    def report(self) -> StopReport | None:
+        """How it ended, once reaped."""
+        return self.ending.report
 
     def info(self) -> WorkerInfo:
         offset = time.time() - time.monotonic()
@@ -253,8 +230,8 @@ class WorkerHandle:
         **Cancellation:** only this waiter stops waiting; the stop goes on.
         """
         await self._dead.wait()
-        assert self.report is not None
-        return self.report
+        assert self.ending.report is not None
+        return self.ending.report
 
     # -- start -------------------------------------------------------------------------------
 
@@ -271,20 +248,26 @@ class WorkerHandle:
                 if isinstance(exc, TimeoutError)
                 else str(exc)
             )
-            self._start_error = StartError(
-                f"could not start a worker for {self.tenant!r}: {why}", tenant=self.tenant, pid=None
+            self.ending.start_failed(
+                StopReason.LAUNCH_FAILED,
+                StartError(
+                    f"could not start a worker for {self.tenant!r}: {why}",
+                    tenant=self.tenant,
+                    pid=None,
+                ),
             )
-            self.stop_reason = StopReason.LAUNCH_FAILED
             self._on_exit(None, False)
             return
         except BaseException as exc:
             # A bug (or cancellation): waiters must not hang on it; then let it propagate.
-            self._start_error = StartError(
-                f"internal error while starting a worker for {self.tenant!r}: {exc!r}",
-                tenant=self.tenant,
-                pid=None,
+            self.ending.start_failed(
+                StopReason.LAUNCH_FAILED,
+                StartError(
+                    f"internal error while starting a worker for {self.tenant!r}: {exc!r}",
+                    tenant=self.tenant,
+                    pid=None,
+                ),
             )
-            self.stop_reason = StopReason.LAUNCH_FAILED
             self._on_exit(None, False)
             raise
         self.pid = proc.pid
@@ -321,13 +304,13 @@ class WorkerHandle:
             )
 
     def _fail_start(self, reason: StopReason, why: str, **remote: str | None) -> None:
-        self._start_error = StartError(
+        error = StartError(
             f"worker for {self.tenant!r} (pid {self.pid}) failed to start: {why}",
             tenant=self.tenant,
             pid=self.pid,
             **remote,
         )
-        self.stop_reason = reason
+        self.ending.start_failed(reason, error)
         transition(self, Event.START_FAILED)
         self._begin_stop(Rung.KILL if reason is not StopReason.START_FAILED else Rung.ASK)
 
@@ -365,7 +348,7 @@ class WorkerHandle:
                 self._arm_watchdog(deadline)
         self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
         if self.state is S.READY:
-            self.state = S.BUSY  # = transition(self, Event.CALL_SENT), spelled out: warm path
+            self.state = S.BUSY  # = transition(self, Event.CALL_SENT): _lifecycle.WARM_SEND
             self._listener.worker_busy(self)
         return fut
 
@@ -425,7 +408,7 @@ class WorkerHandle:
         self._listener.worker_used(self)
         if not self._inflight:
             if self.state is S.BUSY:
-                self.state = S.READY  # = transition(self, Event.ALL_REPLIED), spelled out
+                self.state = S.READY  # = transition(self, Event.ALL_REPLIED): WARM_REPLY
                 # The table's idle mark waits for the tasks these replies wake: a caller
                 # that sends its next call at once never takes the worker through it.
                 self._loop.call_soon(self._idle_now)
@@ -473,7 +456,7 @@ class WorkerHandle:
             self._completed(replied)
 
     def _being_killed(self) -> bool:
-        return (self.state is S.STOPPING and self._rung is Rung.KILL) or self.state is S.DEAD
+        return (self.state is S.STOPPING and self.ending.rung is Rung.KILL) or self.state is S.DEAD
 
     def _on_message(self, msg: FromWorker) -> None:
         if isinstance(msg, Result):  # (a known id was handled in _on_readable)
@@ -494,7 +477,7 @@ class WorkerHandle:
                 # state to go on (half-built objects), so it is replaced after draining.
                 error = MemoryLimitError(
                     f"{self.tenant!r}.{pending.method}: worker pid {self.pid} ran out of memory "
-                    f"at worker_memory_hard_limit ({_mib(self._opts.memory_hard_limit)}); "
+                    f"at worker_memory_hard_limit ({mib(self._opts.memory_hard_limit)}); "
                     "it is being replaced",
                     tenant=self.tenant,
                     pid=self.pid,
@@ -557,10 +540,9 @@ class WorkerHandle:
             return
         # Either it is exiting (the warden will report how) or it closed the pipe and lives
         # on uselessly. Kill it: an exit status that came first is not changed by this.
-        self._eof_killed = True
         if self.state is S.STARTING:
-            self.stop_reason = StopReason.START_FAILED
-            self._start_error = None
+            self.ending.start_failed(StopReason.START_FAILED, None)
+        self.ending.lost_pipe()
         log.debug(
             "worker pipe closed tenant=%s pid=%s; making sure it is gone",
             self.tenant,
@@ -573,7 +555,7 @@ class WorkerHandle:
         # ``what`` may quote the worker's bytes (msgspec names the value it refused): one
         # line, bounded, in the log record and in every caller's ProtocolError.
         what = one_line(what, _DETAIL_MAX)
-        self._detail = what
+        self.ending.misbehaved(what)
         log.warning(
             "worker protocol violation tenant=%s pid=%s: %s",
             self.tenant,
@@ -590,7 +572,7 @@ class WorkerHandle:
         A no-op if it is already on its way out."""
         if self.state in (S.STOPPING, S.DEAD, S.DRAINING):
             return
-        self.stop_reason = reason
+        self.ending.decide(reason)
         if self.state is S.BUSY:
             transition(self, Event.EVICTED)
             if self._opts.drain_timeout is not None:
@@ -608,7 +590,6 @@ class WorkerHandle:
         was_starting = self.state is S.STARTING
         transition(self, Event.EVICTED)
         if was_starting:
-            self._start_error = None
             if self.pid is None:
                 return  # start() notices STOPPING once the launcher returns
             self._begin_stop(Rung.KILL)
@@ -618,7 +599,7 @@ class WorkerHandle:
     def _on_drain_timeout(self) -> None:
         self._timer = None
         if self.state is S.DRAINING:
-            transition(self, Event.DEADLINE_PASSED)
+            transition(self, Event.DRAIN_TIMED_OUT)
             self._begin_stop(Rung.TERM)
 
     def _kill(self, reason: StopReason | None, why: str | None) -> None:
@@ -629,8 +610,8 @@ class WorkerHandle:
             if self.pid is not None:
                 self._launcher.signal(self.pid, signal.SIGKILL)
             return
-        if reason is not None and self.stop_reason is None:
-            self.stop_reason = reason
+        if reason is not None:
+            self.ending.decide(reason)
         if why is not None:
             log.warning(
                 "killing worker tenant=%s pid=%s: %s",
@@ -652,7 +633,7 @@ class WorkerHandle:
         if self._stopping is not None or self.pid is None:
             return
         if first is Rung.KILL:
-            self._rung = Rung.KILL
+            self.ending.climb(Rung.KILL)
             self._launcher.signal(self.pid, signal.SIGKILL)
         self._stopping = self._spawn_task(self._climb(first))
 
@@ -660,18 +641,18 @@ class WorkerHandle:
         assert self.pid is not None
         pid = self.pid
         if first is Rung.ASK:
-            self._rung = Rung.ASK
+            self.ending.climb(Rung.ASK)
             if self._writer is not None:
                 self._writer.write(encode_frame(Shutdown()))
             if await self._wait_dead(self._opts.shutdown_timeout):
                 return
             first = Rung.TERM
         if first is Rung.TERM:
-            self._rung = Rung.TERM
+            self.ending.climb(Rung.TERM)
             self._launcher.signal(pid, signal.SIGTERM)
             if await self._wait_dead(self._opts.term_timeout):
                 return
-            self._rung = Rung.KILL
+            self.ending.climb(Rung.KILL)
             self._launcher.signal(pid, signal.SIGKILL)
         if not await self._wait_dead(self._opts.kill_timeout):
             log.error(
@@ -682,6 +663,7 @@ class WorkerHandle:
                 self._opts.kill_timeout,
                 extra={"tenant": self.tenant, "pid": pid},
             )
+            self.ending.kill_unanswered = True
             self._settled.set()
             await self._dead.wait()
 
@@ -699,53 +681,35 @@ class WorkerHandle:
         """The launcher reaped the process (or lost it). Resolves everything left."""
         if self.state is S.DEAD:
             return
-        if oom_killed and self.stop_reason in (None, StopReason.MEMORY_LIMIT):
-            self.stop_reason = StopReason.MEMORY_HARD_LIMIT
-            self._rung = Rung.NONE  # the OS stopped it; a kill we sent after EOF did nothing
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._close_fds()
-        was_starting = self.state is S.STARTING or not self._ready.done()
-        if returncode is None and self.stop_reason is None:
-            # No exit status: its warden died (also before the spawn's pid reached us).
-            self.stop_reason = StopReason.WARDEN_DIED
-        reason = self.stop_reason or StopReason.CRASHED
-        if reason is StopReason.CRASHED and returncode != -signal.SIGKILL:
-            self._rung = Rung.NONE  # it went by itself; a kill we sent after its EOF did nothing
-        self.report = StopReport(reason=reason, rung=self._rung, returncode=returncode)
+        report = self.ending.close(returncode, oom_killed)
         transition(self, Event.PROCESS_EXITED)
-        if reason is StopReason.MEMORY_HARD_LIMIT and oom_killed:
-            status = (
-                "killed by the OS for exceeding worker_memory_hard_limit "
-                f"({_mib(self._opts.memory_hard_limit)})"
+        limit = self._opts.memory_hard_limit
+        status = exit_status(report, oom_killed=oom_killed, memory_hard_limit=limit)
+        if not self._ready.done():  # it never became ready: its start waiters learn why
+            self._ready.set_exception(
+                self.ending.start_error
+                or start_error(
+                    report, status, tenant=self.tenant, pid=self.pid, detail=self.ending.detail
+                )
             )
-        elif returncode is None:
-            status = "its warden process died"
-        elif returncode == -signal.SIGKILL and self._eof_killed:
-            status = "it closed its pipe to the supervisor and was killed"
-        elif reason is not StopReason.CRASHED and returncode in (-signal.SIGTERM, -signal.SIGKILL):
-            status = f"{describe_exit(returncode).split(' (')[0]} sent by corral ({reason.value})"
-        elif returncode == 0 and reason is StopReason.CRASHED:
-            status = "exited with code 0 without being asked (sys.exit() in the kernel?)"
-        else:
-            status = describe_exit(returncode)
-        if was_starting and not self._ready.done():
-            error = self._start_error or StartError(
-                f"worker for {self.tenant!r} (pid {self.pid}) "
-                + (
-                    "was stopped before it was ready (" + reason.value + ")"
-                    if reason in (StopReason.EVICTED, StopReason.CLOSED)
-                    else f"exited while starting: {self._detail or status}"
-                ),
-                tenant=self.tenant,
-                pid=self.pid,
-            )
-            self._ready.set_exception(error)
         inflight, self._inflight = self._inflight, {}
         self._disarm_watchdog()
         for pending in inflight.values():
-            _resolve(pending, error=self._death_error(reason, returncode, status, pending.method))
+            error = call_error(
+                report,
+                status,
+                tenant=self.tenant,
+                pid=self.pid,
+                method=pending.method,
+                detail=self.ending.detail,
+                memory_hard_limit=limit,
+            )
+            _resolve(pending, error=error)
+        reason = report.reason
         level = (
             logging.INFO
             if reason not in (StopReason.CRASHED, StopReason.PROTOCOL_ERROR)
@@ -757,7 +721,7 @@ class WorkerHandle:
             level,
             "worker stopped (%s, %s) tenant=%s pid=%s reason=%s: %s",
             reason.value,
-            self._rung.value,
+            report.rung.value,
             self.tenant,
             self.pid,
             reason.value,
@@ -766,42 +730,7 @@ class WorkerHandle:
         )
         self._dead.set()
         self._settled.set()
-        self._listener.worker_dead(self, self.report)
-
-    def _death_error(
-        self, reason: StopReason, returncode: int | None, status: str, method: str
-    ) -> WorkerError:
-        where = f"{self.tenant!r}.{method}: worker pid {self.pid}"
-        if reason in (StopReason.CRASHED, StopReason.WARDEN_DIED):
-            return WorkerCrashedError(
-                f"{where} died during the call: {status}",
-                tenant=self.tenant,
-                pid=self.pid,
-                exitcode=returncode if returncode is not None and returncode >= 0 else None,
-                signal=-returncode if returncode is not None and returncode < 0 else None,
-            )
-        if reason is StopReason.PROTOCOL_ERROR:
-            return self._protocol_error(method, self._detail)
-        if reason is StopReason.MEMORY_HARD_LIMIT:
-            return MemoryLimitError(
-                f"{where} hit its memory limit: {status}",
-                tenant=self.tenant,
-                pid=self.pid,
-                limit=self._opts.memory_hard_limit,
-            )
-        return WorkerStoppedError(
-            f"{where} was stopped while the call was in flight ({reason.value})",
-            tenant=self.tenant,
-            pid=self.pid,
-            reason=reason.value,
-        )
-
-    def _protocol_error(self, method: str, what: str) -> ProtocolError:
-        return ProtocolError(
-            f"{self.tenant!r}.{method}: worker pid {self.pid} {what}; it was killed",
-            tenant=self.tenant,
-            pid=self.pid,
-        )
+        self._listener.worker_dead(self, report)
 
     def _close_fds(self) -> None:
         if self._reader_fd >= 0:
@@ -812,10 +741,6 @@ class WorkerHandle:
             self._writer.close()
         if self._log is not None:
             self._log.close()
-
-
-def _mib(n: int | None) -> str:
-    return "no limit" if n is None else f"{n / 2**20:.0f} MiB"
 
 
 def _resolve(pending: _Pending, *, result: Any = None, error: BaseException | None = None) -> None:

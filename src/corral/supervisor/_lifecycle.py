@@ -1,10 +1,17 @@
-"""Worker lifecycle: the states, the events, and the one function that moves
-a handle from one state to the next.
+"""Worker lifecycle: the states, the events, the one function that moves a handle from
+one state to the next, and the one record of how a worker ends.
 
-``transition()`` writes ``handle.state`` (the handle writes out the warm call's two,
-READY -> BUSY and BUSY -> READY, after checking the from-state). An unknown
-(state, event) pair raises :class:`~corral.errors.InvariantError`: that is a
-bug in corral, not a worker fault.
+``transition()`` writes ``handle.state``. The handle writes out the warm call's two,
+READY -> BUSY (:data:`WARM_SEND`) and BUSY -> READY (:data:`WARM_REPLY`), after
+checking the from-state; a test ties them to this table. An unknown (state, event)
+pair raises :class:`~corral.errors.InvariantError`: that is a bug in corral, not a
+worker fault.
+
+:class:`Ending` is everything about a worker's stop: the reason (the first one
+decided wins; the OS's out-of-memory kill overrides a soft-limit recycle), how far
+termination went (the rung only climbs), what the worker did wrong, the error its
+start waiters get, and at the end the :class:`StopReport`. The handle writes it only
+through its methods.
 
 One deliberate difference from a plain "protocol violation -> DEAD": a worker
 that misbehaves is still running, so it goes to STOPPING (at the kill rung)
@@ -15,100 +22,39 @@ and reaches DEAD only once it has been reaped. DEAD therefore always means
 from __future__ import annotations
 
 import enum
+import signal
 from typing import Protocol
 
-import msgspec
-
-from corral.errors import InvariantError
+from corral.errors import InvariantError, StartError
+from corral.supervisor.records import Rung, StopReason, StopReport, WorkerState
 
 __all__ = [
+    "SERVING",
+    "WARM_REPLY",
+    "WARM_SEND",
+    "Ending",
     "Event",
-    "Rung",
-    "StopReason",
-    "StopReport",
-    "WorkerState",
     "transition",
 ]
 
+S = WorkerState
 
-class _FastEnum(enum.Enum):
-    """Members hash by identity (they are singletons and compare by identity), in C:
-    ``Enum.__hash__`` is Python code, and the transition table is hashed on every call."""
-
-    __hash__ = object.__hash__
+SERVING = frozenset({S.READY, S.BUSY})  # states that take new calls
 
 
-class WorkerState(_FastEnum):
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    DEAD = "dead"
+class Event(enum.Enum):
+    __hash__ = object.__hash__  # (as WorkerState: hashed by identity, in C)
 
-
-SERVING = frozenset({WorkerState.READY, WorkerState.BUSY})  # states that take new calls
-
-
-class Event(_FastEnum):
     HELLO_RECEIVED = "hello_received"
     START_FAILED = "start_failed"  # StartFailed message, or no Hello in time (process alive)
     CALL_SENT = "call_sent"  # first call in flight
     ALL_REPLIED = "all_replied"  # last call in flight completed
-    EVICTED = "evicted"  # LRU, TTL, explicit evict, close
-    DEADLINE_PASSED = "deadline_passed"  # a call or the drain ran out of time
-    KILL_REQUESTED = "kill_requested"  # protocol violation, pipe closed, forced stop
+    EVICTED = "evicted"  # LRU, TTL, memory, explicit evict, close
+    DRAIN_TIMED_OUT = "drain_timed_out"  # an evicted busy worker's calls ran past drain_timeout
+    KILL_REQUESTED = "kill_requested"  # protocol violation, pipe closed, call timeout
     PROCESS_EXITED = "process_exited"
 
 
-class StopReason(enum.Enum):
-    """Why corral stopped a worker (or saw it die)."""
-
-    LRU = "lru"  # evicted to make room for another tenant
-    IDLE_TTL = "idle_ttl"
-    EVICTED = "evicted"  # Supervisor.evict()
-    CLOSED = "closed"  # Supervisor.aclose()
-    CALL_TIMEOUT = "timeout"
-    MEMORY_LIMIT = "memory_limit"  # over worker_memory_limit (sampled): recycled after draining
-    MEMORY_HARD_LIMIT = "memory_hard_limit"  # the OS stopped it at worker_memory_hard_limit
-    HOST_PRESSURE = "host_pressure"  # available memory below min_available_memory
-    TOTAL_MEMORY = "total_memory"  # all workers together above max_total_memory
-    START_FAILED = "start_failed"
-    START_TIMEOUT = "start_timeout"
-    PROTOCOL_ERROR = "protocol_error"
-    PIPE_CLOSED = "pipe_closed"  # the worker closed its end of the pipe
-    CRASHED = "crashed"  # it died without being asked
-    # corral could not start a process (no fds, no warden): not the tenant's fault
-    LAUNCH_FAILED = "launch_failed"
-    WARDEN_DIED = "warden_died"  # its parent, the warden, died: not the tenant's fault
-
-
-class Rung(enum.Enum):
-    """How far termination had to go."""
-
-    NONE = "none"  # it was already dead
-    ASK = "ask"  # Shutdown message; the kernel's shutdown() ran
-    TERM = "term"  # SIGTERM to the process group
-    KILL = "kill"  # SIGKILL to the group and descendants
-
-
-class StopReport(msgspec.Struct, frozen=True):
-    """How a worker ended."""
-
-    reason: StopReason
-    rung: Rung
-    returncode: int | None  # waitpid style: < 0 is a signal number; None if unknown
-
-    @property
-    def exitcode(self) -> int | None:
-        return self.returncode if self.returncode is not None and self.returncode >= 0 else None
-
-    @property
-    def signal(self) -> int | None:
-        return -self.returncode if self.returncode is not None and self.returncode < 0 else None
-
-
-S = WorkerState
 E = Event
 _LIVE = (S.STARTING, S.READY, S.BUSY, S.DRAINING, S.STOPPING)
 
@@ -120,12 +66,15 @@ _TABLE: dict[tuple[WorkerState, Event], WorkerState] = {
     (S.READY, E.EVICTED): S.STOPPING,
     (S.BUSY, E.ALL_REPLIED): S.READY,
     (S.BUSY, E.EVICTED): S.DRAINING,
-    (S.BUSY, E.DEADLINE_PASSED): S.STOPPING,
     (S.DRAINING, E.ALL_REPLIED): S.STOPPING,
-    (S.DRAINING, E.DEADLINE_PASSED): S.STOPPING,
+    (S.DRAINING, E.DRAIN_TIMED_OUT): S.STOPPING,
     **{(state, E.KILL_REQUESTED): S.STOPPING for state in _LIVE},
     **{(state, E.PROCESS_EXITED): S.DEAD for state in _LIVE},
 }
+
+# The warm path's transitions, which the handle spells out (from-state, event, to-state).
+WARM_SEND = (S.READY, E.CALL_SENT, S.BUSY)
+WARM_REPLY = (S.BUSY, E.ALL_REPLIED, S.READY)
 
 
 class _HasState(Protocol):
@@ -144,3 +93,79 @@ def transition(handle: _HasState, event: Event) -> WorkerState:
         raise InvariantError(f"no transition from {handle.state.name} on {event.name}") from None
     handle.state = new
     return new
+
+
+_RUNG_ORDER = {Rung.NONE: 0, Rung.ASK: 1, Rung.TERM: 2, Rung.KILL: 3}
+
+
+class Ending:
+    """How one worker ends: written through these methods only, read by anyone.
+
+    Attributes:
+        reason: why corral stopped it, once decided (None: nobody asked, so far).
+        rung: the furthest termination step taken.
+        pipe_closed: its pipe closed while it was not stopping, and corral killed it.
+        detail: what it did wrong, in corral's words (for a protocol error).
+        start_error: the error its start waiters get, if its start failed as such.
+        kill_unanswered: SIGKILLed ``kill_timeout`` ago and still not reaped.
+        report: how it ended, once reaped.
+    """
+
+    __slots__ = (
+        "detail",
+        "kill_unanswered",
+        "pipe_closed",
+        "reason",
+        "report",
+        "rung",
+        "start_error",
+    )
+
+    def __init__(self) -> None:
+        self.reason: StopReason | None = None
+        self.rung = Rung.NONE
+        self.pipe_closed = False
+        self.detail = ""
+        self.start_error: StartError | None = None
+        self.kill_unanswered = False
+        self.report: StopReport | None = None
+
+    def decide(self, reason: StopReason) -> None:
+        """Record why it stops: the first reason decided is the one reported."""
+        if self.reason is None:
+            self.reason = reason
+
+    def climb(self, rung: Rung) -> None:
+        """Termination reached ``rung`` (never lowers it)."""
+        if _RUNG_ORDER[rung] > _RUNG_ORDER[self.rung]:
+            self.rung = rung
+
+    def start_failed(self, reason: StopReason, error: StartError | None) -> None:
+        """Its start failed: ``error`` (None: to be said once it is reaped) for waiters."""
+        self.decide(reason)
+        self.start_error = error
+
+    def lost_pipe(self) -> None:
+        """Its pipe closed while it was serving or starting; corral kills it."""
+        self.pipe_closed = True
+        self.start_error = None  # whatever it printed is better said once it is reaped
+
+    def misbehaved(self, detail: str) -> None:
+        self.detail = detail
+
+    def close(self, returncode: int | None, oom_killed: bool) -> StopReport:
+        """It was reaped (``returncode`` waitpid style; None: its warden died first).
+        Settles the reason and the rung, and returns the report."""
+        reason, rung = self.reason, self.rung
+        if oom_killed and reason in (None, StopReason.MEMORY_LIMIT):
+            reason, rung = StopReason.MEMORY_HARD_LIMIT, Rung.NONE  # the OS stopped it
+        elif reason is None and returncode is None:
+            reason = StopReason.WARDEN_DIED  # no exit status: its warden died
+        elif reason is None and self.pipe_closed and returncode == -signal.SIGKILL:
+            reason = StopReason.PIPE_CLOSED  # corral's kill after its EOF ended it
+        if reason is None:
+            reason = StopReason.CRASHED
+            rung = Rung.NONE  # it went by itself
+        self.reason, self.rung = reason, rung
+        self.report = StopReport(reason=reason, rung=rung, returncode=returncode)
+        return self.report

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import psutil
 
-from corral.supervisor._lifecycle import StopReason
+from corral.supervisor.records import StopReason
 
 __all__ = [
     "CgroupAccounting",

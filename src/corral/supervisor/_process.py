@@ -47,6 +47,7 @@ from corral.ipc import (
     encode_record,
 )
 from corral.ipc.launch import boot_argv
+from corral.supervisor.records import LayerStatus
 from corral.supervisor.sandbox import Sandbox, SandboxUnavailableError
 
 __all__ = ["ExitCallback", "LaunchError", "Launcher", "SpawnedProcess", "WardenLauncher"]
@@ -89,8 +90,25 @@ class Launcher(Protocol):
         ...
 
     @property
-    def sandbox_report(self) -> dict[str, str]:
-        """Sandbox layer -> what is in force ("on ...", "off", "unavailable: why")."""
+    def sandbox_report(self) -> dict[str, LayerStatus]:
+        """Sandbox layer -> what is in force (known once :meth:`start` returned)."""
+        ...
+
+    @property
+    def warden_pid(self) -> int | None:
+        """The pid of the process workers are forked from, while it runs (a fresh worker
+        weighs what it does); None where there is none."""
+        ...
+
+    @property
+    def pid_namespaces(self) -> bool:
+        """True if a worker's pid is an init of its own pid namespace whose child runs
+        the kernel: its memory is what is below it, not counting itself."""
+        ...
+
+    def memory_leaves(self) -> dict[int, str]:
+        """Worker pid -> the directory of its memory cgroup leaf, for the workers that
+        have one (their memory is read there). A snapshot; may be called from a thread."""
         ...
 
     def signal(self, pid: int, signum: int) -> None:
@@ -110,7 +128,7 @@ class _Outgoing(NamedTuple):
     fds: tuple[int, ...]
 
 
-class _Warden:
+class _WardenLink:
     """One warden process and everything tied to its life: the control socket, the pidfd
     that reports its exit, the send queue, spawns in progress and the exit callbacks of
     its workers. A restarted warden is a new object, so late events of an old one can
@@ -326,13 +344,13 @@ class WardenLauncher:
         self._exec = exec_workers
         self._sandbox = sandbox if sandbox is not None else Sandbox.none()
         self._sandbox_spec: SandboxSpec | None = None
-        self._sandbox_report: dict[str, str] = {}
+        self._sandbox_report: dict[str, LayerStatus] = {}
         self._memory_method = memory_method
         self._env = dict(env)
         self._start_timeout = start_timeout
         self._ids = itertools.count(1)
-        self._warden: _Warden | None = None
-        self._starting: asyncio.Task[_Warden] | None = None
+        self._warden: _WardenLink | None = None
+        self._starting: asyncio.Task[_WardenLink] | None = None
         self._closed = False
 
     @property
@@ -352,8 +370,13 @@ class WardenLauncher:
         return f"rlimit (RLIMIT_DATA): {warden.memory_cgroups_detail}"
 
     @property
-    def sandbox_report(self) -> dict[str, str]:
+    def sandbox_report(self) -> dict[str, LayerStatus]:
         return dict(self._sandbox_report)
+
+    @property
+    def pid_namespaces(self) -> bool:
+        namespaces = self._sandbox_report.get("namespaces")
+        return namespaces is not None and namespaces.on
 
     def memory_leaves(self) -> dict[int, str]:
         """Worker pid -> the directory of its memory cgroup leaf, for the workers that
@@ -376,7 +399,7 @@ class WardenLauncher:
                 + warden.memory_cgroups_detail
             )
 
-    async def _ready_warden(self) -> _Warden:
+    async def _ready_warden(self) -> _WardenLink:
         if self._closed:
             raise LaunchError("launcher is closed")
         warden = self._warden
@@ -391,7 +414,7 @@ class WardenLauncher:
             if self._starting is starting and starting.done():
                 self._starting = None
 
-    async def _replace(self, old: _Warden | None) -> _Warden:
+    async def _replace(self, old: _WardenLink | None) -> _WardenLink:
         """Start a new warden once the old one (if any) has fully exited."""
         if old is not None:
             await _end_warden(old, grace=5.0)
@@ -411,7 +434,7 @@ class WardenLauncher:
             warden.stop(signal.SIGTERM)
             raise LaunchError(str(exc)) from exc
         for layer, status in self._sandbox_report.items():
-            if status.startswith("unavailable"):
+            if status.state == "unavailable":
                 log.warning(
                     "sandbox layer=%s %s (best effort: running without it)",
                     layer,
@@ -420,7 +443,7 @@ class WardenLauncher:
                 )
         return warden
 
-    def _launch(self) -> _Warden:
+    def _launch(self) -> _WardenLink:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
@@ -463,7 +486,7 @@ class WardenLauncher:
             proc.wait()  # just started and SIGKILLed: returns at once
             raise LaunchError(f"could not watch the warden process: {exc}") from exc
         ours.setblocking(False)
-        return _Warden(proc, ours, pidfd)
+        return _WardenLink(proc, ours, pidfd)
 
     # -- Launcher ----------------------------------------------------------------------------
 
@@ -561,7 +584,7 @@ def _kill_cgroup_members(leaves: Iterable[str]) -> None:
                 os.close(pidfd)
 
 
-async def _end_warden(warden: _Warden, grace: float) -> None:
+async def _end_warden(warden: _WardenLink, grace: float) -> None:
     """Wait up to ``grace`` seconds for a warden asked to stop (SIGTERM, or its control
     socket closed), then SIGKILL it: a stopped or wedged warden must not hold anyone."""
     warden.stop(signal.SIGTERM)

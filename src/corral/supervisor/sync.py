@@ -8,6 +8,7 @@ of host threads may call it at once.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import threading
 import weakref
@@ -16,8 +17,9 @@ from typing import Any, Literal, TypeVar
 
 from corral.errors import SupervisorClosedError
 from corral.supervisor._config import Factory
-from corral.supervisor._handle import WorkerInfo
-from corral.supervisor.supervisor import Supervisor, SupervisorStats
+from corral.supervisor.options import SupervisorOptions
+from corral.supervisor.records import SupervisorStats, WorkerInfo
+from corral.supervisor.supervisor import Supervisor
 
 __all__ = ["SyncSupervisor"]
 
@@ -33,9 +35,12 @@ class SyncSupervisor:
 
     _thread_name = "corral-loop"
 
-    def __init__(self, factory: Factory, **options: Any) -> None:
+    def __init__(
+        self, factory: Factory, options: SupervisorOptions | None = None, **overrides: Any
+    ) -> None:
         self._factory = factory
-        self._options = options
+        self._options = dict(overrides) if options is None else {"options": options, **overrides}
+        self._at_exit: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._sup: Supervisor | None = None
@@ -67,7 +72,10 @@ class SyncSupervisor:
                 loop.call_soon(ready.set)
                 loop.run_forever()
 
-            thread = threading.Thread(target=run, name=self._thread_name)
+            # A daemon: a host that never calls close() must still exit. Python runs atexit
+            # handlers (close_at_exit below) while daemon threads still run, and joins
+            # only non-daemon threads before them.
+            thread = threading.Thread(target=run, name=self._thread_name, daemon=True)
             thread.start()
             ready.wait()
             # Under the lock: a concurrent start() returns only after this, and no call can
@@ -89,17 +97,15 @@ class SyncSupervisor:
             try:
                 future.result()
             except BaseException:
-                # The loop thread is not a daemon and close() will not see it: end it here,
-                # or the host could never exit (and each retry would leave one more).
+                # close() will not see the loop thread: end it here (each retry would
+                # otherwise leave one more).
                 if not future.done():  # interrupted (Ctrl-C): cancel the start, let it clean up
                     future.cancel()
                     ended.wait()
                 _stop_loop(loop, thread)
                 raise
             self._sup, self._loop, self._thread = sup, loop, thread
-            # A host that never calls close() must still exit: Python joins non-daemon
-            # threads (ours) before atexit handlers run, so register where concurrent.futures
-            # does, ahead of that join.
+            # A host that never calls close(): its workers are stopped at exit.
             ref = weakref.ref(self)
 
             def close_at_exit() -> None:
@@ -107,7 +113,8 @@ class SyncSupervisor:
                 if me is not None:
                     me.close()
 
-            threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
+            self._at_exit = close_at_exit
+            atexit.register(close_at_exit)
 
     def _new_supervisor(self) -> Supervisor:
         """The async object :meth:`start` runs on the loop thread, built from the
@@ -123,6 +130,9 @@ class SyncSupervisor:
             thread, loop, sup = self._thread, self._loop, self._sup
             self._thread = self._loop = None
             self._closed = True
+            at_exit, self._at_exit = self._at_exit, None
+        if at_exit is not None:
+            atexit.unregister(at_exit)
         if thread is None or loop is None or sup is None:
             return
         try:

@@ -9,6 +9,9 @@ methods run as tasks, concurrently with each other. A kernel with no
 
 Does not cover: how the process was started or sandboxed (see ``_warden`` and
 ``__main__``), or deadlines (the supervisor enforces those by killing us).
+
+Long because both ways of serving a kernel (a blocking read loop and an asyncio loop,
+with the switch from one to the other at a call) share one call dispatch here.
 """
 
 from __future__ import annotations
@@ -413,15 +416,31 @@ async def _serve_awaited(
     return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).serve_async()
 
 
-def _current_loop() -> asyncio.AbstractEventLoop | None:
-    """The thread's current (not running) event loop, read without making one: what
-    ``asyncio.get_event_loop()`` made and set when called with no loop running. Read from
-    asyncio's default policy; None where that cannot be read."""
-    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
-    loop = getattr(local, "_loop", None)
-    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
-        return loop
-    return None
+def _call_factory(
+    start: Start,
+) -> tuple[Any, asyncio.AbstractEventLoop | None]:
+    """Call the factory with a fresh event loop current (not running) in this thread, and
+    return what it made and the loop that must serve it: the factory's own if it made
+    another current, ours if it started a task on ours, else None (ours is closed).
+
+    Raises whatever the factory raised (ours is closed)."""
+    ours = asyncio.new_event_loop()
+    asyncio.set_event_loop(ours)
+    try:
+        made = load_factory(start)(start.tenant)
+        current = asyncio.get_event_loop()  # one is set: returns it, never makes one
+    except BaseException:
+        asyncio.set_event_loop(None)
+        ours.close()
+        raise
+    if current is not ours:
+        ours.close()
+        return made, current
+    if asyncio.all_tasks(ours):
+        return made, ours
+    asyncio.set_event_loop(None)
+    ours.close()
+    return made, None
 
 
 def _run(loop: asyncio.AbstractEventLoop | None, main: Coroutine[Any, Any, int]) -> int:
@@ -447,22 +466,20 @@ def _factory_error(exc: Exception) -> Exception:
 def run_worker(fd_in: int, fd_out: int) -> int:
     """Run one worker to completion; returns the process exit code.
 
-    A plain factory is called with no event loop running; an async one (or one that
-    returns an awaitable) is awaited on the loop that then serves its kernel. A loop the
-    plain factory made current (``asyncio.get_event_loop()``) is the one that serves, so
-    that what it scheduled there runs."""
+    A plain factory is called with no event loop running (but one current, which
+    ``asyncio.get_event_loop()`` gives it); an async one (or one that returns an
+    awaitable) is awaited on the loop that then serves its kernel. A loop the plain
+    factory made current, or the current one if it started a task there, is the one that
+    serves, so that what it scheduled there runs."""
     try:
         start, decoder = read_start(fd_in)
     except (EOFError, ProtocolViolation) as exc:
         print(f"corral worker: {exc}", file=sys.stderr)
         return 2
-    before = _current_loop()
     try:
-        made = load_factory(start)(start.tenant)
+        made, loop = _call_factory(start)
     except Exception as exc:
         return _start_failed(start, fd_out, _factory_error(exc))
-    made_loop = _current_loop()
-    loop = made_loop if made_loop is not before else None
     if inspect.isawaitable(made):
         return _run(loop, _serve_awaited(start, made, fd_in, fd_out, decoder))
     _hello(fd_out)
