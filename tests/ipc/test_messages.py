@@ -18,6 +18,7 @@ from corral.ipc.messages import (
     FromWorker,
     Hello,
     KillWorker,
+    LayerCheck,
     RemoteError,
     Result,
     SandboxSpec,
@@ -101,7 +102,11 @@ SAMPLES: dict[Any, list[Any]] = {
             pid=100,
             memory_cgroups=True,
             memory_cgroups_detail="cgroup v1 memory",
-            sandbox_layers={"landlock": "available (ABI 7)"},
+            sandbox_layers={
+                "landlock": LayerCheck(True, "ABI 7"),
+                "seccomp": LayerCheck(True, ""),
+                "namespaces": LayerCheck(False, "needs root"),
+            },
         ),
         WorkerSpawned(id=1, pid=4242, memory_cgroup=None),
         WorkerSpawned(id=2, pid=4243, memory_cgroup="/sys/fs/cgroup/memory/corral-1/w2"),
@@ -184,6 +189,15 @@ def test_messages_are_compact_tagged_arrays() -> None:
         1,
     ]
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(Shutdown())) == ["shutdown"]
+    hello = WardenHello(1, 2, False, "", {"landlock": LayerCheck(True, "ABI 7")})
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(hello)) == [
+        "warden_hello",
+        1,
+        2,
+        False,
+        "",
+        {"landlock": [True, "ABI 7"]},
+    ]
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(StartFailed(error=ERROR))) == [
         "start_failed",
         ["builtins.KeyError", "'k'", "Traceback (most recent call last):\n"],
@@ -254,6 +268,10 @@ WRONG_TYPES = [
     (ToWarden, ["kill", 1, "SIGKILL"]),
     (FromWarden, ["exited", 1, None]),
     (FromWarden, ["spawn_failed", 1, b"bytes"]),
+    (FromWarden, ["warden_hello", 1, 2, True, "", {"landlock": "available (ABI 7)"}]),  # text
+    (FromWarden, ["warden_hello", 1, 2, True, "", {"landlock": [1, "ABI 7"]}]),  # not a bool
+    (FromWarden, ["warden_hello", 1, 2, True, "", {"landlock": [True]}]),  # no detail
+    (FromWarden, ["warden_hello", 1, 2, True, "", {"landlock": [True, "", 0]}]),  # extra
 ]
 
 

@@ -125,8 +125,7 @@ def test_pure_v2_root_delegates_both_controllers_to_one_directory(
     # One leaf per worker carries both (a fake leaf has no files, so settings are skipped).
     leaves = cgroups.make(memory_limit=1 << 30, max_processes=64)
     assert leaves == Leaves((str(base / "w1"),), str(base / "w1"))
-    cgroups.adopt(1, leaves)
-    assert cgroups.reaped(1) is False  # killed (no one there), no OOM count
+    assert cgroups.reaped(leaves) is False  # killed (no one there), no OOM count
 
 
 def test_v2_settings_bound_memory_swap_and_pids() -> None:
@@ -222,7 +221,25 @@ def test_a_hybrid_host_whose_v2_lacks_the_controllers_uses_v1(tmp_path: Path) ->
     only_pids = detect(WARDEN + 1, v2_host(root, "/", v1), memory=False)
     assert only_pids.memory is None and only_pids.memory_detail.startswith("not requested")
     for groups in (cgroups, only_pids):
-        groups.remove_all()
+        groups.remove_all([])
+    assert os.listdir(v1 / "memory") == [] and os.listdir(v1 / "pids") == []
+
+
+def test_the_leaves_handed_in_are_killed_and_removed_at_exit(tmp_path: Path) -> None:
+    """The warden passes the leaves of its workers: at its exit those not reaped go with
+    the ones given up (and the warden's directories), whatever their number."""
+    v1 = tmp_path / "v1"
+    for controller in ("memory", "pids"):
+        (v1 / controller).mkdir(parents=True)
+    cgroups = detect(WARDEN, v2_host(tmp_path / "none", "/", v1))
+    live = [cgroups.make(memory_limit=None, max_processes=64) for _ in range(3)]
+    assert len({leaf for leaves in live for leaf in leaves.paths}) == 6  # memory and pids each
+    assert cgroups.reaped(live[0]) is False  # given up: removed at once (nothing in it)
+    assert cgroups.reaped(Leaves((), None)) is False  # a worker without cgroups
+    cgroups.kill_all(iter(live[1:]))  # a generator will do (no one is there to kill)
+    cgroups.kill_tree(Leaves((), None))
+    assert all(os.path.isdir(leaf) for leaves in live[1:] for leaf in leaves.paths)
+    cgroups.remove_all(leaves for leaves in live[1:])
     assert os.listdir(v1 / "memory") == [] and os.listdir(v1 / "pids") == []
 
 
@@ -237,7 +254,7 @@ def test_a_dead_wardens_directories_are_removed(tmp_path: Path) -> None:
     cgroups = detect(WARDEN, v2_host(root, "/"))
     assert not (root / f"corral-{dead}").exists()
     assert (root / f"corral-{os.getpid()}").exists()
-    cgroups.remove_all()
+    cgroups.remove_all([])
 
 
 def test_oom_counts_are_read_per_version(tmp_path: Path) -> None:

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from corral.ipc import LayerCheck
 from corral.worker import _scratch
 from corral.worker._scratch import PREFIX, Scratch
 
 pytestmark = pytest.mark.timeout(60)
 
+QUOTA = _scratch.detect_quota()
 needs_tmpfs = pytest.mark.skipif(
-    not _scratch.detect_quota().startswith("available"),
-    reason=f"no size-limited tmpfs here: {_scratch.detect_quota()}",
+    not QUOTA.available, reason=f"no size-limited tmpfs here: {QUOTA.detail}"
 )
 
 
@@ -135,3 +136,16 @@ def test_remove_stale_removes_only_the_dirs_of_wardens_that_are_gone(tmp_root: P
         litter(str(path), files=10)
     _scratch.remove_stale()
     assert sorted(os.listdir(tmp_root)) == sorted([alive.name, other.name])
+
+
+def test_the_quota_check_says_how_or_why_not(
+    tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if QUOTA.available:
+        assert QUOTA == LayerCheck(True, "tmpfs, nosuid,nodev")
+    assert _scratch.detect_quota() == QUOTA
+    assert os.listdir(tmp_root) == []  # the probe directory is gone
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert _scratch.detect_quota() == LayerCheck(
+        False, "needs root (a size- and inode-limited tmpfs per worker)"
+    )

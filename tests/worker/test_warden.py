@@ -33,7 +33,7 @@ from corral.ipc import (
     WorkerExited,
 )
 from corral.worker import _scratch
-from corral.worker._cgroup import Cgroups
+from corral.worker._cgroup import Cgroups, Hierarchy, Leaves
 from corral.worker._children import ScratchRemover, Worker
 from corral.worker._warden import Warden
 
@@ -101,16 +101,25 @@ class Forked:
         return result
 
 
-def test_a_reaped_worker_is_reported_and_all_its_facts_go_at_once(harness: Harness) -> None:
+def test_a_reaped_worker_is_reported_and_all_its_facts_go_at_once(
+    harness: Harness, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     warden = harness.warden
+    # Its cgroup leaf: a v1 memory leaf in a fake hierarchy (a plain directory).
+    base = tmp_path_factory.mktemp("cgroup") / "corral-1"
+    base.mkdir()
+    warden._cgroups = Cgroups(Hierarchy(1, str(base), {"memory"}), "fake", None, "none")
+    leaves = warden._cgroups.make(memory_limit=None, max_processes=None)
+    assert leaves == Leaves((str(base / "w1"),), str(base / "w1"))
     scratch = _scratch.make(None, None, None)
     with open(os.path.join(scratch.path, "left-behind"), "wb") as f:
         f.write(b"x")
     worker = Forked()
-    warden._children[worker.pid] = Worker(worker.pid, None, None, scratch)
+    warden._children[worker.pid] = Worker(worker.pid, None, None, scratch, leaves)
     worker.exit(3)
     warden._reap()
     assert harness.sent() == [WorkerExited(worker.pid, 3, False)]
+    assert os.listdir(base) == []  # its leaf, killed (empty) and removed
     # The record is gone; what remains is the child removing its scratch directory.
     (remover,) = warden._children.values()
     assert remover == ScratchRemover(remover.pid, scratch)

@@ -29,6 +29,7 @@ __all__ = [
     "FromWorker",
     "Hello",
     "KillWorker",
+    "LayerCheck",
     "RemoteError",
     "Result",
     "SandboxSpec",
@@ -177,12 +178,25 @@ class KillWorker(_Msg, frozen=True, tag="kill"):
 ToWarden = SpawnWorker | KillWorker
 
 
+class LayerCheck(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What one sandbox layer would be on the warden's host, as the warden found it.
+
+    ``available``: a worker that asks for the layer gets it. ``detail``: how, if there
+    is more to say (e.g. ``"ABI 4"``, ``"uids from 200000000"``), or why not (e.g.
+    ``"needs root"``); shown as is in ``stats().sandbox``.
+    """
+
+    available: bool
+    detail: str  # "" when there is nothing to add
+
+
 class WardenHello(_Msg, frozen=True, tag="warden_hello"):
     protocol_version: int
     pid: int
     memory_cgroups: bool  # per-worker memory cgroups are available
     memory_cgroups_detail: str  # what is in force, or why cgroups are not
-    sandbox_layers: dict[str, str]  # layer -> "available ..." or "unavailable: why"
+    sandbox_layers: dict[str, LayerCheck]  # layer -> what it would be, e.g.
+    # {"landlock": LayerCheck(True, "ABI 4"), "namespaces": LayerCheck(False, "needs root")}
 
 
 class WorkerSpawned(_Msg, frozen=True, tag="spawned"):

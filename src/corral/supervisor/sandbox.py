@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 import msgspec
 
-from corral.ipc import SandboxSpec
+from corral.ipc import LayerCheck, SandboxSpec
+from corral.supervisor.records import LayerStatus
 
 __all__ = ["Sandbox", "SandboxUnavailableError"]
 
@@ -181,35 +183,35 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
         """Whether the host must be checked for the root-only layers this asks for."""
         return self.dedicated_uid or self.namespaces
 
-    def resolve(self, host: dict[str, str]) -> tuple[SandboxSpec, dict[str, str]]:
-        """The spec workers apply and a report per layer ("on", "off", "unavailable: why").
+    def resolve(self, host: Mapping[str, LayerCheck]) -> tuple[SandboxSpec, dict[str, LayerStatus]]:
+        """The spec workers apply and what each layer is doing (:class:`LayerStatus`).
 
         Args:
-            host: what the warden detected, layer -> "available ..." or "unavailable: why".
+            host: what the warden detected for each layer (available, with how or why
+                not); a layer it did not report is unavailable.
 
         Raises:
             SandboxUnavailableError: a requested layer is unavailable and not best_effort.
         """
         detected = {
-            "scratch_dir": "available",
-            "rlimits": "available",
-            "no_new_privs": "available",
+            "scratch_dir": LayerCheck(True, ""),
+            "rlimits": LayerCheck(True, ""),
+            "no_new_privs": LayerCheck(True, ""),
             **host,
         }
-        report: dict[str, str] = {}
+        report: dict[str, LayerStatus] = {}
         missing = []
         granted: dict[str, bool] = {}
         for layer, wanted in self.requested().items():
-            status = detected.get(layer, "unavailable: unknown layer")
-            available = status.startswith("available")
-            granted[layer] = wanted and available
+            check = detected.get(layer, LayerCheck(False, "unknown layer"))
+            granted[layer] = wanted and check.available
             if not wanted:
-                report[layer] = "off"
-            elif available:
-                report[layer] = "on" + status.removeprefix("available")
+                report[layer] = LayerStatus("off")
+            elif check.available:
+                report[layer] = LayerStatus("on", check.detail)
             else:
-                report[layer] = status
-                missing.append(f"{layer} ({status.removeprefix('unavailable: ')})")
+                report[layer] = LayerStatus("unavailable", check.detail)
+                missing.append(f"{layer} ({check.detail})")
         if missing and not self.best_effort:
             raise SandboxUnavailableError(
                 "the sandbox requires layers this host cannot provide: "

@@ -122,11 +122,13 @@ class Leaves(NamedTuple):
 
 
 class Cgroups:
-    """Every hierarchy the warden uses, and each worker's leaves in them.
+    """Every hierarchy the warden uses, and how to make, kill and remove workers' leaves.
 
     ``memory`` and ``pids`` are the hierarchies that provide those controllers (the same
     object on a v2 host, two v1 ones on a hybrid host, None where unavailable); the
     details say what is in force or why not (for the warden's hello and ``stats()``).
+    A worker's leaves belong to the warden's record of it (``_children.Worker``), which
+    passes them in here; this keeps only leaves already given up, until they can go.
     """
 
     def __init__(
@@ -140,8 +142,9 @@ class Cgroups:
         self.memory_detail = memory_detail
         self.pids = pids
         self.pids_detail = pids_detail
-        self._leaves: dict[int, Leaves] = {}  # worker pid -> its leaves
-        self._stale: list[str] = []  # leaves to remove once their last process is gone
+        # Leaves of reaped workers, removed once their last process is reaped too, e.g.
+        # ["/sys/fs/cgroup/pids/corral-1234/w7"].
+        self._stale: list[str] = []
 
     @property
     def hierarchies(self) -> list[Hierarchy]:
@@ -197,23 +200,16 @@ class Cgroups:
             except OSError:
                 pass
 
-    def adopt(self, pid: int, leaves: Leaves) -> None:
-        if leaves.paths:
-            self._leaves[pid] = leaves
+    def kill_tree(self, leaves: Leaves) -> None:
+        """SIGKILL everything in a worker's leaves (its escaped descendants too)."""
+        for leaf in leaves.paths:
+            self._owner(leaf).kill(leaf)
 
-    def kill_tree(self, pid: int) -> None:
-        """SIGKILL everything left in the worker's leaves (its escaped descendants too)."""
-        leaves = self._leaves.get(pid)
-        if leaves is not None:
-            for leaf in leaves.paths:
-                self._owner(leaf).kill(leaf)
-
-    def reaped(self, pid: int) -> bool:
-        """The worker was reaped: kill what is left in its leaves, forget them (removed
-        now, or once their last process is reaped), and say whether the OOM killer acted
-        in its memory leaf."""
-        leaves = self._leaves.pop(pid, None)
-        if leaves is None:
+    def reaped(self, leaves: Leaves) -> bool:
+        """The worker that had ``leaves`` was reaped: kill what is left in them, give them
+        up (removed now, or once their last process is reaped), and say whether the OOM
+        killer acted in its memory leaf."""
+        if not leaves.paths:
             return False
         oom = False
         for leaf in leaves.paths:
@@ -237,14 +233,17 @@ class Cgroups:
                 left.append(leaf)
         self._stale = left
 
-    def kill_all(self) -> None:
-        for pid in list(self._leaves):
-            self.kill_tree(pid)
+    def kill_all(self, workers: Iterable[Leaves]) -> None:
+        """:meth:`kill_tree` for each of ``workers`` (the leaves of every live worker)."""
+        for leaves in workers:
+            self.kill_tree(leaves)
 
-    def remove_all(self) -> None:
-        for leaves in self._leaves.values():
+    def remove_all(self, workers: Iterable[Leaves]) -> None:
+        """At the warden's exit, once no process is left: remove ``workers`` (the leaves
+        of workers not reaped through :meth:`reaped`), every leaf given up, and the
+        warden's directories."""
+        for leaves in workers:
             self._stale.extend(leaves.paths)
-        self._leaves.clear()
         self.sweep()
         for hierarchy in self.hierarchies:
             try:

@@ -9,8 +9,9 @@ A child of the warden is one of:
 * anything else (no record): an orphan reparented to the warden, killed on sight.
 
 Adding a fact about a worker means adding a field here; dropping a record drops all its
-facts at once. Not here: what the warden does with them (``_warden``); cgroup leaves,
-which ``_cgroup.Cgroups`` keeps by worker pid.
+facts at once. Not here: what the warden does with them (``_warden``), or how a
+worker's cgroup leaves are made, killed and removed (``_cgroup.Cgroups``, handed the
+leaves from these records).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TypeAlias
 
 import msgspec
 
+from corral.worker._cgroup import Leaves
 from corral.worker._scratch import Scratch
 
 __all__ = ["Child", "ScratchRemover", "Worker"]
@@ -32,6 +34,9 @@ class Worker(msgspec.Struct, frozen=True):
     uid: int | None  # its own uid from the reserved range, e.g. 200017; None: the warden's
     init_status: int | None  # its init's status pipe (read end), e.g. 9; None: no namespaces
     scratch: Scratch | None  # its cwd, HOME and TMPDIR; None: the sandbox has none
+    # Its cgroup leaves, e.g. Leaves(("/sys/fs/cgroup/memory/corral-1/w3",), <that path>);
+    # Leaves((), None): none (no cgroups here).
+    leaves: Leaves
 
 
 class ScratchRemover(msgspec.Struct, frozen=True):

@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from corral.ipc import LayerCheck
 from corral.worker._os import check, libc, raise_errno
 
 __all__ = [
@@ -322,29 +323,29 @@ def enter_user_namespace() -> None:
 
 def detect(
     uid_base: int, must_read: Sequence[str], user_namespace: bool, namespaces: bool = True
-) -> dict[str, str]:
+) -> dict[str, LayerCheck]:
     """Whether ``dedicated_uid`` and (if asked for) ``namespaces`` work here, tried for
-    real in throwaway children: "available ..." or "unavailable: why". ``user_namespace``:
-    we are in the user namespace :func:`enter_user_namespace` made (not really root)."""
+    real in throwaway children (and if not, why). ``user_namespace``: we are in the user
+    namespace :func:`enter_user_namespace` made (not really root)."""
     if user_namespace:
-        uid = "unavailable: needs root (a user namespace maps only our uid)"
+        uid = LayerCheck(False, "needs root (a user namespace maps only our uid)")
     elif os.geteuid() != 0:
-        uid = "unavailable: needs root"
+        uid = LayerCheck(False, "needs root")
     else:
         readable = [p for p in must_read if os.path.exists(p)]
         problem = _try_in_child(_uid_can_read(uid_base, readable))
-        uid = f"unavailable: {problem}" if problem else f"available (uids from {uid_base})"
+        uid = LayerCheck(False, problem) if problem else LayerCheck(True, f"uids from {uid_base}")
     if not namespaces:
-        ns = "unavailable: not requested"
+        ns = LayerCheck(False, "not requested")
     elif user_namespace:
         ns = _namespaces_status("pid, mount, net, ipc, uts; in a user namespace", True)
     elif os.geteuid() != 0:
-        ns = "unavailable: needs root, or unprivileged user namespaces"
+        ns = LayerCheck(False, "needs root, or unprivileged user namespaces")
     else:
         ns = _namespaces_status("pid, mount, net, ipc, uts", False)
     return {"dedicated_uid": uid, "namespaces": ns}
 
 
-def _namespaces_status(what: str, user_namespace: bool) -> str:
+def _namespaces_status(what: str, user_namespace: bool) -> LayerCheck:
     problem = _try_in_child(lambda: _namespaces_work(user_namespace))
-    return f"unavailable: {problem}" if problem else f"available ({what})"
+    return LayerCheck(False, problem) if problem else LayerCheck(True, what)

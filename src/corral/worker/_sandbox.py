@@ -25,7 +25,7 @@ import signal
 import socket
 import struct
 
-from corral.ipc import SandboxSpec
+from corral.ipc import LayerCheck, SandboxSpec
 from corral.worker._os import libc, raise_errno, set_parent_death_signal
 from corral.worker._privileged import drop_to_uid
 
@@ -499,17 +499,17 @@ def clear_capabilities() -> None:
         raise_errno("capset")
 
 
-def capabilities_status() -> str:
+def capabilities_status() -> LayerCheck:
     """What dropping capabilities means on this host, for ``stats().sandbox``."""
     try:
         held = capability_sets().get("CapPrm", 0)
     except OSError as exc:
-        return f"unavailable: cannot read /proc/self/status ({exc.strerror})"
+        return LayerCheck(False, f"cannot read /proc/self/status ({exc.strerror})")
     if platform.machine() != "x86_64" and held:
-        return f"unavailable: capset not wired for {platform.machine()} yet"
+        return LayerCheck(False, f"capset not wired for {platform.machine()} yet")
     if held:
-        return "available (all dropped: effective, permitted, inheritable, ambient, bounding)"
-    return "available (none held: the host runs without capabilities)"
+        return LayerCheck(True, "all dropped: effective, permitted, inheritable, ambient, bounding")
+    return LayerCheck(True, "none held: the host runs without capabilities")
 
 
 # -- the whole sequence -------------------------------------------------------------------------
@@ -564,13 +564,14 @@ def prepare() -> None:
     _last_capability()
 
 
-def detect() -> dict[str, str]:
-    """What each layer would be on this host: "available" or why not."""
+def detect() -> dict[str, LayerCheck]:
+    """What each of these layers would be on this host (available, or why not)."""
     abi = landlock_abi()
+    no_seccomp = seccomp_supported()
     return {
-        "landlock": f"available (ABI {abi})" if abi else "unavailable: kernel without Landlock",
-        "seccomp": seccomp_supported() or "available",
-        "no_new_privs": "available",
-        "rlimits": "available",
+        "landlock": LayerCheck(abi > 0, f"ABI {abi}" if abi else "kernel without Landlock"),
+        "seccomp": LayerCheck(no_seccomp is None, no_seccomp or ""),
+        "no_new_privs": LayerCheck(True, ""),
+        "rlimits": LayerCheck(True, ""),
         "capabilities": capabilities_status(),
     }

@@ -30,6 +30,7 @@ import tempfile
 
 import msgspec
 
+from corral.ipc import LayerCheck
 from corral.worker._os import check, libc
 
 __all__ = [
@@ -73,23 +74,23 @@ def _unmount(path: str) -> None:
         check(-1, f"umount {path}")
 
 
-def detect_quota() -> str:
-    """Whether a size-limited tmpfs can be mounted for a scratch dir here: "available
-    (...)" or "unavailable: why" (for ``stats().sandbox``)."""
+def detect_quota() -> LayerCheck:
+    """Whether a size-limited tmpfs can be mounted for a scratch dir here, or why not
+    (for ``stats().sandbox``)."""
     if os.geteuid() != 0:
-        return "unavailable: needs root (a size- and inode-limited tmpfs per worker)"
+        return LayerCheck(False, "needs root (a size- and inode-limited tmpfs per worker)")
     try:
         probe = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-probe-")
     except OSError as exc:
-        return f"unavailable: cannot create a directory in {tempfile.gettempdir()}: {exc}"
+        return LayerCheck(False, f"cannot create a directory in {tempfile.gettempdir()}: {exc}")
     try:
         _mount_tmpfs(probe, 1 << 20, 64, None)
         _unmount(probe)
     except OSError as exc:
-        return f"unavailable: {exc.strerror or exc}"
+        return LayerCheck(False, str(exc.strerror or exc))
     finally:
         os.rmdir(probe)
-    return "available (tmpfs, nosuid,nodev)"
+    return LayerCheck(True, "tmpfs, nosuid,nodev")
 
 
 class Scratch(msgspec.Struct, frozen=True):

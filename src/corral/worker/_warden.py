@@ -39,6 +39,7 @@ import psutil
 from corral.ipc import (
     PROTOCOL_VERSION,
     KillWorker,
+    LayerCheck,
     ProtocolViolation,
     RecordDecoder,
     SpawnFailed,
@@ -73,13 +74,14 @@ class Warden:
         python: str,
         corral_root: str,
         cgroups: Cgroups,
-        root_layers: dict[str, str],
+        root_layers: dict[str, LayerCheck],
         user_namespace: bool,
     ) -> None:
         self._ctl = control
         self._pid = os.getpid()
         self._root_layers = root_layers
-        self._namespaces = root_layers.get("namespaces", "").startswith("available")
+        namespaces = root_layers.get("namespaces")
+        self._namespaces = namespaces is not None and namespaces.available
         # An fd on our own PID namespace, to come back to after creating a worker's (not
         # allowed from a user namespace: there a worker's init is cloned straight into it).
         self._own_pid_ns = (
@@ -88,9 +90,11 @@ class Warden:
             else None
         )
         self._uid_slots: _privileged.UidSlots | None = None
-        # Every child not reaped yet, e.g. {4242: Worker(4242, 200017, 9, Scratch(...))}.
+        # Every child not reaped yet, e.g.
+        # {4242: Worker(4242, 200017, 9, Scratch(...), Leaves(...)), 4250: ScratchRemover(...)}.
         self._children: dict[int, Child] = {}
-        self._cgroups = cgroups  # memory and pids hierarchies (v2 or v1), per-worker leaves
+        # The memory and pids hierarchies (v2 or v1); a worker's leaves are in its record.
+        self._cgroups = cgroups
         self._python = python
         self._corral_root = corral_root
         self._decoder: RecordDecoder[ToWarden] = RecordDecoder(ToWarden)
@@ -118,9 +122,9 @@ class Warden:
                 {
                     **_sandbox.detect(),
                     "scratch_quota": _scratch.detect_quota(),
-                    "cgroup_tree": f"available ({self._cgroups.pids_detail})"
-                    if self._cgroups.pids is not None
-                    else f"unavailable: {self._cgroups.pids_detail}",
+                    "cgroup_tree": LayerCheck(
+                        self._cgroups.pids is not None, self._cgroups.pids_detail
+                    ),
                     **self._root_layers,
                 },
             )
@@ -228,8 +232,7 @@ class Warden:
         if status_w >= 0:
             os.close(status_w)
             init_status = status_r
-        self._children[pid] = Worker(pid, uid, init_status, scratch)
-        self._cgroups.adopt(pid, leaves)
+        self._children[pid] = Worker(pid, uid, init_status, scratch, leaves)
         self._send(WorkerSpawned(msg.id, pid, leaves.memory))
 
     def _child(
@@ -363,7 +366,7 @@ class Warden:
         self._kill_orphans()
         # Everything left in its cgroups dies: its whole tree, setsid'd and reparented
         # descendants too (its memory leaf alone is enough for that).
-        oom = self._cgroups.reaped(worker.pid)
+        oom = self._cgroups.reaped(worker.leaves)
         if worker.scratch is not None:
             self._release_scratch(worker.scratch)
         if worker.uid is not None and self._uid_slots is not None:
@@ -419,13 +422,12 @@ class Warden:
     def _teardown(self, why: str) -> NoReturn:
         """Kill every descendant, reap them all, exit. Repeats until no child is left, so a
         process forked after one round's snapshot is caught by the next."""
+        workers = [child for child in self._children.values() if isinstance(child, Worker)]
         while True:
-            self._cgroups.kill_all()
-            for child in self._children.values():
-                if not isinstance(child, Worker):
-                    continue
+            self._cgroups.kill_all(worker.leaves for worker in workers)
+            for worker in workers:
                 try:
-                    os.killpg(child.pid, signal.SIGKILL)
+                    os.killpg(worker.pid, signal.SIGKILL)
                 except OSError:  # gone (or, without root, not ours to signal)
                     pass
             try:
@@ -443,7 +445,7 @@ class Warden:
                 break  # no children left at all
             except InterruptedError:
                 pass
-        self._cgroups.remove_all()
+        self._cgroups.remove_all(worker.leaves for worker in workers)
         for child in self._children.values():  # none of them runs any more
             if child.scratch is not None:
                 _scratch.remove_now(child.scratch)
@@ -475,7 +477,7 @@ def main(
     set_child_subreaper()
     # Memory (unless memory_method="rlimit") and pids cgroups, v2 or v1 per controller.
     cgroups = detect(os.getpid(), memory=want_cgroups)
-    root_layers: dict[str, str] = {}
+    root_layers: dict[str, LayerCheck] = {}
     user_namespace = False
     if root_probe_uid is not None:
         if os.geteuid() != 0 and want_namespaces:
