@@ -33,7 +33,9 @@ import pytest
 import corral
 import tests.kernels
 from corral import Sandbox, Supervisor
+from corral.ipc import LayerCheck
 from corral.supervisor._process import WardenLauncher
+from corral.supervisor.records import LayerStatus
 from corral.supervisor.sandbox import SandboxUnavailableError
 from tests.helpers import pid_gone, wait_pid_gone
 
@@ -407,7 +409,7 @@ async def test_stats_report_every_layer(sandbox_name: str) -> None:
     assert set(report) == {*DENY_LAYERS, *ROOT_LAYERS}
     assert str(report["namespaces"]) == "off"
     if sandbox_name == "none":
-        assert all(report[layer] == "off" for layer in (*DENY_LAYERS, *ROOT_LAYERS))
+        assert all(report[layer].state == "off" for layer in (*DENY_LAYERS, *ROOT_LAYERS))
         return
     assert str(report["landlock"]).startswith("on (ABI ")
     assert int(str(report["landlock"]).removeprefix("on (ABI ").rstrip(")")) >= 6
@@ -417,9 +419,9 @@ async def test_stats_report_every_layer(sandbox_name: str) -> None:
         else "on (none held: the host runs without capabilities)"
     )
     plain = ("scratch_dir", "rlimits", "no_new_privs", "seccomp")
-    assert all(report[layer] == "on" for layer in plain)
+    assert all(str(report[layer]) == "on" for layer in plain)
     for layer in DEFAULT_ROOT_LAYERS:  # best effort: root gives them, others say why not
-        assert report[layer].startswith("on (" if ROOT else "unavailable: "), report
+        assert str(report[layer]).startswith("on (" if ROOT else "unavailable: "), report
 
 
 @pytest.fixture
@@ -468,7 +470,7 @@ async def test_strict_best_effort_starts_and_reports_what_is_missing(
     assert str(report["cgroup_tree"]).startswith("on (cgroup v1 pids"), report
     assert str(report["namespaces"]).startswith("on ("), report
     assert facts["pid"] == 2  # in its own PID namespace, as root (no uid of its own)
-    assert all(report[layer].startswith("on") for layer in DENY_LAYERS)
+    assert all(report[layer].on for layer in DENY_LAYERS)
 
 
 @pytest.mark.skipif(not ROOT, reason="a uid of its own is what default() adds as root")
@@ -495,13 +497,13 @@ async def test_default_without_a_readable_path_keeps_the_host_uid_and_says_why(
 
 
 NON_ROOT_HOST = {
-    "landlock": "available (ABI 7)",
-    "seccomp": "available",
-    "cgroup_tree": "unavailable: not root",
-    "dedicated_uid": "unavailable: needs root",
-    "namespaces": "unavailable: needs root",
-    "scratch_quota": "unavailable: needs root",
-    "capabilities": "available (none held)",
+    "landlock": LayerCheck(True, "ABI 7"),
+    "seccomp": LayerCheck(True, ""),
+    "cgroup_tree": LayerCheck(False, "not root"),
+    "dedicated_uid": LayerCheck(False, "needs root"),
+    "namespaces": LayerCheck(False, "needs root"),
+    "scratch_quota": LayerCheck(False, "needs root"),
+    "capabilities": LayerCheck(True, "none held"),
 }
 
 
@@ -515,7 +517,7 @@ def test_strict_on_a_host_without_root_names_every_missing_layer() -> None:
     assert (spec.cgroup_tree, spec.uid_range, spec.namespaces) == (False, None, False)
     assert spec.seccomp and spec.landlock
     assert {layer: report[layer] for layer in ROOT_LAYERS} == {
-        layer: NON_ROOT_HOST[layer] for layer in ROOT_LAYERS
+        layer: LayerStatus("unavailable", NON_ROOT_HOST[layer].detail) for layer in ROOT_LAYERS
     }
 
 

@@ -35,6 +35,7 @@ from corral.ipc import (
     PROTOCOL_VERSION,
     FromWarden,
     KillWorker,
+    LayerCheck,
     ProtocolViolation,
     RecordDecoder,
     SandboxSpec,
@@ -152,7 +153,7 @@ class _WardenLink:
         self._decoder: RecordDecoder[FromWarden] = RecordDecoder(FromWarden)
         self.memory_cgroups = False
         self.memory_cgroups_detail = "unknown until the warden starts"
-        self.sandbox_layers: dict[str, str] = {}
+        self.sandbox_layers: dict[str, LayerCheck] = {}
         loop.add_reader(pidfd, self._on_process_exit)
         loop.add_reader(sock, self._on_readable)
 
