@@ -416,31 +416,36 @@ async def _serve_awaited(
     return await WorkerLoop(kernel, fd_in, fd_out, decoder, start.max_frame_bytes).serve_async()
 
 
-def _call_factory(
-    start: Start,
-) -> tuple[Any, asyncio.AbstractEventLoop | None]:
-    """Call the factory with a fresh event loop current (not running) in this thread, and
-    return what it made and the loop that must serve it: the factory's own if it made
-    another current, ours if it started a task on ours, else None (ours is closed).
+class _WatchedPolicy(asyncio.DefaultEventLoopPolicy):
+    """asyncio's default policy, noting the loop made current in this thread (the one
+    ``asyncio.get_event_loop()`` makes, or one the factory sets)."""
 
-    Raises whatever the factory raised (ours is closed)."""
-    ours = asyncio.new_event_loop()
-    asyncio.set_event_loop(ours)
-    try:
+    made: asyncio.AbstractEventLoop | None = None
+
+    def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        super().set_event_loop(loop)
+        self.made = loop
+
+
+def _call_factory(start: Start) -> tuple[Any, asyncio.AbstractEventLoop | None]:
+    """Call the factory with no event loop running; return what it made and the loop it
+    made current, if any (that loop serves, so that what it scheduled there runs).
+
+    No loop is made for a factory that does not ask for one: a fresh loop would touch
+    pages the worker shares with its warden. Raises whatever the factory raised."""
+    if sys.version_info >= (3, 14):
+        # get_event_loop() no longer makes a loop: only one set current is there to find.
         made = load_factory(start)(start.tenant)
-        current = asyncio.get_event_loop()  # one is set: returns it, never makes one
-    except BaseException:
-        asyncio.set_event_loop(None)
-        ours.close()
-        raise
-    if current is not ours:
-        ours.close()
-        return made, current
-    if asyncio.all_tasks(ours):
-        return made, ours
-    asyncio.set_event_loop(None)
-    ours.close()
-    return made, None
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_event_loop()
+        except RuntimeError:
+            current = None
+    else:
+        policy = _WatchedPolicy()
+        asyncio.set_event_loop_policy(policy)
+        made = load_factory(start)(start.tenant)
+        current = policy.made
+    return made, current if current is not None and not current.is_closed() else None
 
 
 def _run(loop: asyncio.AbstractEventLoop | None, main: Coroutine[Any, Any, int]) -> int:
@@ -466,11 +471,10 @@ def _factory_error(exc: Exception) -> Exception:
 def run_worker(fd_in: int, fd_out: int) -> int:
     """Run one worker to completion; returns the process exit code.
 
-    A plain factory is called with no event loop running (but one current, which
-    ``asyncio.get_event_loop()`` gives it); an async one (or one that returns an
-    awaitable) is awaited on the loop that then serves its kernel. A loop the plain
-    factory made current, or the current one if it started a task there, is the one that
-    serves, so that what it scheduled there runs."""
+    A plain factory is called with no event loop running; an async one (or one that
+    returns an awaitable) is awaited on the loop that then serves its kernel. A loop the
+    plain factory made current (``asyncio.get_event_loop()``) is the one that serves, so
+    that what it scheduled there runs."""
     try:
         start, decoder = read_start(fd_in)
     except (EOFError, ProtocolViolation) as exc:
