@@ -663,7 +663,7 @@ class WorkerHandle:
                 self._opts.kill_timeout,
                 extra={"tenant": self.tenant, "pid": pid},
             )
-            self.ending.kill_unanswered = True
+            self.ending.kill_went_unanswered()
             self._settled.set()
             await self._dead.wait()
 

@@ -153,6 +153,10 @@ class Ending:
     def misbehaved(self, detail: str) -> None:
         self.detail = detail
 
+    def kill_went_unanswered(self) -> None:
+        """SIGKILLed ``kill_timeout`` ago and still not reaped: nothing more corral can do."""
+        self.kill_unanswered = True
+
     def close(self, returncode: int | None, oom_killed: bool) -> StopReport:
         """It was reaped (``returncode`` waitpid style; None: its warden died first).
         Settles the reason and the rung, and returns the report."""

@@ -202,6 +202,11 @@ class Pool:
                 # Nobody ended up calling it (cancelled, or get_or_create): idle from now.
                 self.worker_idle(handle)
 
+    def call_succeeded(self, tenant: str) -> None:
+        """A call of ``tenant``'s (which had failures on record) completed: its worker
+        serves again, so its failure record goes."""
+        self.restarts.record_success(tenant)
+
     # -- evicting ----------------------------------------------------------------------------
 
     async def evict(self, tenant: str, reason: StopReason) -> bool:

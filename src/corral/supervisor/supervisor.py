@@ -154,7 +154,7 @@ class Supervisor:
             clock=clock,
         )
         self._table = self._pool.table  # read on the warm path
-        self._restarts = self._pool.restarts  # (a success clears a tenant's failures)
+        self._failing = self._pool.restarts.failing  # read on the warm path
         self._memory = MemoryWatch(
             probe=ProbeThread(probe or ProcTreeProbe()),
             policy=MemoryPolicy(
@@ -343,8 +343,8 @@ class Supervisor:
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
         value = await handle.send_call(method, payload, self._call_timeout)
-        if tenant in self._restarts.failing:
-            self._restarts.record_success(tenant)
+        if tenant in self._failing:  # (a set lookup on the warm path)
+            self._pool.call_succeeded(tenant)
         return value
 
     async def invoke(
@@ -367,8 +367,8 @@ class Supervisor:
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
         value = await handle.send_call(method, payload, timeout)
-        if tenant in self._restarts.failing:
-            self._restarts.record_success(tenant)
+        if tenant in self._failing:  # (a set lookup on the warm path)
+            self._pool.call_succeeded(tenant)
         return value
 
     def _payload(
@@ -446,7 +446,7 @@ class Supervisor:
             workers=[h.info() for h in self._table.handles()],
             starts=self._pool.starts,
             stops=dict(self._pool.stops),
-            tenants_in_backoff=self._restarts.in_backoff(),
+            tenants_in_backoff=self._pool.restarts.in_backoff(),
             memory_enforcement=(
                 self._launcher.memory_enforcement if self._hard_limit is not None else "none"
             ),
