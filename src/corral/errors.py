@@ -31,6 +31,7 @@ __all__ = [
     "MemoryPressureError",
     "NodeLostError",
     "ProtocolError",
+    "ResultTypeError",
     "StartError",
     "SupervisorClosedError",
     "WorkerCrashedError",
@@ -191,6 +192,36 @@ class CallTimeoutError(WorkerError, TimeoutError):
 class ProtocolError(WorkerError):
     """The worker sent something malformed, unexpected or over the frame limit;
     it was killed."""
+
+
+class ResultTypeError(CorralError):
+    """The kernel's reply does not match the ``result_type`` the caller asked for. The
+    worker is still up and keeps serving (its output is untrusted data that failed a
+    check, not a broken worker).
+
+    Attributes:
+        tenant, pid, method: whose reply it was.
+        result_type: the type asked for.
+        detail: what did not match, in msgspec's words, e.g. ``"Expected `int`, got
+            `str` - at `$.count`"`` (one line, bounded).
+    """
+
+    def __init__(
+        self, *, tenant: str, pid: int | None, method: str, result_type: object, detail: str
+    ) -> None:
+        self.tenant = tenant
+        self.pid = pid
+        self.method = method
+        self.result_type = result_type
+        self.detail = one_line(detail, 500)
+        super().__init__(
+            f"{tenant!r}.{method}: the reply is not a {_type_name(result_type)}: {self.detail}"
+        )
+
+
+def _type_name(tp: object) -> str:
+    name = getattr(tp, "__qualname__", None)
+    return name if isinstance(name, str) and "[" not in repr(tp) else repr(tp)
 
 
 class KernelError(CorralError):

@@ -84,9 +84,9 @@ SAMPLES: dict[Any, list[Any]] = {
         Hello(protocol_version=PROTOCOL_VERSION, pid=4242, host_pid=None),
         Hello(protocol_version=PROTOCOL_VERSION, pid=2, host_pid=4243),
         StartFailed(error=ERROR),
-        Result(id=7, value={"sum": 3}),
-        Result(id=8, value=None),
-        Result(id=9, value=[b"bytes", 1.5, "text", True]),
+        Result(id=7, value=raw({"sum": 3})),
+        Result(id=8, value=raw(None)),
+        Result(id=9, value=raw([b"bytes", 1.5, "text", True])),
         *(CallFailed(id=9, kind=kind, error=ERROR) for kind in typing.get_args(ErrorKind)),
     ],
     ToWarden: [

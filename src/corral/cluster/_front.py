@@ -40,6 +40,7 @@ from corral.errors import (
     InvalidCallError,
     MemoryPressureError,
     NodeLostError,
+    ResultTypeError,
     SupervisorClosedError,
 )
 from corral.supervisor import WorkerEvent
@@ -81,6 +82,21 @@ def _fingerprint(factory: Factory, options: Mapping[str, Any]) -> str:
     """What two front ends must agree on to share one deployment's agents."""
     name = factory if isinstance(factory, str) else f"{factory.__module__}.{factory.__qualname__}"
     return repr((name, sorted((k, repr(v)) for k, v in options.items())))
+
+
+def _typed(value: Any, result_type: Any, tenant: str, method: str) -> Any:
+    """A node's reply as ``result_type``, converted strictly."""
+    try:
+        return msgspec.convert(value, result_type, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ResultTypeError(
+            tenant=tenant, pid=None, method=method, result_type=result_type, detail=str(exc)
+        ) from None
+    except TypeError as exc:
+        raise InvalidCallError(
+            f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
+            kind="result_type",
+        ) from exc
 
 
 class ClusterSupervisor:
@@ -284,15 +300,20 @@ class ClusterSupervisor:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def call(self, tenant: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`corral.Supervisor.call`, on the node the tenant is placed on.
+    async def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: Any = None, **kwargs: Any
+    ) -> Any:
+        """As :meth:`corral.Supervisor.call`, on the node the tenant is placed on. A
+        ``result_type`` is checked here, on the reply as the node sent it (strictly, as
+        msgspec converts: ResultTypeError if it does not fit).
 
         Raises:
             NodeLostError: the node (or corral's agent on it) died during the call; the
                 call may have run there; it is not retried.
             everything :meth:`corral.Supervisor.call` raises, from that node.
         """
-        return await self._invoke(tenant, method, args, kwargs, "default")
+        value = await self._invoke(tenant, method, args, kwargs, "default")
+        return value if result_type is None else _typed(value, result_type, tenant, method)
 
     async def invoke(
         self,
@@ -302,9 +323,12 @@ class ClusterSupervisor:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout: float | Literal["default"] | None = "default",
+        result_type: Any = None,
     ) -> Any:
-        """Like :meth:`call`, with explicit arguments and a per-call ``timeout``."""
-        return await self._invoke(tenant, method, args, kwargs, timeout)
+        """Like :meth:`call`, with explicit arguments, a per-call ``timeout`` and
+        ``result_type``."""
+        value = await self._invoke(tenant, method, args, kwargs, timeout)
+        return value if result_type is None else _typed(value, result_type, tenant, method)
 
     async def _invoke(
         self,

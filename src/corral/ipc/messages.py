@@ -14,7 +14,7 @@ call); a result's value is decoded with its envelope.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -105,12 +105,13 @@ class StartFailed(_Msg, frozen=True, tag="start_failed"):
 
 
 class Result(_Msg, frozen=True, tag="result"):
-    """The return value of call ``id``: any msgpack value, encoded and decoded in the
-    same pass as the envelope (the supervisor needs it at once; a value that does not
-    decode makes the whole frame a protocol violation)."""
+    """The return value of call ``id``: any msgpack value. The worker encodes value and
+    envelope in one pass; the supervisor decodes the envelope with the value left as
+    its bytes (checked to be one whole msgpack value, no object made), then decodes
+    those straight into what the caller asked for (any value, or a ``result_type``)."""
 
     id: int
-    value: Any
+    value: msgspec.Raw
 
 
 ErrorKind = Literal["kernel", "method", "arguments", "result"]

@@ -130,7 +130,9 @@ def error_response(exc: CorralError, tenant: str) -> Response:
     CapacityError
     SupervisorClosedError                       503
     any other WorkerError (crash, protocol,     502
-    start failure, memory limit, stopped)
+    start failure, memory limit, stopped),
+    ResultTypeError (a reply not of the type
+    asked for)
     NodeLostError (a cluster node was lost      502, with ``node`` and ``node_address``
     during the call)
     ==========================================  ======

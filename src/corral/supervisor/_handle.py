@@ -39,6 +39,7 @@ from corral.errors import (
     InvalidCallError,
     KernelError,
     MemoryLimitError,
+    ResultTypeError,
     StartError,
 )
 from corral.ipc import (
@@ -101,6 +102,11 @@ class _Pending(msgspec.Struct):
     deadline: float | None  # loop time; None: no limit
     timeout: float | None  # seconds, for the message
     method: str
+    result_type: Any  # what the reply must decode into; None: any msgpack value
+    decode: Callable[[msgspec.Raw], Any]  # the reply's value bytes -> the caller's value
+
+
+_decode_any = msgspec.msgpack.Decoder().decode
 
 
 class WorkerHandle:
@@ -316,8 +322,18 @@ class WorkerHandle:
 
     # -- calls -------------------------------------------------------------------------------
 
-    def send_call(self, method: str, payload: bytes, timeout: float | None) -> asyncio.Future[Any]:
-        """Send one call; the returned future resolves exactly once (see module doc).
+    def send_call(
+        self,
+        method: str,
+        payload: bytes,
+        timeout: float | None,
+        result_type: Any = None,
+        decode: Callable[[msgspec.Raw], Any] = _decode_any,
+    ) -> asyncio.Future[Any]:
+        """Send one call; the returned future resolves exactly once (see module doc):
+        with the reply decoded by ``decode`` (strictly into ``result_type``, if given;
+        a reply that does not fit fails the call with ResultTypeError, and the worker
+        serves on).
 
         The caller must have checked :attr:`is_serving`.
         """
@@ -346,7 +362,7 @@ class WorkerHandle:
             deadline = (now if self._loop_time is time.monotonic else self._loop_time()) + timeout
             if deadline < self._watchdog_at:
                 self._arm_watchdog(deadline)
-        self._inflight[call_id] = _Pending(fut, deadline, timeout, method)
+        self._inflight[call_id] = _Pending(fut, deadline, timeout, method, result_type, decode)
         if self.state is S.READY:
             self.state = S.BUSY  # = transition(self, Event.CALL_SENT): _lifecycle.WARM_SEND
             self._listener.worker_busy(self)
@@ -445,15 +461,34 @@ class WorkerHandle:
             if killed:
                 break  # late messages are of no use to anyone
             if type(msg) is Result and msg.id in inflight:  # the usual reply, inline
-                future = inflight.pop(msg.id).future
+                pending = inflight.pop(msg.id)
                 replied += 1
-                if not future.done():  # the caller may have been cancelled
-                    future.set_result(msg.value)  # (its callbacks run later: no state change)
+                if not pending.future.done():  # the caller may have been cancelled
+                    try:
+                        value = pending.decode(msg.value)
+                    except msgspec.ValidationError as exc:  # not the result_type asked for
+                        pending.future.set_exception(self._result_type_error(pending, exc))
+                    except msgspec.DecodeError as exc:  # not msgpack (bad UTF-8, ...)
+                        inflight[msg.id] = pending  # it fails with the others, below
+                        replied -= 1
+                        self._protocol_violation(f"sent an undecodable result: {exc}")
+                        killed = True
+                    else:  # (the future's callbacks run later: no state change here)
+                        pending.future.set_result(value)
             else:
                 self._on_message(msg)
                 killed = self._being_killed()
         if replied:  # the bookkeeping of _complete, once for the whole read
             self._completed(replied)
+
+    def _result_type_error(self, pending: _Pending, exc: Exception) -> ResultTypeError:
+        return ResultTypeError(
+            tenant=self.tenant,
+            pid=self.pid,
+            method=pending.method,
+            result_type=pending.result_type,
+            detail=str(exc),
+        )
 
     def _being_killed(self) -> bool:
         return (self.state is S.STOPPING and self.ending.rung is Rung.KILL) or self.state is S.DEAD

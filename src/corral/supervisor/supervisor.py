@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
@@ -58,6 +58,9 @@ _encode = msgspec.msgpack.Encoder().encode  # call arguments
 log = logging.getLogger("corral")
 
 _FRAME_OVERHEAD = 64  # bytes of Call envelope around the encoded arguments, generously
+_DECODERS_KEPT = 256  # result types whose decoder is kept
+
+T = TypeVar("T")
 
 
 class _State(enum.Enum):
@@ -121,6 +124,7 @@ class Supervisor:
         self._call_timeout = opts.call_timeout
         self._max_frame = opts.max_frame_bytes
         self._method_names: set[str] = set()  # names already checked to be public
+        self._decoders: dict[Any, Callable[[msgspec.Raw], Any]] = {}  # result_type ->
         self._hard_limit = opts.worker_memory_hard_limit
         self._launcher: Launcher = launcher or WardenLauncher(
             exec_workers=opts.start_method == "spawn",
@@ -312,16 +316,34 @@ class Supervisor:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def call(self, tenant: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+    @overload
+    async def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: type[T], **kwargs: Any
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: Any = None, **kwargs: Any
+    ) -> Any: ...
+
+    async def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: Any = None, **kwargs: Any
+    ) -> Any:
         """Call ``kernel.<method>(*args, **kwargs)`` in ``tenant``'s worker, starting
         it if needed, with the supervisor's ``call_timeout``.
 
+        ``result_type`` (keyword only, so not a kernel argument): any type msgspec
+        decodes into (a Struct, dataclass, TypedDict, union, ``Annotated`` constraint,
+        ``list[int]``, ...). The reply is decoded strictly into it, straight from its
+        bytes; one that does not fit raises ResultTypeError and the worker serves on.
+
         Returns:
-            The method's return value, as msgpack carries it (Structs and dataclasses
-            arrive as dicts, tuples as lists).
+            The method's return value: as msgpack carries it (Structs and dataclasses
+            arrive as dicts, tuples as lists), or a ``result_type``.
 
         Raises:
             KernelError: the kernel raised (the worker stays up).
+            ResultTypeError: the reply does not fit ``result_type`` (the worker stays up).
             InvalidCallError: the tenant key breaks the rule (``corral.TENANT_RULE``);
                 unknown or private method, or unencodable arguments/result.
             CallTimeoutError: the call ran past the timeout (its worker was killed).
@@ -337,15 +359,43 @@ class Supervisor:
         (still bounded by the timeout) and the result is discarded.
         """
         payload = self._payload(tenant, method, args, kwargs)
+        decode = None if result_type is None else self._decoder(result_type)
         # The warm path: a serving worker, no await. A key in the table passed
         # check_tenant when its worker started; the pool checks any other.
         handle = self._table.get(tenant)
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
-        value = await handle.send_call(method, payload, self._call_timeout)
+        if decode is None:
+            value = await handle.send_call(method, payload, self._call_timeout)
+        else:
+            value = await handle.send_call(method, payload, self._call_timeout, result_type, decode)
         if tenant in self._failing:  # (a set lookup on the warm path)
             self._pool.call_succeeded(tenant)
         return value
+
+    @overload
+    async def invoke(
+        self,
+        tenant: str,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | Literal["default"] | None = "default",
+        result_type: type[T],
+    ) -> T: ...
+
+    @overload
+    async def invoke(
+        self,
+        tenant: str,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | Literal["default"] | None = "default",
+        result_type: Any = None,
+    ) -> Any: ...
 
     async def invoke(
         self,
@@ -355,21 +405,54 @@ class Supervisor:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout: float | Literal["default"] | None = "default",
+        result_type: Any = None,
     ) -> Any:
-        """Like :meth:`call`, with explicit arguments and a per-call ``timeout``
-        (seconds, or None for no limit)."""
+        """Like :meth:`call`, with explicit arguments, a per-call ``timeout`` (seconds,
+        or None for no limit) and ``result_type``."""
         if timeout == "default":
             timeout = self._call_timeout  # checked at construction
         elif timeout is not None:
             check_seconds("timeout", timeout)
         payload = self._payload(tenant, method, args, kwargs)
+        decode = None if result_type is None else self._decoder(result_type)
         handle = self._table.get(tenant)  # (as in call)
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
-        value = await handle.send_call(method, payload, timeout)
+        if decode is None:
+            value = await handle.send_call(method, payload, timeout)
+        else:
+            value = await handle.send_call(method, payload, timeout, result_type, decode)
         if tenant in self._failing:  # (a set lookup on the warm path)
             self._pool.call_succeeded(tenant)
         return value
+
+    def _decoder(self, result_type: Any) -> Callable[[msgspec.Raw], Any]:
+        """A strict decoder into ``result_type``, made once per type (a few hundred kept).
+
+        Raises:
+            InvalidCallError: msgspec cannot decode into that type.
+        """
+        try:
+            return self._decoders[result_type]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable type: made each time
+            return self._new_decoder(result_type)
+        decode = self._new_decoder(result_type)
+        if len(self._decoders) >= _DECODERS_KEPT:
+            self._decoders.pop(next(iter(self._decoders)))
+        self._decoders[result_type] = decode
+        return decode
+
+    @staticmethod
+    def _new_decoder(result_type: Any) -> Callable[[msgspec.Raw], Any]:
+        try:
+            return msgspec.msgpack.Decoder(result_type, strict=True).decode
+        except TypeError as exc:
+            raise InvalidCallError(
+                f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
+                kind="result_type",
+            ) from exc
 
     def _payload(
         self,

@@ -13,7 +13,7 @@ import concurrent.futures
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from corral.errors import SupervisorClosedError
 from corral.supervisor._config import Factory
@@ -165,9 +165,23 @@ class SyncSupervisor:
             raise SupervisorClosedError("SyncSupervisor is not running (use 'with' or start())")
         return self._sup
 
-    def call(self, tenant: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+    @overload
+    def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: type[T], **kwargs: Any
+    ) -> T: ...
+
+    @overload
+    def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: Any = None, **kwargs: Any
+    ) -> Any: ...
+
+    def call(
+        self, tenant: str, method: str, /, *args: Any, result_type: Any = None, **kwargs: Any
+    ) -> Any:
         """See :meth:`Supervisor.call`."""
-        return self._run(self._supervisor.invoke(tenant, method, args, kwargs))
+        return self._run(
+            self._supervisor.invoke(tenant, method, args, kwargs, result_type=result_type)
+        )
 
     def invoke(
         self,
@@ -177,9 +191,14 @@ class SyncSupervisor:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout: float | Literal["default"] | None = "default",
+        result_type: Any = None,
     ) -> Any:
         """See :meth:`Supervisor.invoke`."""
-        return self._run(self._supervisor.invoke(tenant, method, args, kwargs, timeout=timeout))
+        return self._run(
+            self._supervisor.invoke(
+                tenant, method, args, kwargs, timeout=timeout, result_type=result_type
+            )
+        )
 
     def get_or_create(self, tenant: str) -> WorkerInfo:
         return self._run(self._supervisor.get_or_create(tenant))
