@@ -12,6 +12,9 @@ import pytest
 import pytest_asyncio
 from blockbuster import blockbuster_ctx
 
+from tests.fakes import FakeLauncher
+from tests.helpers import open_fds
+
 _LEAK_DEADLINE = 10.0
 
 
@@ -34,9 +37,9 @@ def no_leftovers() -> Iterator[None]:
     threads = [t for t in threading.enumerate() if t not in before_threads]
     for thread in threads:
         thread.join(_LEAK_DEADLINE)
-    threads = [t.name for t in threads if t.is_alive()]
+    running = [t.name for t in threads if t.is_alive()]
     assert not left, f"test left processes behind: {left}"
-    assert not threads, f"test left threads behind: {threads}"
+    assert not running, f"test left threads behind: {running}"
 
 
 @pytest_asyncio.fixture(autouse=True)
@@ -56,3 +59,18 @@ async def no_pending_tasks() -> AsyncIterator[None]:
     current = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     assert not pending, f"test left tasks running: {pending}"
+
+
+@pytest_asyncio.fixture
+async def fake_launcher() -> AsyncIterator[FakeLauncher]:
+    """A :class:`tests.fakes.FakeLauncher` for ``Supervisor(launcher=...)``. The test must
+    close it (closing the supervisor does); every fd opened meanwhile must be closed again."""
+    fds = open_fds()
+    launcher = FakeLauncher()
+    yield launcher
+    closed = launcher.closed
+    if not closed:
+        await launcher.aclose()
+    left = open_fds() - fds
+    assert closed, "the fake launcher was not closed (is a supervisor still running?)"
+    assert not left, f"test left fds open: {sorted(left)}"

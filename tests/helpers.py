@@ -1,14 +1,116 @@
-"""Small helpers for tests that run real processes."""
+"""What the test modules share: the test kernel's name, short timeouts, a supervisor
+factory, and ways to wait (for an event, a condition, a process) with a deadline.
+
+Waiting is always on something that says it happened (an event, a pidfd) under a
+deadline; never a sleep. The in-memory launcher for pool tests is in :mod:`tests.fakes`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import psutil
 import pytest
 
 import corral
+from corral import Supervisor, WorkerEvent, WorkerInfo
+from corral.supervisor import Factory
+
+T = TypeVar("T")
+
+K = "tests.kernels:make"
+"""The well-behaved test kernel (:class:`tests.kernels.Kernel`), by import string."""
+
+FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
+"""Stop and start timeouts for real workers: short, with room for a busy host."""
+
+
+def supervisor(factory: Factory = K, **options: Any) -> Supervisor:
+    """A :class:`Supervisor` of ``factory`` with the :data:`FAST` timeouts (``options``
+    override them). Not started: ``async with supervisor(...) as sup:``."""
+    return Supervisor(factory, **{**FAST, **options})
+
+
+async def within(awaitable: Awaitable[T], timeout: float = 30.0) -> T:
+    """``await awaitable`` with a deadline (a hang fails the test with TimeoutError)."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Turn the loop until ``predicate()`` holds, with a deadline. Only for state that has
+    nothing to wait on (corral's private state, another process's); prefer an event."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0)  # ok-sleep: one loop turn, not a wait for time
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors (to check that a test closed what it opened)."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def worker_info(sup: Supervisor, tenant: str) -> WorkerInfo:
+    """``tenant``'s worker as ``stats()`` describes it (it must have one)."""
+    found = [w for w in sup.stats().workers if w.tenant == tenant]
+    assert found, f"{tenant} has no worker: {sup.keys()}"
+    return found[0]
+
+
+class Recorder(Generic[T]):
+    """Collects items (events, log records) with the time they arrived (``clock``,
+    monotonic by default); a test awaits the first one that matches. Fed on the event
+    loop's thread only."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seen: list[tuple[float, T]] = []
+        self._clock = clock
+        self._changed = asyncio.Event()
+
+    def add(self, item: T) -> None:
+        self.seen.append((self._clock(), item))
+        self._changed.set()
+
+    async def first(self, match: Callable[[T], bool], timeout: float = 30.0) -> tuple[float, T]:
+        """The first item so far or to come that matches, and when it came."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._changed.clear()
+                for when, item in self.seen:
+                    if match(item):
+                        return when, item
+                await self._changed.wait()
+
+    @property
+    def items(self) -> list[T]:
+        return [item for _, item in self.seen]
+
+
+class EventLog(Recorder[WorkerEvent]):
+    """An ``on_event`` hook that keeps every event; ``await log.stopped("t")`` waits (with
+    a deadline) for the first stop of ``t``'s worker."""
+
+    def __call__(self, event: WorkerEvent) -> None:
+        self.add(event)
+
+    async def stopped(self, tenant: str, timeout: float = 30.0) -> corral.WorkerStopped:
+        _, event = await self.first(stopped(tenant), timeout)
+        assert isinstance(event, corral.WorkerStopped)
+        return event
+
+    def brief(self) -> list[tuple[str, str, str | None]]:
+        """(kind, tenant, reason) of each event so far; reason None but for stops and
+        backoffs."""
+        return [(e.kind, e.tenant, getattr(e, "reason", None)) for e in self.items]
+
+
+def stopped(tenant: str) -> Callable[[WorkerEvent], bool]:
+    """Matches the "stopped" events of ``tenant``."""
+    return lambda e: e.kind == "stopped" and e.tenant == tenant
 
 
 def pid_gone(pid: int) -> bool:
@@ -26,8 +128,13 @@ async def wait_pid_gone(pid: int, timeout: float = 30.0) -> None:
     except ProcessLookupError:
         return
     loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         async with asyncio.timeout(timeout):
             await exited

@@ -11,8 +11,7 @@ import pytest
 
 from corral import Supervisor
 from corral.supervisor._pipes import PipeWriter
-
-K = "tests.kernels:make"
+from tests.helpers import K
 
 
 @pytest.mark.parametrize("size", [10, 8 * 1024, 100 * 1024])

@@ -21,7 +21,7 @@ import pytest
 import corral
 from corral import Sandbox, Supervisor, WorkerEvent
 from corral.ipc import DECODE_BUDGET_FACTOR
-from tests.helpers import start_strict, wait_pid_gone
+from tests.helpers import FAST, start_strict, wait_pid_gone
 
 AMPLIFIER = "tests.amplifier:make"
 ATTACKER = "attacker"
@@ -36,13 +36,7 @@ PRESETS: dict[str, Callable[[], Sandbox]] = {
     "default": Sandbox.default,
     "strict": Sandbox.strict,
 }
-FAST: dict[str, Any] = {
-    "call_timeout": 60.0,
-    "start_timeout": 20.0,
-    "shutdown_timeout": 2.0,
-    "term_timeout": 1.0,
-    "restart_intensity": 50,
-}
+OPTIONS: dict[str, Any] = {**FAST, "call_timeout": 60.0, "restart_intensity": 50}
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,7 +68,7 @@ class Stops:
 @contextlib.asynccontextmanager
 async def supervisor(preset: str, stops: Stops) -> AsyncIterator[Supervisor]:
     sup = Supervisor(
-        AMPLIFIER, sandbox=PRESETS[preset](), max_frame_bytes=MAX_FRAME, on_event=stops, **FAST
+        AMPLIFIER, sandbox=PRESETS[preset](), max_frame_bytes=MAX_FRAME, on_event=stops, **OPTIONS
     )
     try:
         if preset == "strict":

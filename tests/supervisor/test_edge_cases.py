@@ -21,22 +21,33 @@ import psutil
 import pytest
 
 import corral
-from corral import Supervisor
-from corral.supervisor._handle import WorkerHandle
+from corral import Sandbox, Supervisor
+from corral.supervisor import DEFAULT_ENV_ALLOWLIST
 from corral.supervisor._memory import MemorySample
-from corral.supervisor._process import ExitCallback, Launcher, SpawnedProcess
-from tests.helpers import pid_gone, run_host, wait_pid_gone
+from corral.supervisor._process import (
+    ExitCallback,
+    Launcher,
+    SpawnedProcess,
+    WardenLauncher,
+)
+from corral.supervisor.records import LayerStatus
+from tests import helpers
+from tests.helpers import (
+    EventLog,
+    K,
+    open_fds,
+    pid_gone,
+    run_host,
+    wait_pid_gone,
+    wait_until,
+    within,
+    worker_info,
+)
 from tests.kernels import Kernel
 
 HERE = "tests.supervisor.test_edge_cases"
-K = "tests.kernels:make"
 EVIL = f"{HERE}:make_evil"
-FAST: dict[str, Any] = {
-    "shutdown_timeout": 2.0,
-    "term_timeout": 1.0,
-    "start_timeout": 20.0,
-    "drain_timeout": 0.5,
-}
+FAST: dict[str, Any] = {**helpers.FAST, "drain_timeout": 0.5}
 
 
 # -- kernels (run in the worker) ---------------------------------------------------------------
@@ -99,22 +110,32 @@ def make_evil(tenant: str) -> EvilKernel:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
-    handle = sup._table.peek(tenant)
-    assert handle is not None, f"{tenant} has no worker"
-    return handle
+def local_launcher() -> WardenLauncher:
+    """The launcher a Supervisor with FAST makes by default (forkserver, the default
+    sandbox, the default environment), made here so that the test holds it: its
+    ``warden_pid``, its ``aclose()``, and in one regression test its warden's state."""
+    env = {name: os.environ[name] for name in DEFAULT_ENV_ALLOWLIST if name in os.environ}
+    return WardenLauncher(
+        exec_workers=False,
+        env=env,
+        start_timeout=FAST["start_timeout"],
+        sandbox=Sandbox.default(),
+    )
 
 
-async def _until(predicate: Any, seconds: float = 30.0) -> None:
-    """Turn the loop until ``predicate()`` holds (it reads corral's private state, for which
-    there is no event to wait on)."""
-    async with asyncio.timeout(seconds):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0)  # ok-sleep: one loop turn
+def taskgroup_died(sup: Supervisor) -> bool:
+    """Whether the supervisor's TaskGroup has ended (a bug: it runs until aclose()). The
+    regressions below check for it to fail fast, and to clean up without aclose(), which
+    would hang; nothing public tells."""
+    return sup._runner is not None and sup._runner.done()
 
 
 async def pid_of(sup: Supervisor, tenant: str) -> int:
     return int((await sup.call(tenant, "whoami"))["pid"])
+
+
+def pids_of(sup: Supervisor, tenant: str) -> list[int]:
+    return [w.pid for w in sup.stats().workers if w.tenant == tenant and w.pid is not None]
 
 
 # -- (a)/(d): a reply the supervisor cannot decode is never resolved ---------------------------
@@ -125,7 +146,6 @@ async def pid_of(sup: Supervisor, tenant: str) -> int:
 # caller hangs forever, its timeout timer is cancelled, and the worker is not killed
 async def test_undecodable_result_value_resolves_the_call_with_a_protocol_error() -> None:
     async with Supervisor(EVIL, **FAST) as sup:
-        handle: WorkerHandle | None = None
         try:
             async with asyncio.timeout(30):  # a hang guard (the bug was a hang)
                 # The first call on a fresh worker has id 1.
@@ -133,14 +153,12 @@ async def test_undecodable_result_value_resolves_the_call_with_a_protocol_error(
                 with pytest.raises(corral.ProtocolError):
                     await call
         finally:
-            handle = sup._table.peek("t")
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await call
-            if handle is not None and handle.pid is not None:
-                # leave nothing behind even while the bug is present
-                os.kill(handle.pid, signal.SIGKILL)
+            for pid in pids_of(sup, "t"):  # leave nothing behind even while the bug is present
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- (a): the worker loop drops a call without replying ------------------------------------------
@@ -199,8 +217,25 @@ class _ExitOnKill:
     def __init__(self, inner: Launcher) -> None:
         self._inner = inner
         self._on_exit: dict[int, ExitCallback] = {}
-        self.memory_enforcement = ""
-        self.sandbox_report: dict[str, str] = {}
+
+    @property
+    def memory_enforcement(self) -> str:
+        return self._inner.memory_enforcement
+
+    @property
+    def sandbox_report(self) -> dict[str, LayerStatus]:
+        return self._inner.sandbox_report
+
+    @property
+    def warden_pid(self) -> int | None:
+        return self._inner.warden_pid
+
+    @property
+    def pid_namespaces(self) -> bool:
+        return self._inner.pid_namespaces
+
+    def memory_leaves(self) -> dict[int, str]:
+        return self._inner.memory_leaves()
 
     async def start(self) -> None:
         await self._inner.start()
@@ -226,12 +261,15 @@ class _ExitOnKill:
         await self._inner.aclose(grace)
 
 
+def _is_a_launcher(inner: Launcher) -> Launcher:
+    return _ExitOnKill(inner)  # (for the type checker: the whole protocol is there)
+
+
 # Regression: a call is booked after its frame is written; when the write found the pipe
 # broken and the launcher reported the kill's exit on the spot, the call was booked on a
 # dead worker and never resolved (a hang with timeout=None).
 async def test_a_call_whose_worker_is_reported_dead_while_it_is_sent_still_fails() -> None:
-    inner = Supervisor(EVIL)._launcher  # never started: only its launcher is used
-    async with Supervisor(EVIL, launcher=_ExitOnKill(inner), **FAST) as sup:
+    async with Supervisor(EVIL, launcher=_ExitOnKill(local_launcher()), **FAST) as sup:
         assert await sup.call("t", "close_requests") is True
         with pytest.raises(corral.WorkerCrashedError, match="closed its pipe"):
             await _expect_within(sup.invoke("t", "echo", (1,), timeout=None), 30)
@@ -240,32 +278,18 @@ async def test_a_call_whose_worker_is_reported_dead_while_it_is_sent_still_fails
 # -- (d): an exception in a background task kills the TaskGroup, and with it the supervisor --------
 
 
-async def _bury(sup: Supervisor) -> None:
-    """Clean up after a supervisor whose TaskGroup died (aclose() would hang)."""
-    launcher = sup._launcher
-    assert isinstance(launcher, corral.supervisor._process.WardenLauncher)
-    if launcher._proc is not None and launcher._exited is not None:
-        launcher._kill_warden()
-        async with asyncio.timeout(10):
-            await launcher._exited.wait()
+async def _bury(sup: Supervisor, launcher: Launcher) -> None:
+    """Clean up after a supervisor whose TaskGroup died (its aclose() would hang on the
+    dead group): the launcher's own aclose() ends the warden and with it every worker;
+    then the supervisor's tasks and the memory probe's thread, which only its aclose()
+    would end."""
+    await within(launcher.aclose(grace=0.0), 10)
     for task in (sup._closing, sup._runner):
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-    # Close the control socket that _start() leaks when Popen raises (held by the traceback).
-    if sup._runner is not None and not sup._runner.cancelled() and sup._runner.exception():
-        tb = sup._runner.exception().__traceback__  # type: ignore[union-attr]
-        seen = [sup._runner.exception()]
-        while seen:
-            exc = seen.pop()
-            seen.extend(getattr(exc, "exceptions", ()))
-            tb = exc.__traceback__
-            while tb is not None:
-                ours = tb.tb_frame.f_locals.get("ours")
-                if ours is not None:
-                    ours.close()
-                tb = tb.tb_next
+    await sup._memory.aclose()
 
 
 def _close_unstarted_coroutines(exc: BaseException) -> None:
@@ -288,8 +312,9 @@ async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger:
     import resource
 
     env = {"BAD": "a\x00b"} if trigger == "nul-in-env" else {}
+    launcher = local_launcher()
     try:
-        sup = Supervisor(K, env=env, memory_check_interval=3600, **FAST)
+        sup = Supervisor(K, env=env, memory_check_interval=3600, launcher=launcher, **FAST)
     except ValueError:
         assert trigger == "nul-in-env"
         return  # rejected at configuration time: as good as a StartError
@@ -301,7 +326,7 @@ async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger:
             resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # every new fd: EMFILE
             call = asyncio.ensure_future(sup.call("t", "echo", 1))
             try:
-                await _until(lambda: call.done() or (sup._runner and sup._runner.done()), 30)
+                await wait_until(lambda: call.done() or taskgroup_died(sup))
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
@@ -311,8 +336,8 @@ async def test_a_spawn_error_fails_the_call_and_the_supervisor_survives(trigger:
         # ...and the supervisor keeps serving other tenants:
         assert await _expect_within(sup.call("u", "echo", 2), 30) == 2
     finally:
-        if sup._runner is not None and sup._runner.done():
-            await _bury(sup)
+        if taskgroup_died(sup):
+            await _bury(sup, launcher)
         else:
             await sup.aclose()
 
@@ -339,17 +364,18 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
 
     from corral.ipc import WorkerExited, WorkerSpawned, encode_record
 
-    async with Supervisor(K, **FAST) as sup:
+    launcher = local_launcher()
+    async with Supervisor(K, launcher=launcher, memory_check_interval=3600, **FAST) as sup:
         await sup.call("warm", "echo", 1)
-        launcher = sup._launcher
-        assert isinstance(launcher, corral.supervisor._process.WardenLauncher)
-        assert launcher.warden_pid is not None and launcher._warden is not None
+        # The warden's link is private state on purpose: the race needs its spawn request
+        # sent and not yet answered, which nothing public shows.
+        warden_state = launcher._warden
+        assert launcher.warden_pid is not None and warden_state is not None
         warden = psutil.Process(launcher.warden_pid)
         known = {c.pid for c in warden.children()}
+        fds = open_fds()
         call = asyncio.ensure_future(sup.call("t", "echo", 1))
-        warden_state = launcher._warden
-        await _until(lambda: warden_state.pending and not warden_state._outbox, 30)
-        handle = handle_of(sup, "t")
+        await wait_until(lambda: warden_state.pending and not warden_state._outbox)
         (request_id,) = warden_state.pending
         # Block the event loop (on purpose) while the new worker dies and the warden reports
         # both its spawn and its exit: the supervisor then reads the two records in one go.
@@ -373,13 +399,15 @@ async def test_worker_dead_before_spawn_returns_leaves_no_fds() -> None:
                 await _expect_within(call, 30)
             for _ in range(3):  # let start() resume after the exit was reported
                 await asyncio.sleep(0)  # ok-sleep: one loop turn
-            assert handle.state.value == "dead"
-            assert handle._reader_fd == -1, "from_worker pipe left open"
-            assert handle._writer is None or handle._writer._fd == -1, "to_worker left open"
+            assert "t" not in sup
+            left = open_fds() - fds
+            assert not left, f"the dead worker's pipes were left open: {sorted(left)}"
         finally:  # if the bug is back, release what the dead handle kept open
-            if handle._timer is not None:
-                handle._timer.cancel()
-            handle._close_fds()
+            loop = asyncio.get_running_loop()
+            for fd in open_fds() - fds:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+                os.close(fd)
 
 
 # -- (e): when the warden dies, the workers' own children outlive it -----------------------------
@@ -409,16 +437,15 @@ async def test_a_workers_children_die_when_the_warden_dies(detach: bool) -> None
     nothing killed their children, which were orphaned to init. Now the launcher killpg()s
     each worker's group in _on_warden_exit, which covers only the same-group case."""
     child: int | None = None
+    launcher, log = local_launcher(), EventLog()
     try:
-        async with Supervisor(K, **FAST) as sup:
+        async with Supervisor(K, launcher=launcher, on_event=log, **FAST) as sup:
             child = await sup.call("t", "start_child", detach)
             worker = await pid_of(sup, "t")
-            handle = handle_of(sup, "t")
-            warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+            warden = launcher.warden_pid
             assert warden is not None
             os.kill(warden, signal.SIGKILL)
-            async with asyncio.timeout(30):
-                await handle.wait_dead()
+            assert (await log.stopped("t")).reason == "warden_died"
             await wait_pid_gone(worker)
             await wait_pid_gone(child)
     finally:
@@ -486,22 +513,20 @@ class _FlakyProbe:
 # sample kills the TaskGroup; from then on calls for new tenants raise RuntimeError('TaskGroup ...
 # is finished')
 async def test_a_failing_memory_sample_does_not_take_down_the_supervisor() -> None:
-    sup = Supervisor(K, probe=_FlakyProbe(), memory_check_interval=0.01, **FAST)
+    probe, launcher = _FlakyProbe(), local_launcher()
+    sup = Supervisor(K, probe=probe, memory_check_interval=0.01, launcher=launcher, **FAST)
     await sup.start()
     try:
         await sup.call("t", "echo", 1)
-        probe = sup._probe._probe
-        assert isinstance(probe, _FlakyProbe)
-        await _until(lambda: probe.calls >= 2 or (sup._runner and sup._runner.done()), 30)
+        await wait_until(lambda: probe.calls >= 2 or taskgroup_died(sup))
         try:
             assert await _expect_within(sup.call("u", "echo", 2), 30) == 2
         except RuntimeError as exc:
             _close_unstarted_coroutines(exc)  # handle.start() that create_task refused
             raise AssertionError(f"the supervisor is dead: {exc!r}") from None
     finally:
-        if sup._runner is not None and sup._runner.done():
-            await _bury(sup)
-            await sup._probe.aclose()
+        if taskgroup_died(sup):
+            await _bury(sup, launcher)
         else:
             await sup.aclose()
 
@@ -512,24 +537,27 @@ async def test_a_failing_memory_sample_does_not_take_down_the_supervisor() -> No
 @pytest.mark.parametrize("when", ["before-pid", "after-pid"])
 async def test_evict_while_starting_fails_the_waiters_and_leaves_nothing(when: str) -> None:
     factory = K if when == "before-pid" else "tests.kernels:hang_on_import"
-    async with Supervisor(factory, **FAST) as sup:
+    log = EventLog()
+    async with Supervisor(factory, memory_check_interval=3600, on_event=log, **FAST) as sup:
         await sup.call("warm", "echo", 1) if when == "before-pid" else None
+        fds = open_fds()
         calls = [asyncio.ensure_future(sup.call("t", "echo", 1)) for _ in range(3)]
 
         def reached() -> bool:
-            h = sup._table.peek("t")
-            return h is not None and (h.pid is None) == (when == "before-pid")
+            if "t" not in sup:
+                return False
+            return (worker_info(sup, "t").pid is None) == (when == "before-pid")
 
         async with asyncio.timeout(10):
-            await _until(reached)
-            handle = handle_of(sup, "t")
-            assert handle.state.value == "starting"
+            await wait_until(reached)
+            assert worker_info(sup, "t").state == "starting"
             assert await sup.evict("t") is True
             results = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(r, corral.StartError) for r in results), results
         assert len({str(r) for r in results}) == 1
-        assert "t" not in sup and handle.pid is not None and pid_gone(handle.pid)
-        assert handle._reader_fd == -1
+        pid = (await log.stopped("t", 0)).pid  # evict() returned: it is gone
+        assert "t" not in sup and pid is not None and pid_gone(pid)
+        assert open_fds() == fds, "the evicted worker's pipes were left open"
 
 
 async def test_aclose_while_a_worker_starts_fails_waiters_with_closed_error() -> None:
@@ -537,39 +565,42 @@ async def test_aclose_while_a_worker_starts_fails_waiters_with_closed_error() ->
     await sup.start()
     call = asyncio.ensure_future(sup.call("t", "echo", 1))
     async with asyncio.timeout(10):
-        await _until(lambda: (h := sup._table.peek("t")) is not None and h.pid is not None)
-        handle = handle_of(sup, "t")
+        await wait_until(lambda: pids_of(sup, "t"))
+        (pid,) = pids_of(sup, "t")
         await sup.aclose()
         with pytest.raises(corral.SupervisorClosedError):
             await call
-    assert pid_gone(handle.pid)
+    assert pid_gone(pid)
 
 
 async def test_warden_death_fails_in_flight_calls_and_a_new_warden_serves() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    launcher = local_launcher()
+    async with Supervisor(K, launcher=launcher, **FAST) as sup:
         held = asyncio.ensure_future(sup.call("t", "hold", "g"))
         await sup.call("t", "wait_entered", "g")
-        warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+        warden = launcher.warden_pid
+        assert warden is not None
         os.kill(warden, signal.SIGKILL)
         async with asyncio.timeout(10):
             with pytest.raises(corral.WorkerCrashedError, match="warden"):
                 await held
             assert await sup.call("t", "echo", 2) == 2
-        assert sup._launcher.warden_pid not in (None, warden)  # type: ignore[attr-defined]
+        assert launcher.warden_pid not in (None, warden)
 
 
 async def test_racing_calls_evicts_ttl_and_close_resolve_and_never_overlap_workers() -> None:
     """One tenant, hammered by calls, evicts and a very short TTL, then closed mid-flight:
     every call resolves (a value or a typed corral error), and the warden never has two
     live workers at once."""
-    sup = Supervisor(K, idle_ttl=0.005, shutdown_timeout=0.5, term_timeout=0.5)
+    launcher = local_launcher()
+    sup = Supervisor(K, idle_ttl=0.005, shutdown_timeout=0.5, term_timeout=0.5, launcher=launcher)
     await sup.start()
     overlap: list[list[int]] = []
     stop = asyncio.Event()
 
     async def watch() -> None:
         while not stop.is_set():
-            warden = sup._launcher.warden_pid  # type: ignore[attr-defined]
+            warden = launcher.warden_pid
             if warden is not None:
                 try:
                     live = [
@@ -620,7 +651,7 @@ async def main():
     sup = corral.Supervisor("tests.kernels:make", memory_check_interval=0.05)
     await sup.start()
     await sup.call("t", "echo", 1)
-    while sup._probe._thread is None:  # the first RSS sample started the probe thread
+    while sup.stats().workers[0].rss is None:  # sampled: the probe thread is running
         await asyncio.sleep(0.01)  # ok-sleep: polling a condition in the host script
 
 asyncio.run(main())  # e.g. the server's main() raised before it closed the supervisor

@@ -9,16 +9,13 @@ import io
 import logging
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 import corral
-from corral import Supervisor
 from corral.cli._serve import _Formatter
+from tests.helpers import supervisor
 
-K = "tests.kernels:make"
-FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 BASIC = "%(levelname)s:%(name)s:%(message)s"  # logging.basicConfig's default format
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,7 +61,7 @@ def _one(lines: list[str], pattern: str) -> str:
 
 
 async def test_start_crash_and_eviction_lines_name_tenant_pid_and_reason(basic: _Lines) -> None:
-    async with Supervisor(K, max_workers=2, idle_ttl=None, **FAST) as sup:
+    async with supervisor(max_workers=2, idle_ttl=None) as sup:
         alice = (await sup.call("alice", "whoami"))["pid"]
         bob = (await sup.get_or_create("bob")).pid
         with pytest.raises(corral.WorkerCrashedError):

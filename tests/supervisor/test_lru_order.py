@@ -12,10 +12,7 @@ import signal
 import pytest
 
 from corral import KernelError, Supervisor, SyncSupervisor
-from tests.helpers import pid_gone
-
-K = "tests.kernels:make"
-FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
+from tests.helpers import FAST, K, pid_gone, supervisor
 
 
 def workers_order(sup: Supervisor | SyncSupervisor) -> list[str]:
@@ -23,7 +20,7 @@ def workers_order(sup: Supervisor | SyncSupervisor) -> list[str]:
 
 
 async def test_a_b_a_is_b_a_as_soon_as_the_call_returns() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         await sup.call("a", "echo", 1)
         await sup.call("b", "echo", 1)
         await sup.call("a", "echo", 1)
@@ -40,7 +37,7 @@ async def test_a_b_a_is_b_a_as_soon_as_the_call_returns() -> None:
 
 
 async def test_a_kernel_error_and_a_warm_start_count_as_use() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         await sup.call("a", "echo", 1)
         await sup.get_or_create("b")
         assert sup.keys() == ["a", "b"]
@@ -69,7 +66,7 @@ async def test_order_of_overlapping_calls_is_the_order_they_completed() -> None:
         if callers == 0:  # the last call of all has just returned: look, with no await
             seen.append((sup.keys(), workers_order(sup)))
 
-    async with Supervisor(K, max_workers=8, **FAST) as sup:
+    async with supervisor(max_workers=8) as sup:
         for _ in range(5):
             returned.clear()
             plans = [[rng.choice(tenants) for _ in range(15)] for _ in range(8)]
@@ -86,7 +83,7 @@ async def test_order_of_overlapping_calls_is_the_order_they_completed() -> None:
 
 
 async def test_a_call_in_flight_keeps_the_place_of_its_start_until_it_completes() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         for tenant in ("a", "b", "c"):
             await sup.call(tenant, "echo", 1)
         hold = asyncio.create_task(sup.call("a", "hold_until_signal", "g"))
@@ -104,7 +101,7 @@ async def test_a_call_in_flight_keeps_the_place_of_its_start_until_it_completes(
 
 
 async def test_order_after_evict_and_after_an_lru_stop() -> None:
-    async with Supervisor(K, max_workers=3, **FAST) as sup:
+    async with supervisor(max_workers=3) as sup:
         for tenant in ("a", "b", "c", "a"):
             await sup.call(tenant, "echo", 1)
         assert sup.keys() == ["b", "c", "a"]

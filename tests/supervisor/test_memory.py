@@ -20,50 +20,31 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 
 import corral
 from corral import StopReason, Supervisor, WorkerEvent
-from corral.supervisor._handle import WorkerHandle
 from corral.supervisor._memory import MemoryPolicy, MemorySample, ProbeThread, ProcTreeProbe
-from tests.helpers import pid_gone, wait_pid_gone
+from tests.helpers import (
+    FAST,
+    K,
+    Recorder,
+    pid_gone,
+    stopped,
+    supervisor,
+    wait_pid_gone,
+    worker_info,
+)
 
-K = "tests.kernels:make"
 MiB = 2**20
 GiB = 2**30
-FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 HARD_LIMIT = 256 * MiB
 BOMB_STEP_MB = 8
 
-T = TypeVar("T")
-
-
 # -- helpers -----------------------------------------------------------------------------------
-
-
-class Recorder(Generic[T]):
-    """Collects items (events, log records) with the monotonic time they arrived; a test
-    awaits the first one that matches. Fed on the event loop's thread only."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[float, T]] = []
-        self._changed = asyncio.Event()
-
-    def add(self, item: T) -> None:
-        self.seen.append((time.monotonic(), item))
-        self._changed.set()
-
-    async def first(self, match: Callable[[T], bool], timeout: float = 30.0) -> tuple[float, T]:
-        async with asyncio.timeout(timeout):
-            while True:
-                self._changed.clear()
-                for when, item in self.seen:
-                    if match(item):
-                        return when, item
-                await self._changed.wait()
 
 
 class Events(Recorder[WorkerEvent]):
@@ -96,10 +77,6 @@ def _reaped(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-def stopped(tenant: str) -> Callable[[WorkerEvent], bool]:
-    return lambda e: e.kind == "stopped" and e.tenant == tenant
 
 
 def raised_at_once(call: Coroutine[Any, Any, Any]) -> BaseException | None:
@@ -152,12 +129,6 @@ def logged(
         )
 
     return match
-
-
-def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
-    handle = sup._table.peek(tenant)
-    assert handle is not None, f"{tenant} has no worker"
-    return handle
 
 
 async def pid_of(sup: Supervisor, tenant: str) -> int:
@@ -256,7 +227,7 @@ async def test_soft_limit_replaces_a_leaking_worker_once_its_calls_in_flight_com
         # signal, so it is still in flight when the worker is condemned, however slow the host.
         in_flight = asyncio.create_task(sup.call("leaky", "hold_until_signal", "gate"))
         assert await sup.call("leaky", "wait_entered", "gate") is True
-        assert handle_of(sup, "leaky").in_flight == 1
+        assert worker_info(sup, "leaky").in_flight == 1
         total = await sup.call("leaky", "hog", step)
         crossed = time.monotonic()
 
@@ -729,7 +700,7 @@ async def test_limits_at_or_below_a_fresh_workers_baseline_are_refused_at_start(
 ) -> None:
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    sup = Supervisor(K, **{option: 4 * MiB}, **FAST)  # type: ignore[arg-type]
+    sup = supervisor(**{option: 4 * MiB})
     async with asyncio.timeout(20):
         with pytest.raises(ValueError, match=f"{option}=.*baseline") as err:
             async with sup:
@@ -802,7 +773,7 @@ class _TimedProbe(ProcTreeProbe):
 
 
 async def test_the_probe_sums_a_workers_whole_tree_and_omits_gone_pids() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         pid = await pid_of(sup, "t")
         child = await sup.call("t", "start_child")
         assert psutil.Process(child).ppid() == pid

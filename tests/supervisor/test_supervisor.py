@@ -13,10 +13,7 @@ import pytest
 import corral
 from corral import Rung, StopReason, Supervisor
 from corral.supervisor._handle import WorkerHandle
-from tests.helpers import pid_gone, wait_pid_gone
-
-K = "tests.kernels:make"
-FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
+from tests.helpers import FAST, EventLog, K, pid_gone, supervisor, wait_pid_gone, worker_info
 
 
 @pytest.fixture(params=["forkserver", "spawn"])
@@ -25,6 +22,8 @@ def start_method(request: pytest.FixtureRequest) -> str:
 
 
 def handle_of(sup: Supervisor, tenant: str) -> WorkerHandle:
+    """The pool's handle of ``tenant``'s worker: for the table's idle mark, which nothing
+    public shows (everything else is in stats(), events and errors)."""
     handle = sup._table.peek(tenant)
     assert handle is not None, f"{tenant} has no worker"
     return handle
@@ -39,7 +38,7 @@ async def pid_of(sup: Supervisor, tenant: str) -> int:
 
 
 async def test_call_roundtrip_and_kernel_error_keeps_worker(start_method: str) -> None:
-    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with supervisor(start_method=start_method) as sup:
         assert await sup.call("t", "echo", {"a": [1, 2, 3]}) == {"a": [1, 2, 3]}
         assert await sup.call("t", "add", 2, b=5) == 7
         assert await sup.call("t", "async_echo", "x", delay=0.0) == "x"
@@ -61,7 +60,7 @@ async def test_call_roundtrip_and_kernel_error_keeps_worker(start_method: str) -
 
 
 async def test_invalid_calls_are_refused_and_the_worker_stays() -> None:
-    async with Supervisor(K, max_frame_bytes=1 << 20, **FAST) as sup:
+    async with supervisor(max_frame_bytes=1 << 20) as sup:
         pid = await pid_of(sup, "t")
         with pytest.raises(corral.InvalidCallError, match="public identifier"):
             await sup.call("t", "_private")
@@ -81,7 +80,7 @@ async def test_invalid_calls_are_refused_and_the_worker_stays() -> None:
 
 
 async def test_many_concurrent_calls_on_one_worker_get_their_own_results() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         values = list(range(200))
         results = await asyncio.gather(
             *(sup.call("t", "async_echo", v, delay=0.001 * (v % 7)) for v in values),
@@ -95,7 +94,7 @@ async def test_many_concurrent_calls_on_one_worker_get_their_own_results() -> No
 
 
 async def test_concurrent_first_calls_share_one_spawn(start_method: str) -> None:
-    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with supervisor(start_method=start_method) as sup:
         infos = await asyncio.gather(*(sup.call("t", "whoami") for _ in range(20)))
         assert len({i["pid"] for i in infos}) == 1
         assert sup.stats().starts == 1
@@ -158,7 +157,7 @@ async def test_async_and_callable_factories() -> None:
 
 
 async def test_lru_evicts_the_least_recently_used_idle_worker(start_method: str) -> None:
-    async with Supervisor(K, max_workers=2, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with supervisor(max_workers=2, start_method=start_method) as sup:
         pid_a = await pid_of(sup, "a")
         await pid_of(sup, "b")
         await pid_of(sup, "c")
@@ -191,7 +190,7 @@ async def test_a_caller_waiting_for_room_stops_one_victim_not_each_worker_turnin
 async def test_a_worker_is_marked_idle_one_loop_iteration_after_its_last_reply() -> None:
     # The table's idle mark waits for the tasks a reply wakes (a caller that calls again at
     # once never takes the worker through the table); by then it must still be idle.
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         assert await sup.call("t", "echo", 1) == 1
         handle = handle_of(sup, "t")
         assert handle.state.value == "ready"  # at once, for stats() and the caller
@@ -207,29 +206,27 @@ async def test_a_worker_is_marked_idle_one_loop_iteration_after_its_last_reply()
 
 
 async def test_idle_ttl_is_enforced_by_the_reaper_without_access() -> None:
-    async with Supervisor(K, idle_ttl=0.3, **FAST) as sup:
+    log = EventLog()
+    async with supervisor(idle_ttl=0.3, on_event=log) as sup:
         pid = await pid_of(sup, "t")
-        handle = handle_of(sup, "t")
-        async with asyncio.timeout(10):
-            report = await handle.wait_dead()
-        assert report.reason is StopReason.IDLE_TTL
-        assert report.rung is Rung.ASK and report.returncode == 0
+        stop = await log.stopped("t", 10)
+        assert (stop.reason, stop.rung, stop.returncode) == ("idle_ttl", "ask", 0)
         assert "t" not in sup and pid_gone(pid)
 
 
 async def test_in_flight_call_is_not_cut_by_ttl_and_idle_counts_from_completion() -> None:
     loop = asyncio.get_running_loop()
     ttl, delay = 0.3, 0.8
-    async with Supervisor(K, idle_ttl=ttl, **FAST) as sup:
+    log = EventLog()
+    async with supervisor(idle_ttl=ttl, on_event=log) as sup:
         pid = await pid_of(sup, "t")
-        handle = handle_of(sup, "t")
         # The call outlives the TTL twice over; it must complete on the same worker.
         sent = loop.time()
         assert await sup.call("t", "async_echo", "done", delay=delay) == "done"
-        assert handle.state.value == "ready" and not pid_gone(pid)
-        async with asyncio.timeout(30):
-            report = await handle.wait_dead()
-        assert report.reason is StopReason.IDLE_TTL
+        info = worker_info(sup, "t")
+        assert (info.pid, info.state) == (pid, "ready") and not pid_gone(pid)
+        stop = await log.stopped("t", 30)
+        assert stop.reason == "idle_ttl"
         # By construction, not by the host's speed: the call completed no earlier than
         # `delay` after it was sent, and the TTL counts from there (counted from the call's
         # start, the worker would have gone at once after it).
@@ -237,7 +234,7 @@ async def test_in_flight_call_is_not_cut_by_ttl_and_idle_counts_from_completion(
 
 
 async def test_lru_never_cuts_a_busy_worker_the_new_tenant_waits_for_room() -> None:
-    async with Supervisor(K, max_workers=1, pool_timeout=30, **FAST) as sup:
+    async with supervisor(max_workers=1, pool_timeout=30) as sup:
         held = asyncio.create_task(sup.call("a", "hold", "g"))
         assert await sup.call("a", "wait_entered", "g") is True
         started_b = asyncio.create_task(sup.call("b", "echo", "b"))
@@ -250,7 +247,7 @@ async def test_lru_never_cuts_a_busy_worker_the_new_tenant_waits_for_room() -> N
 
 
 async def test_no_room_within_pool_timeout_is_a_capacity_error() -> None:
-    async with Supervisor(K, max_workers=1, pool_timeout=0.2, **FAST) as sup:
+    async with supervisor(max_workers=1, pool_timeout=0.2) as sup:
         held = asyncio.create_task(sup.call("a", "hold", "g"))
         await sup.call("a", "wait_entered", "g")
         with pytest.raises(corral.CapacityError, match="busy"):
@@ -260,19 +257,19 @@ async def test_no_room_within_pool_timeout_is_a_capacity_error() -> None:
 
 
 async def test_evict_drains_a_busy_worker_then_returns_once_it_is_gone() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    log = EventLog()
+    async with supervisor(on_event=log) as sup:
         pid = await pid_of(sup, "t")
-        handle = handle_of(sup, "t")
         slow = asyncio.create_task(sup.call("t", "async_echo", "slow", delay=0.5))
         await asyncio.sleep(0)  # ok-sleep: one loop turn so the call is sent
-        assert handle.state.value == "busy"
+        assert worker_info(sup, "t").state == "busy"
         evicting = asyncio.create_task(sup.evict("t"))
         await asyncio.sleep(0)  # ok-sleep: one loop turn so the eviction begins
-        assert handle.state.value == "draining"
+        assert worker_info(sup, "t").state == "draining"
         assert await slow == "slow"  # the call in flight completed
         assert await evicting is True
         assert pid_gone(pid) and "t" not in sup
-        assert handle.report is not None and handle.report.reason is StopReason.EVICTED
+        assert (await log.stopped("t", 0)).reason == "evicted"
         assert await sup.evict("t") is False
 
 
@@ -292,7 +289,7 @@ async def test_call_during_stop_waits_and_gets_a_new_worker() -> None:
 async def test_crash_fails_only_that_tenants_calls_and_the_next_call_respawns(
     start_method: str,
 ) -> None:
-    async with Supervisor(K, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with supervisor(start_method=start_method) as sup:
         pid = await pid_of(sup, "t")
         other = await pid_of(sup, "other")
         held = asyncio.create_task(sup.call("t", "hold", "g"))
@@ -319,14 +316,14 @@ async def test_crash_fails_only_that_tenants_calls_and_the_next_call_respawns(
 async def test_death_is_reported_with_exit_code_or_signal(
     method: str, args: tuple[int, ...], exitcode: int | None, signum: int | None
 ) -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         with pytest.raises(corral.WorkerCrashedError) as err:
             await sup.call("t", method, *args)
         assert (err.value.exitcode, err.value.signal) == (exitcode, signum)
 
 
 async def test_timeout_kills_the_worker_while_other_tenants_carry_on(start_method: str) -> None:
-    async with Supervisor(K, call_timeout=0.5, start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with supervisor(call_timeout=0.5, start_method=start_method) as sup:
         # Only the spin is about call_timeout: every other call has a generous timeout of
         # its own, so that a busy host cannot time them out.
         pid = (await sup.invoke("t", "whoami", timeout=30))["pid"]
@@ -342,7 +339,7 @@ async def test_timeout_kills_the_worker_while_other_tenants_carry_on(start_metho
 
 
 async def test_per_call_timeout_overrides_the_default() -> None:
-    async with Supervisor(K, call_timeout=None, **FAST) as sup:
+    async with supervisor(call_timeout=None) as sup:
         with pytest.raises(corral.CallTimeoutError):
             await sup.invoke("t", "spin", (), timeout=0.3)
         assert await sup.invoke("t", "add", (1, 2), timeout=None) == 3
@@ -359,7 +356,7 @@ async def test_per_call_timeout_overrides_the_default() -> None:
 async def test_protocol_violations_kill_the_worker(
     method: str, args: tuple[int, ...], match: str
 ) -> None:
-    async with Supervisor(K, max_frame_bytes=1 << 20, **FAST) as sup:
+    async with supervisor(max_frame_bytes=1 << 20) as sup:
         pid = await pid_of(sup, "t")
         with pytest.raises(corral.ProtocolError, match=match):
             await sup.invoke("t", method, args, timeout=10)
@@ -369,25 +366,25 @@ async def test_protocol_violations_kill_the_worker(
 
 
 async def test_a_worker_that_closes_its_pipe_is_killed() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         with pytest.raises(corral.WorkerCrashedError, match="closed its pipe"):
             await sup.invoke("t", "close_pipe", timeout=10)
 
 
 async def test_a_cancelled_caller_abandons_the_call_but_not_the_worker() -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         pid = await pid_of(sup, "t")
         held = asyncio.create_task(sup.call("t", "hold", "g"))
         await sup.call("t", "wait_entered", "g")
         held.cancel()
         with pytest.raises(asyncio.CancelledError):
             await held
-        handle = handle_of(sup, "t")
-        assert handle.in_flight == 1  # the worker still runs it
+        assert worker_info(sup, "t").in_flight == 1  # the worker still runs it
         await sup.call("t", "release", "g")
         # The released call finishes in the worker's next loop turn, before it reads this one.
         await sup.call("t", "echo", 1)
-        assert handle.in_flight == 0 and handle.state.value == "ready"
+        info = worker_info(sup, "t")
+        assert (info.in_flight, info.state) == (0, "ready")
         assert await pid_of(sup, "t") == pid
 
 
@@ -396,12 +393,12 @@ async def test_a_cancelled_caller_abandons_the_call_but_not_the_worker() -> None
 
 async def test_graceful_stop_runs_the_shutdown_hook(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="corral")
-    async with Supervisor(K, **FAST) as sup:
+    log = EventLog()
+    async with supervisor(on_event=log) as sup:
         await pid_of(sup, "t")
-        handle = handle_of(sup, "t")
         assert await sup.evict("t") is True
-        assert handle.report is not None
-        assert (handle.report.rung, handle.report.returncode) == (Rung.ASK, 0)
+        stop = await log.stopped("t", 0)  # evict() returned: it is gone
+        assert (stop.rung, stop.returncode) == (Rung.ASK.value, 0)
     records = [r for r in caplog.records if r.name == "corral.worker"]
     assert any("shutdown hook ran for t" in r.getMessage() for r in records)
     assert all(getattr(r, "tenant", None) == "t" for r in records)
@@ -419,21 +416,21 @@ async def test_graceful_stop_runs_the_shutdown_hook(caplog: pytest.LogCaptureFix
 async def test_termination_escalates(
     tenant: str, term_timeout: float, rung: Rung, returncode: int
 ) -> None:
+    log = EventLog()
     async with Supervisor(
-        "tests.kernels:stubborn", shutdown_timeout=0.3, term_timeout=term_timeout
+        "tests.kernels:stubborn", shutdown_timeout=0.3, term_timeout=term_timeout, on_event=log
     ) as sup:
         pid = await pid_of(sup, tenant)
-        handle = handle_of(sup, tenant)
         assert await sup.evict(tenant) is True
-        assert handle.report is not None
-        assert (handle.report.rung, handle.report.returncode) == (rung, returncode)
+        stop = await log.stopped(tenant, 0)  # evict() returned: it is gone
+        assert (stop.rung, stop.returncode) == (rung.value, returncode)
         assert pid_gone(pid)
 
 
 @pytest.mark.parametrize("detach", [False, True])
 @pytest.mark.parametrize("how", ["evict", "crash", "close"])
 async def test_a_workers_own_children_are_reaped(detach: bool, how: str) -> None:
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         child = await sup.call("t", "start_child", detach)
         assert not pid_gone(child)
         if how == "evict":
@@ -447,7 +444,7 @@ async def test_a_workers_own_children_are_reaped(detach: bool, how: str) -> None
 
 
 async def test_close_drains_then_stops_and_refuses_new_calls() -> None:
-    sup = Supervisor(K, drain_timeout=0.3, **FAST)
+    sup = supervisor(drain_timeout=0.3)
     with pytest.raises(corral.SupervisorClosedError, match="not running"):
         await sup.call("t", "echo", 1)
     await sup.start()
@@ -549,7 +546,7 @@ def test_bad_factories_are_rejected() -> None:
 async def test_corral_installs_no_signal_handlers_in_the_host() -> None:
     watched = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1)
     before = {s: signal.getsignal(s) for s in watched}
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         await sup.call("t", "echo", 1)
         with pytest.raises(corral.WorkerCrashedError):
             await sup.call("t", "crash")
@@ -561,7 +558,7 @@ async def test_a_flood_of_worker_output_is_bounded_and_the_worker_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="corral.worker")
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         assert await sup.call("t", "print_lines", 20_000) == 20_000
         pid = await pid_of(sup, "t")
         await sup.evict("t")  # closing the log pipe logs what is left and the dropped count
@@ -586,7 +583,7 @@ async def test_structs_and_dataclasses_travel_as_maps_and_rss_is_sampled() -> No
         name: str
         size: tuple[int, int]
 
-    async with Supervisor(K, memory_check_interval=0.05, **FAST) as sup:
+    async with supervisor(memory_check_interval=0.05) as sup:
         assert await sup.call("t", "echo", Point(1, 2)) == {"x": 1, "y": 2}
         assert await sup.call("t", "echo", Box("b", (3, 4))) == {"name": "b", "size": [3, 4]}
         async with asyncio.timeout(10):

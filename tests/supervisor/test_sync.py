@@ -9,12 +9,12 @@ import pytest
 
 import corral
 from corral import SyncSupervisor
-from corral.supervisor._process import LaunchError
-from tests.helpers import pid_gone, run_host
+from tests.fakes import FakeLauncher
+from tests.helpers import K, pid_gone, run_host
 
 
 def test_sync_facade_from_many_threads() -> None:
-    with SyncSupervisor("tests.kernels:make", max_workers=4) as sup:
+    with SyncSupervisor(K, max_workers=4) as sup:
 
         def work(i: int) -> tuple[str, int]:
             tenant = f"t{i % 6}"
@@ -45,26 +45,13 @@ def test_a_host_that_never_closes_still_exits_and_leaves_nothing() -> None:
     atexit handlers run, so a host that forgot close() hung at exit forever."""
     code = (
         "import corral\n"
-        "sup = corral.SyncSupervisor('tests.kernels:make')\n"
+        f"sup = corral.SyncSupervisor({K!r})\n"
         "sup.start()\n"
         "print(sup.call('t', 'whoami')['pid'], flush=True)\n"
     )
     out, code_ = run_host(code, timeout=20)
     assert code_ == 0, out
     assert pid_gone(int(out.split()[0]))
-
-
-class _NoWarden:
-    """A launcher that can never start: every Supervisor.start() fails with StartError."""
-
-    memory_enforcement = "none"
-    sandbox_report: dict[str, str] = {}
-
-    async def start(self) -> None:
-        raise LaunchError("no warden here")
-
-    async def aclose(self, grace: float = 5.0) -> None:
-        pass
 
 
 def _loop_threads() -> list[threading.Thread]:
@@ -75,7 +62,8 @@ def test_a_start_that_fails_leaves_no_loop_thread_and_may_be_retried() -> None:
     """Regression: when the supervisor's start failed, its loop thread ran on (not a
     daemon, never closed), so the host could not exit, and each retry left one more."""
     before = _loop_threads()
-    sup = SyncSupervisor("tests.kernels:make", launcher=_NoWarden())
+    # A launcher that can never start: every Supervisor.start() fails with StartError.
+    sup = SyncSupervisor(K, launcher=FakeLauncher(start_error="no warden here"))
     for _ in range(3):
         with pytest.raises(corral.StartError, match="no warden here"):
             sup.start()
@@ -90,15 +78,9 @@ def test_a_start_that_fails_leaves_no_loop_thread_and_may_be_retried() -> None:
 def test_a_host_whose_start_failed_still_exits() -> None:
     code = (
         "import corral\n"
-        "from corral.supervisor._process import LaunchError\n"
-        "class NoWarden:\n"
-        "    memory_enforcement = 'none'\n"
-        "    sandbox_report = {}\n"
-        "    async def start(self):\n"
-        "        raise LaunchError('no warden here')\n"
-        "    async def aclose(self, grace=5.0):\n"
-        "        pass\n"
-        "sup = corral.SyncSupervisor('tests.kernels:make', launcher=NoWarden())\n"
+        "from tests.fakes import FakeLauncher\n"
+        "launcher = FakeLauncher(start_error='no warden here')\n"
+        f"sup = corral.SyncSupervisor({K!r}, launcher=launcher)\n"
         "for _ in range(3):\n"
         "    try:\n"
         "        sup.start()\n"
@@ -111,7 +93,7 @@ def test_a_host_whose_start_failed_still_exits() -> None:
 
 
 def test_start_after_close_is_refused_as_for_the_async_supervisor() -> None:
-    sup = SyncSupervisor("tests.kernels:make", max_workers=1)
+    sup = SyncSupervisor(K, max_workers=1)
     with sup:
         assert sup.call("t", "echo", 1) == 1
     with pytest.raises(corral.SupervisorClosedError, match="has been closed"):

@@ -17,10 +17,9 @@ import corral
 from corral import InvalidCallError, Supervisor, SyncSupervisor, check_tenant
 from corral._text import one_line
 from corral.ipc.framing import frame_header
+from tests.helpers import FAST, K, supervisor
 
-K = "tests.kernels:make"
 LOUD = "tests.supervisor.test_tenant_keys:make_loud"
-FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 FORGED = "\n2026-01-01 corral: worker ready [victim pid 1]"
 
 
@@ -160,7 +159,7 @@ def test_one_line_cuts_before_escaping() -> None:
 
 async def test_every_async_entry_point_refuses_a_bad_key_and_starts_nothing() -> None:
     events: list[corral.WorkerEvent] = []
-    async with Supervisor(K, on_event=events.append, **FAST) as sup:
+    async with supervisor(on_event=events.append) as sup:
         for key in [*BAD, *NOT_STR]:
             attempts: list[Any] = [
                 lambda k=key: sup.call(k, "echo", 1),
@@ -183,7 +182,7 @@ async def test_every_async_entry_point_refuses_a_bad_key_and_starts_nothing() ->
 
 
 async def test_every_good_key_gets_its_own_worker() -> None:
-    async with Supervisor(K, max_workers=len(GOOD), **FAST) as sup:
+    async with supervisor(max_workers=len(GOOD)) as sup:
         for key in GOOD:
             assert (await sup.call(key, "whoami"))["tenant"] == key
             assert key in sup
@@ -253,7 +252,7 @@ async def test_what_a_worker_sends_or_raises_is_escaped_in_logs_and_errors(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="corral")
     hostile = FORGED + "\x1b[2J\x00" + "x" * 100_000
-    async with Supervisor(K, **FAST) as sup:
+    async with supervisor() as sup:
         # The kernel raises: KernelError's message is one line; its attributes are as raised.
         with pytest.raises(corral.KernelError) as kernel_error:
             await sup.call("t", "fail", FORGED + "\x1b[2J")

@@ -23,10 +23,12 @@ from corral import KernelError, Sandbox, Supervisor, WorkerCrashedError
 from corral.ipc import Call, FrameDecoder, FromWorker, Hello, Result, Start, encode_frame
 from corral.ipc.framing import DEFAULT_MAX_FRAME_BYTES
 from corral.worker._loop import needs_loop
+from tests.helpers import FAST
 from tests.worker import modes
 
 M = "tests.worker.modes"
-FAST = {"shutdown_timeout": 5.0, "term_timeout": 1.0, "start_timeout": 20.0}
+# A roomier shutdown than FAST: some of these kernels' shutdown() hooks run on a loop.
+OPTIONS: dict[str, Any] = {**FAST, "shutdown_timeout": 5.0}
 
 
 @pytest.fixture(params=["forkserver", "spawn"])
@@ -57,14 +59,14 @@ def test_needs_loop(make: Callable[[], object], expected: bool) -> None:
 
 
 async def test_sync_kernel_runs_without_a_loop(start_method: str) -> None:
-    async with Supervisor(f"{M}:make", start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+    async with Supervisor(f"{M}:make", start_method=start_method, **OPTIONS) as sup:  # type: ignore[arg-type]
         assert await sup.call("a", "on_loop") is False
         assert [await sup.call("a", "put", f"k{i}", i) for i in range(5)] == [1, 2, 3, 4, 5]
 
 
 async def test_async_kernel_and_async_factory_run_on_a_loop(start_method: str) -> None:
     for factory in ("make_mixed", "make_awaited"):
-        async with Supervisor(f"{M}:{factory}", start_method=start_method, **FAST) as sup:  # type: ignore[arg-type]
+        async with Supervisor(f"{M}:{factory}", start_method=start_method, **OPTIONS) as sup:  # type: ignore[arg-type]
             assert await sup.call("a", "on_loop") is True, factory
 
 
@@ -72,10 +74,10 @@ async def test_a_plain_factory_runs_without_a_running_loop() -> None:
     """A plain factory asking for the running loop gets a StartError that says how to
     have one; a task it starts on the loop get_event_loop() gives it keeps running while
     the kernel serves (that loop serves)."""
-    async with Supervisor(f"{M}:make_needing_loop", **FAST) as sup:
+    async with Supervisor(f"{M}:make_needing_loop", **OPTIONS) as sup:
         with pytest.raises(corral.StartError, match="make the factory `async def`"):
             await sup.call("a", "on_loop")
-    async with Supervisor(f"{M}:make_background", **FAST) as sup:
+    async with Supervisor(f"{M}:make_background", **OPTIONS) as sup:
         first = await sup.call("a", "ticked")
         async with asyncio.timeout(30):  # a hang guard
             while await sup.call("a", "ticked") == first:
@@ -84,7 +86,7 @@ async def test_a_plain_factory_runs_without_a_running_loop() -> None:
 
 
 async def test_blocking_mode_errors_are_typed() -> None:
-    async with Supervisor(f"{M}:make", **FAST) as sup:
+    async with Supervisor(f"{M}:make", **OPTIONS) as sup:
         with pytest.raises(KernelError) as info:
             await sup.call("a", "fail", "boom")
         assert (
@@ -108,7 +110,7 @@ async def test_blocking_mode_errors_are_typed() -> None:
 async def test_an_awaitable_result_moves_the_worker_onto_a_loop() -> None:
     """The first awaitable arrives among many calls read in one go: the calls behind it
     (already read, not yet run) must all be answered too, each with its own value."""
-    async with Supervisor(f"{M}:make", **FAST) as sup:
+    async with Supervisor(f"{M}:make", **OPTIONS) as sup:
         assert await sup.call("a", "on_loop") is False
         calls = [sup.call("a", "later", "first", 0.05)]
         calls += [sup.call("a", "put", f"k{i}", i) for i in range(200)]
@@ -134,7 +136,7 @@ async def test_an_awaitable_result_moves_the_worker_onto_a_loop() -> None:
 async def test_shutdown_hook_runs_in_each_mode(tmp_path: Path, factory: str, line: str) -> None:
     mark = tmp_path / "mark"
     env = {modes.MARK_ENV: str(mark)}
-    async with Supervisor(f"{M}:{factory}", sandbox=Sandbox.none(), env=env, **FAST) as sup:
+    async with Supervisor(f"{M}:{factory}", sandbox=Sandbox.none(), env=env, **OPTIONS) as sup:
         await sup.call("t", "put", "k", 1)
         await sup.evict("t")
         assert mark.read_text() == line + "\n"
