@@ -11,11 +11,9 @@ import pytest
 
 import corral
 from corral import ResultTypeError, Supervisor
+from tests.helpers import FAST, K
 
 pytestmark = pytest.mark.timeout(60)
-
-K = "tests.kernels:make"
-FAST = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 
 
 class Point(msgspec.Struct):
