@@ -11,6 +11,7 @@ import pytest
 from corral.ipc.framing import FrameDecoder, ProtocolViolation, RecordDecoder, encode_frame
 from corral.ipc.messages import (
     PROTOCOL_VERSION,
+    Bind,
     Call,
     CallFailed,
     ErrorKind,
@@ -78,6 +79,7 @@ SAMPLES: dict[Any, list[Any]] = {
         ),
         Call(id=0, method="add", args=raw([[1, 2], {}])),
         Call(id=2**63 - 1, method="f", args=raw([[None, 1.5, b"b"], {"k": [1, {"x": 2}]}])),
+        Bind(tenant="tenant-7"),
         Shutdown(),
     ],
     FromWorker: [

@@ -28,6 +28,7 @@ DEFAULTS = {
     "kill_timeout": 5.0,
     "drain_timeout": 30.0,
     "pool_timeout": 30.0,
+    "spare_workers": 0,
     "max_frame_bytes": DEFAULT_MAX_FRAME_BYTES,
     "restart_intensity": 5,
     "restart_period": 60.0,
@@ -83,6 +84,11 @@ def test_good_values_are_kept_as_given() -> None:
         ({"max_workers": 2.0}, r"max_workers must be an int >= 1, got 2\.0"),
         ({"max_workers": True}, r"max_workers must be an int >= 1, got True"),
         ({"max_frame_bytes": 10}, r"max_frame_bytes must be in 1024\.\.4294967295, got 10"),
+        ({"spare_workers": -1}, r"spare_workers must be an int >= 0, got -1"),
+        (
+            {"spare_workers": 4, "max_workers": 3},
+            r"spare_workers \(4\) must be at most max_workers",
+        ),
         ({"max_frame_bytes": 2**32}, r"max_frame_bytes must be in 1024\.\.4294967295"),
         ({"max_frame_bytes": 4096.0}, r"max_frame_bytes must be in 1024\.\.4294967295"),
         # seconds

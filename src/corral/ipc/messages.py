@@ -22,6 +22,7 @@ PROTOCOL_VERSION = 1
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Bind",
     "Call",
     "CallFailed",
     "ErrorKind",
@@ -54,7 +55,9 @@ class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True, forbid_unknow
 
 
 class Start(_Msg, frozen=True, tag="start"):
-    """First message to a new worker: what to load and for whom."""
+    """First message to a new worker: what to load and for whom (``tenant`` "" for a
+    spare: it loads the factory now, says Hello, and calls the factory once
+    :class:`Bind` names its tenant)."""
 
     tenant: str
     factory: str | None  # "pkg.module:callable", or None when factory_blob is set
@@ -71,11 +74,19 @@ class Call(_Msg, frozen=True, tag="call"):
     args: msgspec.Raw
 
 
+class Bind(_Msg, frozen=True, tag="bind"):
+    """A spare's tenant (the second message to a spare, after ``Start`` and the spare's
+    first Hello): the worker calls the factory it loaded for ``tenant`` and answers a
+    second Hello, or StartFailed."""
+
+    tenant: str
+
+
 class Shutdown(_Msg, frozen=True, tag="shutdown"):
     """Run the kernel's ``shutdown()`` hook, then exit."""
 
 
-ToWorker = Start | Call | Shutdown
+ToWorker = Start | Bind | Call | Shutdown
 
 
 # --- worker channel: worker -> supervisor (untrusted) -------------------------------------

@@ -45,6 +45,7 @@ from corral.errors import (
 from corral.ipc import (
     DECODE_BUDGET_FACTOR,
     PROTOCOL_VERSION,
+    Bind,
     Call,
     CallFailed,
     FrameDecoder,
@@ -90,6 +91,7 @@ class HandleOptions(NamedTuple):
 
 
 class HandleListener(Protocol):
+    def spare_ready(self, handle: WorkerHandle) -> None: ...
     def worker_ready(self, handle: WorkerHandle) -> None: ...
     def worker_used(self, handle: WorkerHandle) -> None: ...
     def worker_idle(self, handle: WorkerHandle) -> None: ...
@@ -113,7 +115,8 @@ class WorkerHandle:
     """Owns one worker process for one tenant.
 
     Args:
-        tenant: the tenant key.
+        tenant: the tenant key; "" for a spare, which is spawned and waits for
+            :meth:`bind` to give it its tenant (and its ``Start``).
         launcher: starts and signals the process.
         listener: told when the worker becomes idle, busy, or dead.
         options: timeouts, limits and the Start message template.
@@ -175,6 +178,7 @@ class WorkerHandle:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = math.inf
         self._stopping: asyncio.Task[None] | None = None
+        self._hellos_due = 0  # Hellos still to come: 1 after Start, 2 for a spare (loaded, bound)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -290,7 +294,35 @@ class WorkerHandle:
         if self.state is S.STOPPING:  # evicted (or closed) while the launcher worked
             self._begin_stop(Rung.KILL)
             return
+        self._send_start()
+
+    @property
+    def is_spare(self) -> bool:
+        """Spawned for no tenant yet (see :meth:`bind`)."""
+        return not self.tenant
+
+    def bind(self, tenant: str) -> None:
+        """Give a spare its tenant: ``Bind`` goes out now, and the factory it loaded at
+        its ``Start`` is called for the tenant; READY comes with its ``Hello``, within
+        ``start_timeout`` from now.
+
+        The caller must have checked that it is a spare, spawned (``pid`` set) and still
+        STARTING."""
+        assert self.is_spare and self.state is S.STARTING and self._writer is not None
+        assert self._hellos_due == 1, "a spare is bound once it has said Hello"
+        self.tenant = tenant
+        self.started_at = self.last_used = time.monotonic()
+        if self._log is not None:
+            self._log.tenant = tenant
+        self._writer.write(encode_frame(Bind(tenant)))
+        self._timer = self._loop.call_later(self._opts.start_timeout, self._on_start_timeout)
+
+    def _send_start(self) -> None:
+        """``Start`` (for a spare, with no tenant: it loads the factory, says Hello and
+        waits for its Bind). ``start_timeout`` runs until the (first) Hello."""
+        assert self._writer is not None
         start = msgspec.structs.replace(self._opts.start, tenant=self.tenant)
+        self._hellos_due = 1 if self.tenant else 2
         self._writer.write(encode_frame(start))
         self._timer = self._loop.call_later(self._opts.start_timeout, self._on_start_timeout)
         log.debug(
@@ -534,7 +566,7 @@ class WorkerHandle:
                     kind=msg.kind,
                 )
             _resolve(pending, error=error)
-        elif isinstance(msg, Hello) and self.state is S.STARTING:
+        elif isinstance(msg, Hello) and self.state is S.STARTING and self._hellos_due:
             if msg.protocol_version != PROTOCOL_VERSION:
                 self._fail_start(
                     StopReason.START_FAILED,
@@ -544,7 +576,12 @@ class WorkerHandle:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self.kernel_pid = msg.host_pid if msg.host_pid is not None else self.pid
+            self._hellos_due -= 1
+            if self.kernel_pid is None:  # (a spare's first Hello says it)
+                self.kernel_pid = msg.host_pid if msg.host_pid is not None else self.pid
+            if not self.tenant:  # a spare has loaded its factory: it waits for a tenant
+                self._listener.spare_ready(self)
+                return
             transition(self, Event.HELLO_RECEIVED)
             self._ready.set_result(None)
             log.info(
@@ -746,7 +783,9 @@ class WorkerHandle:
             _resolve(pending, error=error)
         reason = report.reason
         level = (
-            logging.INFO
+            logging.DEBUG  # a spare: the pool says it in its own words
+            if self.is_spare
+            else logging.INFO
             if reason not in (StopReason.CRASHED, StopReason.PROTOCOL_ERROR)
             else logging.WARNING
         )

@@ -3,10 +3,10 @@
 :class:`MemoryWatch` owns the probe's thread, the :class:`MemoryPolicy`, the baseline
 a fresh worker weighs, the pressure (and its words for ``stats()``) and the one
 pressure victim on its way out. Each round it recycles workers over the soft limit
-and, under pressure, stops one worker (the idle LRU first, else it drains the least
-recently used busy one) and refuses new workers (:meth:`admit`) until the pressure is
-over. Not here: how memory is read (:mod:`corral.supervisor._memory`), which workers
-exist (the pool's table).
+and, under pressure, stops one worker (a spare first, else the idle LRU, else it
+drains the least recently used busy one) and refuses new workers (:meth:`admit`)
+until the pressure is over. Not here: how memory is read
+(:mod:`corral.supervisor._memory`), which workers exist (the pool).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 from corral.errors import MemoryPressureError, StartError
 from corral.supervisor._handle import WorkerHandle
 from corral.supervisor._memory import MemoryPolicy, MemorySample, ProbeThread
+from corral.supervisor._pool import Pool
 from corral.supervisor._process import Launcher
-from corral.supervisor._table import WorkerTable
 from corral.supervisor.records import StopReason, WorkerState
 
 __all__ = ["MemoryWatch"]
@@ -35,7 +35,7 @@ class MemoryWatch:
         hard_limit: ``worker_memory_hard_limit`` (bytes), checked against the baseline.
         interval: seconds between samples.
         launcher: the workers' pids' meaning (namespaces) and memory cgroups.
-        table: the workers.
+        pool: the workers (the tenants' and the spares).
     """
 
     def __init__(
@@ -46,7 +46,7 @@ class MemoryWatch:
         hard_limit: int | None,
         interval: float,
         launcher: Launcher,
-        table: WorkerTable[WorkerHandle],
+        pool: Pool,
     ) -> None:
         self.baseline: int | None = None  # bytes a fresh worker weighed at start
         self.pressure_detail = ""  # what the pressure is, while it lasts
@@ -55,7 +55,8 @@ class MemoryWatch:
         self._hard_limit = hard_limit
         self._interval = interval
         self._launcher = launcher
-        self._table = table
+        self._pool = pool
+        self._table = pool.table
         self._running = False
         # The last worker stopped for pressure (draining or stopping) until it is settled:
         # no other is chosen while it is on its way out (invariant 9).
@@ -151,7 +152,7 @@ class MemoryWatch:
         """One sample and what follows from it; returns the pressure victim, if any."""
         if not self._running:  # closing: the probe is (being) closed too
             return None
-        handles = [h for h in self._table.handles() if h.pid is not None]
+        handles = [h for h in self._pool.handles() if h.pid is not None]
         if not handles and not self._policy.watches_pressure:
             return None
         try:
@@ -190,6 +191,7 @@ class MemoryWatch:
         if reason is None:
             if was is not None:
                 log.info("memory pressure is over")
+                self._pool.refill()
             return None
         if was is None:
             log.warning(
@@ -207,6 +209,10 @@ class MemoryWatch:
             # could show in a sample.
             return last
         self._victim = None
+        spare = self._pool.drop_spare(reason)  # a spare first: it serves nobody yet
+        if spare is not None:
+            self._victim = spare
+            return spare
         idle = self._table.lru_victim()
         victim = self._table.peek(idle) if idle is not None else None
         if victim is None:  # nobody idle: drain the least recently used busy worker

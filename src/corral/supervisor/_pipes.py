@@ -148,7 +148,7 @@ class LogSink:
 
     def __init__(self, fd: int, tenant: str, pid: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
-        self._tenant = tenant
+        self.tenant = tenant  # "" for a spare until it is bound
         self._pid = pid
         self._loop = loop
         self._partial = b""
@@ -192,16 +192,16 @@ class LogSink:
         text = one_line(line[:_LOG_LINE_MAX].decode("utf-8", "backslashreplace"))
         self._report_dropped()
         worker_log.info(
-            "[%s] %s", self._tenant, text, extra={"tenant": self._tenant, "pid": self._pid}
+            "[%s] %s", self.tenant, text, extra={"tenant": self.tenant, "pid": self._pid}
         )
 
     def _report_dropped(self) -> None:
         if self._dropped:
             worker_log.warning(
                 "[%s] %d output lines dropped (rate limit)",
-                self._tenant,
+                self.tenant,
                 self._dropped,
-                extra={"tenant": self._tenant, "pid": self._pid},
+                extra={"tenant": self.tenant, "pid": self._pid},
             )
             self._dropped = 0
 

@@ -13,6 +13,7 @@ chooses victims from ``pool.table`` and gates new workers through ``admit``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -46,7 +47,8 @@ class Pool:
     Args:
         launcher: starts the processes.
         handle_options: timeouts, limits and the Start message for every handle.
-        max_workers / idle_ttl / pool_timeout: as the Supervisor's options.
+        max_workers / idle_ttl / pool_timeout / spare_workers: as the Supervisor's
+            options.
         backoff: restart intensity and backoff.
         events: where lifecycle events go.
         refusal: the error a call gets now because the supervisor is not running (not
@@ -63,6 +65,7 @@ class Pool:
         max_workers: int,
         idle_ttl: float | None,
         pool_timeout: float,
+        spare_workers: int,
         backoff: BackoffPolicy,
         events: EventHub,
         refusal: Callable[[], SupervisorClosedError | None],
@@ -76,6 +79,12 @@ class Pool:
         self._launcher = launcher
         self._handle_options = handle_options
         self._pool_timeout = pool_timeout
+        self._spare_workers = spare_workers
+        # Spares: spawned for no tenant. Ready ones wait for bind(); all count as workers.
+        self._spares: collections.deque[WorkerHandle] = collections.deque()
+        self._spares_starting: set[WorkerHandle] = set()
+        self._spares_settled = asyncio.Event()  # set while no spare is starting
+        self._spares_settled.set()
         self._events = events
         self._refusal = refusal
         self._admit = admit
@@ -94,10 +103,41 @@ class Pool:
         self._bound = asyncio.get_running_loop().create_future()
 
     def bind(self, tg: asyncio.TaskGroup) -> None:
-        """Run workers' background tasks (starts, stop escalations) in ``tg``."""
+        """Run workers' background tasks (starts, stop escalations) in ``tg``, and start
+        the spares."""
         self._tg = tg
         if self._bound is not None and not self._bound.done():
             self._bound.set_result(None)
+        self.refill()
+
+    @property
+    def spares(self) -> int:
+        """Spares started or starting (each counts as a worker)."""
+        return len(self._spares) + len(self._spares_starting)
+
+    def spare_pids(self) -> list[int]:
+        """The pids of the spares ready to be taken, next taken first."""
+        return [h.pid for h in self._spares if h.pid is not None]
+
+    async def spares_started(self) -> None:
+        """Wait until no spare is starting (each is ready, or failed and gone)."""
+        await self._spares_settled.wait()
+
+    def handles(self) -> list[WorkerHandle]:
+        """Every live worker: the tenants' (LRU first), then the spares."""
+        return [*self.table.handles(), *self._spares, *self._spares_starting]
+
+    def _ready_spare(self) -> WorkerHandle | None:
+        """Take the next spare still waiting for its tenant (one whose pipe closed is on
+        its way out, and stays listed until it is reaped)."""
+        for spare in self._spares:
+            if spare.state is WorkerState.STARTING:
+                self._spares.remove(spare)
+                return spare
+        return None
+
+    def _has_room(self) -> bool:
+        return len(self.table) + self.spares < self.table.max_workers
 
     def wake_all(self) -> None:
         """The supervisor is closing: callers waiting for room look again (and leave)."""
@@ -106,7 +146,7 @@ class Pool:
     async def stop_all(self, reason: StopReason) -> list[WorkerHandle]:
         """Stop every worker (busy ones drain first) and wait until each is settled.
         Returns the handles, for the caller to wait for their deaths."""
-        handles = self.table.handles()
+        handles = self.handles()
         for handle in handles:
             handle.evict(reason)
         for handle in handles:
@@ -138,12 +178,15 @@ class Pool:
                 left, level, last = backoff
                 raise BackoffError(tenant, left, level, last)
             self._admit(tenant)
-            if self.table.has_room():
-                return await self._start_worker(tenant)
+            if (spare := self._ready_spare()) is not None:
+                return await self._start_worker(tenant, spare)
+            if self._has_room():
+                return await self._start_worker(tenant, None)
             # One victim at a time per caller: while the last one is still on its way out,
             # a worker turning idle meanwhile is not stopped as well (unless that victim is
-            # past all corral can do to end it: settled and still not reaped).
-            if evicted is None or evicted.is_settled:
+            # past all corral can do to end it: settled and still not reaped). None while
+            # a spare is on its way: it will do.
+            if not self._spares_starting and (evicted is None or evicted.is_settled):
                 victim = self.table.lru_victim()
                 if victim is not None:
                     evicted = self.table.peek(victim)
@@ -164,26 +207,70 @@ class Pool:
             finally:
                 self._room_waiters -= 1
 
-    async def _start_worker(self, tenant: str) -> WorkerHandle:
+    async def _start_worker(self, tenant: str, spare: WorkerHandle | None) -> WorkerHandle:
+        """A worker for ``tenant``: ``spare`` given its tenant, or a new one."""
+        if spare is not None:
+            handle = spare
+            handle.bind(tenant)
+            self.table.add(tenant, handle)
+        else:
+            tg = await self._task_group()
+            handle = self._new_handle(tenant, tg)
+            self.table.add(tenant, handle)
+            tg.create_task(handle.start(), name=f"corral-start-{tenant}")
+        self.starts += 1
+        self._events.emit(WorkerStarting(tenant))
+        try:
+            await self._wait_ready(handle)
+        finally:
+            if spare is not None:  # its replacement, once it no longer competes with it
+                self.refill()
+        return handle
+
+    async def _task_group(self) -> asyncio.TaskGroup:
         if self._tg is None:  # the supervisor's start was cancelled before the TaskGroup
             assert self._bound is not None
             await asyncio.shield(self._bound)
             if (refused := self._refusal()) is not None:
                 raise refused
         assert self._tg is not None
-        tg = self._tg
-        handle = WorkerHandle(
-            tenant,
-            self._launcher,
-            self,
-            self._handle_options,
-            lambda coro: tg.create_task(coro),
+        return self._tg
+
+    def _new_handle(self, tenant: str, tg: asyncio.TaskGroup) -> WorkerHandle:
+        return WorkerHandle(
+            tenant, self._launcher, self, self._handle_options, lambda coro: tg.create_task(coro)
         )
-        self.table.add(tenant, handle)
-        self.starts += 1
-        self._events.emit(WorkerStarting(tenant))
-        tg.create_task(handle.start(), name=f"corral-start-{tenant}")
-        await self._wait_ready(handle)
+
+    def refill(self) -> None:
+        """Start spares until there are ``spare_workers`` (or no room, or memory is short,
+        or a caller waits for the room, or the supervisor is not running)."""
+        tg = self._tg
+        while (
+            self.spares < self._spare_workers
+            and tg is not None
+            and self._refusal() is None
+            and not self._room_waiters
+            and self._has_room()
+            and self._admits_spare()
+        ):
+            handle = self._new_handle("", tg)
+            self._spares_starting.add(handle)
+            self._spares_settled.clear()
+            tg.create_task(handle.start(), name="corral-start-spare")
+
+    def _admits_spare(self) -> bool:
+        try:
+            self._admit("a spare")
+        except Exception:  # (memory is short: no spare now)
+            return False
+        return True
+
+    def drop_spare(self, reason: StopReason) -> WorkerHandle | None:
+        """Stop one ready spare (memory is short); returns it, or None if there is none."""
+        if not self._spares:
+            return None
+        handle = self._spares.pop()
+        handle.evict(reason)
         return handle
 
     async def _wait_ready(self, handle: WorkerHandle) -> None:
@@ -244,13 +331,36 @@ class Pool:
     def worker_busy(self, handle: WorkerHandle) -> None:
         self.table.mark_busy(handle.tenant, handle)
 
+    def spare_ready(self, handle: WorkerHandle) -> None:
+        self._spare_started(handle)
+        self._spares.append(handle)
+        self._notify_room()
+
+    def _spare_started(self, handle: WorkerHandle) -> None:
+        self._spares_starting.discard(handle)
+        if not self._spares_starting:
+            self._spares_settled.set()
+
     def worker_ready(self, handle: WorkerHandle) -> None:
         self._events.emit(WorkerReady(handle.tenant, handle.pid))
 
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None:
+        self.stops[report.reason.value] += 1
+        if handle.is_spare:  # never bound: no tenant to tell, nothing to count against one
+            self._spare_started(handle)
+            if handle in self._spares:
+                self._spares.remove(handle)
+            log.log(
+                logging.INFO if report.reason not in FAILURES else logging.WARNING,
+                "spare worker stopped pid=%s reason=%s",
+                handle.pid,
+                report.reason.value,
+                extra={"pid": handle.pid, "reason": report.reason.value},
+            )
+            self._notify_room()
+            return
         if self.table.peek(handle.tenant) is handle:
             self.table.remove(handle.tenant)
-        self.stops[report.reason.value] += 1
         self._events.emit(
             WorkerStopped(
                 handle.tenant,
@@ -274,6 +384,7 @@ class Pool:
                 )
                 self._events.emit(TenantBackoff(handle.tenant, report.reason.value, delay))
         self._notify_room()
+        self.refill()
 
     def _notify_room(self) -> None:
         if self._room_waiters:  # (a call ends: usually nobody waits)

@@ -109,6 +109,14 @@ class SupervisorOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             "busy; then CapacityError."
         ),
     ] = 30.0
+    spare_workers: Annotated[
+        int,
+        _help(
+            "workers kept started and sandboxed but bound to no tenant yet: a new tenant's "
+            "first call takes one and only loads its kernel. Counted against max_workers "
+            "and memory, refilled in the background, each used once. 0 = none."
+        ),
+    ] = 0
     max_frame_bytes: Annotated[
         int,
         _help(
@@ -193,6 +201,12 @@ class SupervisorOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     def __post_init__(self) -> None:
         check_count("max_workers", self.max_workers, minimum=1)
+        check_count("spare_workers", self.spare_workers, minimum=0)
+        if self.spare_workers > self.max_workers:
+            raise ValueError(
+                f"spare_workers ({self.spare_workers}) must be at most max_workers "
+                f"({self.max_workers})"
+            )
         check_memory(
             self.worker_memory_limit,
             self.worker_memory_hard_limit,

@@ -145,3 +145,4 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     memory_baseline: int | None  # bytes a fresh worker weighed at start (with limits set)
     memory_pressure: str | None  # what the pressure is, while it lasts
     sandbox: dict[str, LayerStatus]  # layer -> what it is doing (known after start)
+    spares: list[int] = []  # pids of the spare workers ready to be taken (spare_workers)

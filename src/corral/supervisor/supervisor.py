@@ -149,6 +149,7 @@ class Supervisor:
             max_workers=opts.max_workers,
             idle_ttl=opts.idle_ttl,
             pool_timeout=opts.pool_timeout,
+            spare_workers=opts.spare_workers,
             backoff=BackoffPolicy(
                 opts.restart_intensity, opts.restart_period, opts.backoff_base, opts.backoff_max
             ),
@@ -169,7 +170,7 @@ class Supervisor:
             hard_limit=opts.worker_memory_hard_limit,
             interval=opts.memory_check_interval,
             launcher=self._launcher,
-            table=self._table,
+            pool=self._pool,
         )
         self._state = _State.NEW
         self._runner: asyncio.Task[None] | None = None
@@ -180,7 +181,8 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the warden process and the background tasks.
+        """Start the warden process, the background tasks and the spares (``spare_workers``:
+        ready when this returns).
 
         Raises:
             SupervisorClosedError: already closing or closed.
@@ -214,6 +216,9 @@ class Supervisor:
         # (it waits for the TaskGroup first, as does the first worker start).
         self._state = _State.RUNNING
         await asyncio.shield(started)
+        # The spares asked for are ready when this returns (one that fails to start is
+        # logged, not raised: calls start workers the usual way meanwhile).
+        await self._pool.spares_started()
 
     async def _abort_start(self) -> None:
         """start() failed before the runner existed: release what it started."""
@@ -536,4 +541,5 @@ class Supervisor:
             memory_baseline=self._memory.baseline,
             memory_pressure=self._memory.pressure_detail or None,
             sandbox=self._launcher.sandbox_report,
+            spares=self._pool.spare_pids(),
         )

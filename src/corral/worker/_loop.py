@@ -31,6 +31,7 @@ import msgspec
 from corral.ipc import (
     MAX_FRAME_LIMIT,
     PROTOCOL_VERSION,
+    Bind,
     Call,
     CallFailed,
     ErrorKind,
@@ -109,22 +110,36 @@ def remote_error(exc: BaseException, max_frame_bytes: int = MAX_FRAME_LIMIT) -> 
     return RemoteError(type_name=type_name, message=message, traceback=tb)
 
 
-def read_start(fd_in: int) -> tuple[Start, FrameDecoder[ToWorker]]:
-    """Block until the ``Start`` message arrives (nothing else can come first).
+def read_start(fd_in: int) -> tuple[Start, list[ToWorker], FrameDecoder[ToWorker]]:
+    """Block until the ``Start`` message arrives (nothing else can come first); return it,
+    what came with it in the same read, and the decoder.
 
     The supervisor -> worker direction is trusted and already capped by the supervisor
     at its ``max_frame_bytes``, which may exceed the default: no cap of our own here."""
     decoder: FrameDecoder[ToWorker] = FrameDecoder(ToWorker, max_frame_bytes=MAX_FRAME_LIMIT)
+    first, *rest = _read_some(fd_in, decoder, "Start")
+    if not isinstance(first, Start):
+        raise ProtocolViolation(f"expected Start first, got {first!r}"[:300])
+    return first, rest, decoder
+
+
+def _read_bind(fd_in: int, decoder: FrameDecoder[ToWorker], backlog: list[ToWorker]) -> Bind:
+    """A spare's ``Bind``: the next message, alone."""
+    msgs = backlog or _read_some(fd_in, decoder, "Bind")
+    if len(msgs) != 1 or not isinstance(msgs[0], Bind):
+        raise ProtocolViolation(f"expected only Bind after a spare's Start, got {msgs!r}"[:300])
+    return msgs[0]
+
+
+def _read_some(fd_in: int, decoder: FrameDecoder[ToWorker], awaited: str) -> list[ToWorker]:
+    """Block until at least one whole message has come."""
     while True:
         data = os.read(fd_in, _READ_CHUNK)
         if not data:
-            raise EOFError("supervisor closed the pipe before Start")
+            raise EOFError(f"supervisor closed the pipe before {awaited}")
         msgs = decoder.feed(data)
         if msgs:
-            first = msgs[0]
-            if not isinstance(first, Start) or len(msgs) > 1:
-                raise ProtocolViolation(f"expected only Start first, got {msgs!r}"[:300])
-            return first, decoder
+            return msgs
 
 
 def needs_loop(kernel: Any) -> bool:
@@ -427,15 +442,18 @@ class _WatchedPolicy(asyncio.DefaultEventLoopPolicy):
         self.made = loop
 
 
-def _call_factory(start: Start) -> tuple[Any, asyncio.AbstractEventLoop | None]:
-    """Call the factory with no event loop running; return what it made and the loop it
-    made current, if any (that loop serves, so that what it scheduled there runs).
+def _call_factory(
+    start: Start, factory: Callable[[str], Any]
+) -> tuple[Any, asyncio.AbstractEventLoop | None]:
+    """Call the factory for ``start.tenant`` with no event loop running; return what it
+    made and the loop it made current, if any (that loop serves, so that what it
+    scheduled there runs).
 
     No loop is made for a factory that does not ask for one: a fresh loop would touch
     pages the worker shares with its warden. Raises whatever the factory raised."""
     if sys.version_info >= (3, 14):
         # get_event_loop() no longer makes a loop: only one set current is there to find.
-        made = load_factory(start)(start.tenant)
+        made = factory(start.tenant)
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_event_loop()
         except RuntimeError:
@@ -443,7 +461,7 @@ def _call_factory(start: Start) -> tuple[Any, asyncio.AbstractEventLoop | None]:
     else:
         policy = _WatchedPolicy()
         asyncio.set_event_loop_policy(policy)
-        made = load_factory(start)(start.tenant)
+        made = factory(start.tenant)
         current = policy.made
     return made, current if current is not None and not current.is_closed() else None
 
@@ -476,20 +494,46 @@ def run_worker(fd_in: int, fd_out: int) -> int:
     plain factory made current (``asyncio.get_event_loop()``) is the one that serves, so
     that what it scheduled there runs."""
     try:
-        start, decoder = read_start(fd_in)
+        start, backlog, decoder = read_start(fd_in)
+        if start.tenant and backlog:
+            raise ProtocolViolation(f"expected only Start first, got {backlog!r}"[:300])
     except (EOFError, ProtocolViolation) as exc:
         print(f"corral worker: {exc}", file=sys.stderr)
         return 2
     try:
-        made, loop = _call_factory(start)
+        factory = load_factory(start)
+    except Exception as exc:
+        return _start_failed(start, fd_out, exc)
+    ready_loop: asyncio.AbstractEventLoop | None = None
+    if not start.tenant:  # a spare: the factory is loaded; its tenant comes with Bind
+        # Made while it waits, for a kernel that turns out to need one (not made current:
+        # the factory still runs with none); closed if it does not.
+        ready_loop = asyncio.new_event_loop()
+        _hello(fd_out)  # loaded: the supervisor may bind it now
+        try:
+            bind = _read_bind(fd_in, decoder, backlog)
+        except EOFError:
+            return 0  # stopped before it was needed
+        except ProtocolViolation as exc:
+            print(f"corral worker: {exc}", file=sys.stderr)
+            return 2
+        start = msgspec.structs.replace(start, tenant=bind.tenant)
+    try:
+        made, loop = _call_factory(start, factory)
     except Exception as exc:
         return _start_failed(start, fd_out, _factory_error(exc))
+    if loop is None and (inspect.isawaitable(made) or needs_loop(made)):
+        loop, ready_loop = ready_loop, None
+    if ready_loop is not None:
+        ready_loop.close()
     if inspect.isawaitable(made):
         return _run(loop, _serve_awaited(start, made, fd_in, fd_out, decoder))
     _hello(fd_out)
     worker = WorkerLoop(made, fd_in, fd_out, decoder, start.max_frame_bytes)
-    if loop is not None or needs_loop(made):
+    if loop is not None:
         return _run(loop, worker.serve_async())
+    if needs_loop(made):
+        return _run(None, worker.serve_async())
     return worker.serve()
 
 
