@@ -495,6 +495,7 @@ class FakeLauncher:
         self.spawn_error: str | None = None
         self.failures: list[BaseException] = []
         self.closed = False
+        self.sandboxes: list[Sandbox | None] = []  # each spawn's sandbox (None: the default)
         self._start_error = start_error
         self._sandbox_report = dict(sandbox_report or {})
         self._pids = itertools.count(FAKE_PID_BASE)
@@ -584,7 +585,11 @@ class FakeLauncher:
         if self._start_error is not None:
             raise LaunchError(self._start_error)
 
-    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+    async def spawn(
+        self, on_exit: ExitCallback, memory_limit: int | None, sandbox: Sandbox | None = None
+    ) -> SpawnedProcess:
+        """(``sandbox`` is recorded, not applied: these workers are not processes.)"""
+        self.sandboxes.append(sandbox)
         if not self.closed:
             await self._spawns_open.wait()
         if self.closed:

@@ -240,7 +240,9 @@ class _ExitOnKill:
     async def start(self) -> None:
         await self._inner.start()
 
-    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+    async def spawn(
+        self, on_exit: ExitCallback, memory_limit: int | None, sandbox: Sandbox | None = None
+    ) -> SpawnedProcess:
         reported: list[bool] = []
 
         def once(returncode: int | None, oom_killed: bool) -> None:
@@ -248,7 +250,7 @@ class _ExitOnKill:
                 reported.append(True)
                 on_exit(returncode, oom_killed)
 
-        proc = await self._inner.spawn(once, memory_limit)
+        proc = await self._inner.spawn(once, memory_limit, sandbox)
         self._on_exit[proc.pid] = once
         return proc
 

@@ -19,6 +19,7 @@ from corral.supervisor.events import (
     WorkerStopped,
 )
 from corral.supervisor.options import SupervisorOptions
+from corral.supervisor.policy import Policy, TenantPolicy
 from corral.supervisor.records import (
     LayerStatus,
     Rung,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
     "Factory",
     "LayerStatus",
+    "Policy",
     "Rung",
     "Sandbox",
     "SandboxUnavailableError",
@@ -46,6 +48,7 @@ __all__ = [
     "SupervisorStats",
     "SyncSupervisor",
     "TenantBackoff",
+    "TenantPolicy",
     "WorkerEvent",
     "WorkerInfo",
     "WorkerReady",

@@ -65,6 +65,7 @@ from corral.supervisor._outcomes import call_error, exit_status, mib, start_erro
 from corral.supervisor._pipes import LogSink, PipeWriter
 from corral.supervisor._process import Launcher, LaunchError
 from corral.supervisor.records import Rung, StopReason, StopReport, WorkerInfo, WorkerState
+from corral.supervisor.sandbox import Sandbox
 
 __all__ = ["HandleListener", "HandleOptions", "WorkerHandle"]
 
@@ -80,7 +81,10 @@ S = WorkerState
 
 
 class HandleOptions(NamedTuple):
-    start: Start  # the Start message every worker of this supervisor receives (tenant filled in)
+    """One worker's settings: the supervisor's, or its tenant's policy's where it set them
+    (fixed for the worker's life)."""
+
+    start: Start  # the Start message (tenant filled in): the factory to load
     start_timeout: float
     shutdown_timeout: float
     term_timeout: float
@@ -88,6 +92,10 @@ class HandleOptions(NamedTuple):
     drain_timeout: float | None
     max_frame_bytes: int
     memory_hard_limit: int | None  # bytes, enforced by the OS
+    call_timeout: float | None = None  # a call's default timeout
+    memory_soft_limit: int | None = None  # bytes, sampled (the memory watch acts on it)
+    sandbox: Sandbox | None = None  # None: the launcher's own (the supervisor's)
+    version: str = ""  # the tenant policy's label for the code it runs
 
 
 class HandleListener(Protocol):
@@ -220,6 +228,7 @@ class WorkerHandle:
             last_used=self.last_used + offset,
             stop_reason=self.stop_reason.value if self.stop_reason else None,
             kernel_pid=self.kernel_pid,
+            version=self._opts.version,
         )
 
     async def wait_ready(self) -> None:
@@ -251,7 +260,9 @@ class WorkerHandle:
         try:
             # start_timeout covers the spawn too: a wedged warden must not hold callers.
             async with asyncio.timeout(self._opts.start_timeout):
-                proc = await self._launcher.spawn(self._on_exit, self._opts.memory_hard_limit)
+                proc = await self._launcher.spawn(
+                    self._on_exit, self._opts.memory_hard_limit, self._opts.sandbox
+                )
         except (TimeoutError, LaunchError) as exc:
             why = (
                 f"the launcher did not start the process within {self._opts.start_timeout}s"
@@ -301,7 +312,17 @@ class WorkerHandle:
         """Spawned for no tenant yet (see :meth:`bind`)."""
         return not self.tenant
 
-    def bind(self, tenant: str) -> None:
+    @property
+    def options(self) -> HandleOptions:
+        return self._opts
+
+    @property
+    def call_timeout(self) -> float | None:
+        """A call's default timeout on this worker (its tenant's policy's, or the
+        supervisor's)."""
+        return self._opts.call_timeout
+
+    def bind(self, tenant: str, options: HandleOptions | None = None) -> None:
         """Give a spare its tenant: ``Bind`` goes out now, and the factory it loaded at
         its ``Start`` is called for the tenant; READY comes with its ``Hello``, within
         ``start_timeout`` from now.
@@ -310,6 +331,12 @@ class WorkerHandle:
         STARTING."""
         assert self.is_spare and self.state is S.STARTING and self._writer is not None
         assert self._hellos_due == 1, "a spare is bound once it has said Hello"
+        if options is not None:  # (what the process already has, start and sandbox, stays)
+            self._opts = options._replace(
+                start=self._opts.start,
+                sandbox=self._opts.sandbox,
+                memory_hard_limit=self._opts.memory_hard_limit,
+            )
         self.tenant = tenant
         self.started_at = self.last_used = time.monotonic()
         if self._log is not None:

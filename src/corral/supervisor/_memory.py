@@ -194,11 +194,21 @@ class MemoryPolicy:
             return int(self.min_available * total)
         return int(self.min_available)
 
-    def over_soft_limit(self, sample: MemorySample) -> list[int]:
-        """Root pids whose tree is above the soft limit."""
-        if self.soft_limit is None:
-            return []
-        return [pid for pid, size in sample.trees.items() if size > self.soft_limit]
+    def over_soft_limit(
+        self, sample: MemorySample, limits: Mapping[int, int | None] | None = None
+    ) -> list[int]:
+        """Root pids whose tree is above its soft limit: ``limits[pid]`` where given (a
+        tenant's own, or None for none), else the supervisor's."""
+        if limits is None:
+            if self.soft_limit is None:
+                return []
+            return [pid for pid, size in sample.trees.items() if size > self.soft_limit]
+        over = []
+        for pid, size in sample.trees.items():
+            limit = limits.get(pid, self.soft_limit)
+            if limit is not None and size > limit:
+                over.append(pid)
+        return over
 
     def update_pressure(self, sample: MemorySample) -> StopReason | None:
         """Whether corral is under memory pressure now (with hysteresis), and which kind."""

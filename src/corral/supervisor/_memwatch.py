@@ -66,6 +66,21 @@ class MemoryWatch:
     def watches_limits(self) -> bool:
         return self._policy.soft_limit is not None or self._hard_limit is not None
 
+    def check_limits(self, soft: int | None, hard: int | None) -> None:
+        """Raise ValueError for limits at or below what a fresh worker weighs (a
+        tenant's own, checked as the supervisor's were at start)."""
+        base = self.baseline
+        for name, limit, factor in (
+            ("worker_memory_limit", soft, 1.25),
+            ("worker_memory_hard_limit", hard, 1.5),
+        ):
+            if limit is not None and base is not None and limit <= base * factor:
+                raise ValueError(
+                    f"{name}={limit} bytes ({limit / 2**20:.0f} MiB) is at or below a fresh "
+                    f"worker's baseline ({base / 2**20:.0f} MiB measured at start, x{factor} "
+                    "headroom): every worker would be stopped as soon as it started"
+                )
+
     def admit(self, tenant: str) -> None:
         """Raises MemoryPressureError while memory is short (no new worker may start)."""
         if self._policy.pressure is not None:
@@ -110,17 +125,7 @@ class MemoryWatch:
             raise StartError(
                 f"cannot measure a worker's baseline: {exc}", tenant="", pid=None
             ) from exc
-        base = self.baseline
-        for name, limit, factor in (
-            ("worker_memory_limit", self._policy.soft_limit, 1.25),
-            ("worker_memory_hard_limit", self._hard_limit, 1.5),
-        ):
-            if limit is not None and base is not None and limit <= base * factor:
-                raise ValueError(
-                    f"{name}={limit} bytes ({limit / 2**20:.0f} MiB) is at or below a fresh "
-                    f"worker's baseline ({base / 2**20:.0f} MiB measured now, x{factor} "
-                    "headroom): every worker would be stopped as soon as it started"
-                )
+        self.check_limits(self._policy.soft_limit, self._hard_limit)
         enforcement = self._launcher.memory_enforcement
         if self._hard_limit is not None:
             if enforcement.startswith("rlimit"):
@@ -173,7 +178,8 @@ class MemoryWatch:
         for h in handles:
             if h.pid is not None:
                 h.rss = sample.trees.get(h.pid, h.rss)
-        for pid in self._policy.over_soft_limit(sample):
+        limits = {h.pid: h.options.memory_soft_limit for h in handles if h.pid is not None}
+        for pid in self._policy.over_soft_limit(sample, limits):
             over = by_pid.get(pid)
             if over is not None and over.is_serving:
                 log.warning(

@@ -18,8 +18,11 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
-from corral.errors import BackoffError, CapacityError, SupervisorClosedError
+import msgspec
+
+from corral.errors import BackoffError, CapacityError, StartError, SupervisorClosedError
 from corral.supervisor._backoff import BackoffPolicy, RestartTracker
+from corral.supervisor._config import serialise_factory
 from corral.supervisor._handle import HandleOptions, WorkerHandle
 from corral.supervisor._outcomes import FAILURES
 from corral.supervisor._process import Launcher
@@ -31,7 +34,9 @@ from corral.supervisor.events import (
     WorkerStarting,
     WorkerStopped,
 )
+from corral.supervisor.policy import Policy, TenantPolicy, pick
 from corral.supervisor.records import StopReason, StopReport, WorkerState
+from corral.supervisor.sandbox import Sandbox
 from corral.supervisor.tenants import check_tenant
 
 __all__ = ["Pool"]
@@ -54,6 +59,9 @@ class Pool:
         refusal: the error a call gets now because the supervisor is not running (not
             started, closing or closed), or None while it is.
         admit: raises (MemoryPressureError) if no new worker may start now.
+        policy: ``policy(tenant) -> TenantPolicy``, called once per activation; None:
+            every tenant gets ``handle_options``.
+        sandbox: the supervisor's sandbox (a tenant's ``extra_read_paths`` extend it).
         clock: monotonic seconds, for the table and backoff.
     """
 
@@ -67,6 +75,8 @@ class Pool:
         pool_timeout: float,
         spare_workers: int,
         backoff: BackoffPolicy,
+        policy: Policy | None,
+        sandbox: Sandbox,
         events: EventHub,
         refusal: Callable[[], SupervisorClosedError | None],
         admit: Callable[[str], None],
@@ -80,6 +90,10 @@ class Pool:
         self._handle_options = handle_options
         self._pool_timeout = pool_timeout
         self._spare_workers = spare_workers
+        self._policy = policy
+        self._sandbox = sandbox
+        self._reloading: set[WorkerHandle] = set()  # new workers of reloads, not yet swapped in
+        self._reloads: dict[str, asyncio.Lock] = {}  # one reload at a time per tenant
         # Spares: spawned for no tenant. Ready ones wait for bind(); all count as workers.
         self._spares: collections.deque[WorkerHandle] = collections.deque()
         self._spares_starting: set[WorkerHandle] = set()
@@ -124,8 +138,13 @@ class Pool:
         await self._spares_settled.wait()
 
     def handles(self) -> list[WorkerHandle]:
-        """Every live worker: the tenants' (LRU first), then the spares."""
-        return [*self.table.handles(), *self._spares, *self._spares_starting]
+        """Every live worker: the tenants' (LRU first), the reloads' new ones, the spares."""
+        return [
+            *self.table.handles(),
+            *self._reloading,
+            *self._spares,
+            *self._spares_starting,
+        ]
 
     def _ready_spare(self) -> WorkerHandle | None:
         """Take the next spare still waiting for its tenant (one whose pipe closed is on
@@ -137,7 +156,8 @@ class Pool:
         return None
 
     def _has_room(self) -> bool:
-        return len(self.table) + self.spares < self.table.max_workers
+        live = len(self.table) + len(self._reloading) + self.spares
+        return live < self.table.max_workers
 
     def wake_all(self) -> None:
         """The supervisor is closing: callers waiting for room look again (and leave)."""
@@ -178,10 +198,12 @@ class Pool:
                 left, level, last = backoff
                 raise BackoffError(tenant, left, level, last)
             self._admit(tenant)
-            if (spare := self._ready_spare()) is not None:
-                return await self._start_worker(tenant, spare)
-            if self._has_room():
-                return await self._start_worker(tenant, None)
+            if self._spares or self._has_room():
+                options, spare_fits = self._activate(tenant)
+                if spare_fits and (spare := self._ready_spare()) is not None:
+                    return await self._start_worker(tenant, options, spare)
+                if self._has_room():
+                    return await self._start_worker(tenant, options, None)
             # One victim at a time per caller: while the last one is still on its way out,
             # a worker turning idle meanwhile is not stopped as well (unless that victim is
             # past all corral can do to end it: settled and still not reaped). None while
@@ -207,15 +229,18 @@ class Pool:
             finally:
                 self._room_waiters -= 1
 
-    async def _start_worker(self, tenant: str, spare: WorkerHandle | None) -> WorkerHandle:
-        """A worker for ``tenant``: ``spare`` given its tenant, or a new one."""
+    async def _start_worker(
+        self, tenant: str, options: HandleOptions, spare: WorkerHandle | None
+    ) -> WorkerHandle:
+        """A worker for ``tenant`` with ``options``: ``spare`` given its tenant, or a new
+        one."""
         if spare is not None:
             handle = spare
-            handle.bind(tenant)
+            handle.bind(tenant, options)
             self.table.add(tenant, handle)
         else:
             tg = await self._task_group()
-            handle = self._new_handle(tenant, tg)
+            handle = self._new_handle(tenant, tg, options)
             self.table.add(tenant, handle)
             tg.create_task(handle.start(), name=f"corral-start-{tenant}")
         self.starts += 1
@@ -236,10 +261,58 @@ class Pool:
         assert self._tg is not None
         return self._tg
 
-    def _new_handle(self, tenant: str, tg: asyncio.TaskGroup) -> WorkerHandle:
+    def _new_handle(
+        self, tenant: str, tg: asyncio.TaskGroup, options: HandleOptions | None = None
+    ) -> WorkerHandle:
         return WorkerHandle(
-            tenant, self._launcher, self, self._handle_options, lambda coro: tg.create_task(coro)
+            tenant,
+            self._launcher,
+            self,
+            self._handle_options if options is None else options,
+            lambda coro: tg.create_task(coro),
         )
+
+    def _activate(self, tenant: str) -> tuple[HandleOptions, bool]:
+        """The settings of a new worker for ``tenant`` (the supervisor's, with what its
+        policy sets), and whether a spare may serve it (one loaded the supervisor's
+        factory in the supervisor's sandbox).
+
+        Raises:
+            StartError: the policy raised, or returned something else than a TenantPolicy.
+        """
+        if self._policy is None:
+            return self._handle_options, True
+        try:
+            policy = self._policy(tenant)
+        except Exception as exc:
+            raise StartError(
+                f"policy({tenant!r}) raised {type(exc).__name__}: {exc}", tenant=tenant, pid=None
+            ) from exc
+        if not isinstance(policy, TenantPolicy):
+            raise StartError(
+                f"policy({tenant!r}) returned {type(policy).__name__}, not a TenantPolicy",
+                tenant=tenant,
+                pid=None,
+            )
+        base = self._handle_options
+        start = base.start
+        if policy.factory is not None:
+            ref, blob = serialise_factory(policy.factory)
+            start = msgspec.structs.replace(start, factory=ref, factory_blob=blob)
+        sandbox = policy.sandbox
+        if policy.extra_read_paths:
+            inner = sandbox or self._sandbox
+            paths = (*inner.extra_read_paths, *policy.extra_read_paths)
+            sandbox = msgspec.structs.replace(inner, extra_read_paths=paths)
+        options = base._replace(
+            start=start,
+            call_timeout=pick(policy.call_timeout, base.call_timeout),
+            memory_soft_limit=pick(policy.worker_memory_limit, base.memory_soft_limit),
+            memory_hard_limit=pick(policy.worker_memory_hard_limit, base.memory_hard_limit),
+            sandbox=sandbox,
+            version=policy.version,
+        )
+        return options, policy.is_default
 
     def refill(self) -> None:
         """Start spares until there are ``spare_workers`` (or no room, or memory is short,
@@ -288,6 +361,69 @@ class Pool:
             if handle.waiters == 0 and handle.state is WorkerState.READY and not handle.in_flight:
                 # Nobody ended up calling it (cancelled, or get_or_create): idle from now.
                 self.worker_idle(handle)
+
+    # -- reloading ---------------------------------------------------------------------------
+
+    async def reload(self, tenant: str) -> WorkerHandle | None:
+        """Replace ``tenant``'s worker with one started anew (its policy asked again):
+        new calls go to the new one once it is ready, the old one drains. None if the
+        tenant has no worker.
+
+        With room for one more worker, the new one starts beside the old, which serves
+        meanwhile: if it fails to start, the old one serves on and the error is raised.
+        Without room, the old one drains first and the new one starts after it (calls
+        meanwhile wait for it, as for any start).
+
+        Raises:
+            StartError: the new worker failed to start (the old one still serves).
+            SupervisorClosedError, BackoffError, CapacityError, MemoryPressureError: as
+                for a start.
+        """
+        check_tenant(tenant)
+        lock = self._reloads.setdefault(tenant, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._reload(tenant)
+        finally:
+            if not lock.locked() and self._reloads.get(tenant) is lock:
+                del self._reloads[tenant]
+
+    async def _reload(self, tenant: str) -> WorkerHandle | None:
+        if (refused := self._refusal()) is not None:
+            raise refused
+        old = self.table.peek(tenant)
+        if old is None:
+            return None
+        if not old.is_serving:  # starting (it will have the policy of now) or stopping
+            return await self.acquire(tenant)
+        self._admit(tenant)
+        if not self._has_room():  # no slot for both: drain the old one, then start anew
+            old.evict(StopReason.RELOADED)
+            return await self.acquire(tenant)
+        options, _ = self._activate(tenant)
+        tg = await self._task_group()
+        new = self._new_handle(tenant, tg, options)
+        self._reloading.add(new)
+        self.starts += 1
+        self._events.emit(WorkerStarting(tenant))
+        tg.create_task(new.start(), name=f"corral-reload-{tenant}")
+        try:
+            await new.wait_ready()  # (its start error is the caller's; the old one serves)
+        finally:
+            self._reloading.discard(new)
+        current = self.table.peek(tenant)
+        if current is old:
+            self.table.replace(tenant, new)
+            old.evict(StopReason.RELOADED)  # its calls in flight finish; new ones come here
+        elif current is None:  # the old one went meanwhile
+            self.table.add(tenant, new)
+        else:  # another worker took the tenant meanwhile: it stays
+            new.evict(StopReason.RELOADED)
+            return current
+        if new.state is WorkerState.READY and not new.in_flight:
+            self.worker_idle(new)
+        self.refill()
+        return new
 
     def call_succeeded(self, tenant: str) -> None:
         """A call of ``tenant``'s (which had failures on record) completed: its worker

@@ -31,6 +31,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, NamedTuple, Protocol
 
+import msgspec
+
 from corral.ipc import (
     PROTOCOL_VERSION,
     FromWarden,
@@ -60,6 +62,7 @@ ExitCallback = Callable[[int | None, bool], None]
 whether the OS's memory limit (the OOM killer in the worker's cgroup) ended it."""
 
 # The directory that holds the corral package (src/ or site-packages).
+_SPECS_KEPT = 64  # tenants' own sandboxes resolved and kept per warden
 _CORRAL_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -80,9 +83,12 @@ class Launcher(Protocol):
         Raises LaunchError if it cannot."""
         ...
 
-    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+    async def spawn(
+        self, on_exit: ExitCallback, memory_limit: int | None, sandbox: Sandbox | None = None
+    ) -> SpawnedProcess:
         """Start a worker. ``on_exit`` is called exactly once when it has been reaped.
-        ``memory_limit`` (bytes) is a hard limit the OS enforces."""
+        ``memory_limit`` (bytes) is a hard limit the OS enforces. ``sandbox``: this
+        worker's, if not the launcher's own (LaunchError if the host cannot give it)."""
         ...
 
     @property
@@ -154,6 +160,7 @@ class _WardenLink:
         self.memory_cgroups = False
         self.memory_cgroups_detail = "unknown until the warden starts"
         self.sandbox_layers: dict[str, LayerCheck] = {}
+        self.specs: dict[bytes, SandboxSpec] = {}  # tenants' own sandboxes, resolved here
         loop.add_reader(pidfd, self._on_process_exit)
         loop.add_reader(sock, self._on_readable)
 
@@ -491,8 +498,11 @@ class WardenLauncher:
 
     # -- Launcher ----------------------------------------------------------------------------
 
-    async def spawn(self, on_exit: ExitCallback, memory_limit: int | None) -> SpawnedProcess:
+    async def spawn(
+        self, on_exit: ExitCallback, memory_limit: int | None, sandbox: Sandbox | None = None
+    ) -> SpawnedProcess:
         warden = await self._ready_warden()
+        spec = self._spec(warden, sandbox)
         method: Literal["cgroup", "rlimit"] = "rlimit"
         if memory_limit is not None and self._memory_method != "rlimit":
             if warden.memory_cgroups:
@@ -513,8 +523,7 @@ class WardenLauncher:
         request_id = next(self._ids)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         warden.pending[request_id] = (fut, on_exit)
-        assert self._sandbox_spec is not None  # resolved when the warden said hello
-        spawn = SpawnWorker(request_id, self._exec, memory_limit, method, self._sandbox_spec)
+        spawn = SpawnWorker(request_id, self._exec, memory_limit, method, spec)
         warden.send(spawn, (to_r, from_w, log_w))
         try:
             pid = await fut
@@ -524,6 +533,24 @@ class WardenLauncher:
         for fd in (to_w, from_r, log_r):
             os.set_blocking(fd, False)
         return SpawnedProcess(pid, to_w, from_r, log_r)
+
+    def _spec(self, warden: _WardenLink, sandbox: Sandbox | None) -> SandboxSpec:
+        """What a worker applies: the launcher's own sandbox's spec, or ``sandbox``
+        resolved against what this warden found (made once per sandbox and warden)."""
+        if sandbox is None:
+            assert self._sandbox_spec is not None  # resolved when the warden said hello
+            return self._sandbox_spec
+        key = msgspec.msgpack.encode(sandbox)
+        spec = warden.specs.get(key)
+        if spec is None:
+            try:
+                spec, _ = sandbox.resolve(warden.sandbox_layers)
+            except SandboxUnavailableError as exc:
+                raise LaunchError(f"this tenant's sandbox: {exc}") from None
+            if len(warden.specs) >= _SPECS_KEPT:
+                warden.specs.pop(next(iter(warden.specs)))
+            warden.specs[key] = spec
+        return spec
 
     def signal(self, pid: int, signum: int) -> None:
         warden = self._warden

@@ -93,6 +93,14 @@ class WorkerTable(Generic[H]):
             raise OverflowError("table is full")
         self._entries[tenant] = handle
 
+    def replace(self, tenant: str, handle: H) -> None:
+        """Put ``handle`` in ``tenant``'s entry, keeping its LRU position (a reload);
+        not idle until marked so."""
+        if tenant not in self._entries:
+            raise KeyError(f"tenant {tenant!r} has no entry")
+        self._entries[tenant] = handle
+        self._idle.pop(tenant, None)
+
     def remove(self, tenant: str) -> H | None:
         """Drop the entry (once its process is gone)."""
         self._idle.pop(tenant, None)

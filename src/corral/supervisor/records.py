@@ -60,6 +60,7 @@ class StopReason(enum.Enum):
     START_FAILED = "start_failed"
     START_TIMEOUT = "start_timeout"
     PROTOCOL_ERROR = "protocol_error"
+    RELOADED = "reloaded"  # Supervisor.reload(): replaced by a worker started anew
     PIPE_CLOSED = "pipe_closed"  # it closed its pipe to the supervisor and lived on
     CRASHED = "crashed"  # it died without being asked
     # corral could not start a process (no fds, no warden): not the tenant's fault
@@ -108,6 +109,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     # namespaces (strict()), where pid is corral's init and this is its child, the
     # kernel's pid 2. None until the worker is ready.
     kernel_pid: int | None = None
+    version: str = ""  # the tenant policy's version label for the code it runs
 
 
 class LayerStatus(msgspec.Struct, frozen=True, omit_defaults=True):

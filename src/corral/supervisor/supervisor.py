@@ -15,6 +15,9 @@ escalations, the TTL sweeper and the memory watch. It owns only its own state (n
 running, closing, closed); the workers are the pool's (:mod:`corral.supervisor._pool`),
 memory is the watch's (:mod:`corral.supervisor._memwatch`), events the hub's
 (:mod:`corral.supervisor.events`).
+
+Long because it is the whole public API, each method with the docstring users read,
+and call/invoke are typed twice (with and without ``result_type``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
-from corral.errors import InvalidCallError, StartError, SupervisorClosedError
+from corral.errors import CorralError, InvalidCallError, StartError, SupervisorClosedError
 from corral.ipc import Start
 from corral.supervisor._backoff import BackoffPolicy
 from corral.supervisor._config import (
@@ -47,6 +50,7 @@ from corral.supervisor._process import Launcher, WardenLauncher
 from corral.supervisor._shared import check_method
 from corral.supervisor.events import EventHub, WorkerEvent
 from corral.supervisor.options import SupervisorOptions
+from corral.supervisor.policy import Policy
 from corral.supervisor.records import StopReason, SupervisorStats, WorkerInfo
 from corral.supervisor.sandbox import Sandbox
 from corral.supervisor.tenants import check_tenant
@@ -83,6 +87,9 @@ class Supervisor:
         on_event: called (on the event loop) with a :data:`~corral.WorkerEvent` when a
             worker starts, becomes ready, is gone (with the reason), or its tenant goes
             into backoff. Must not block.
+        policy: ``policy(tenant) -> TenantPolicy``: what a tenant's workers get that
+            differs from these options (factory, timeouts, memory limits, sandbox, read
+            paths, a version); called (sync) each time a worker is activated for it.
         launcher: where workers run (default: a local warden); a seam for other backends.
         probe: how memory is read (default: psutil).
         clock: monotonic seconds, for the table and backoff (tests inject a fake).
@@ -100,6 +107,7 @@ class Supervisor:
         options: SupervisorOptions | None = None,
         *,
         on_event: Callable[[WorkerEvent], None] | None = None,
+        policy: Policy | None = None,
         launcher: Launcher | None = None,
         probe: ProcessProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -121,17 +129,17 @@ class Supervisor:
             sys_path=[p for p in sys.path if p],
             max_frame_bytes=opts.max_frame_bytes,
         )
-        self._call_timeout = opts.call_timeout
         self._max_frame = opts.max_frame_bytes
         self._method_names: set[str] = set()  # names already checked to be public
         self._decoders: dict[Any, Callable[[msgspec.Raw], Any]] = {}  # result_type ->
         self._hard_limit = opts.worker_memory_hard_limit
+        sandbox = opts.sandbox if opts.sandbox is not None else Sandbox.default()
         self._launcher: Launcher = launcher or WardenLauncher(
             exec_workers=opts.start_method == "spawn",
             env=worker_env,
             start_timeout=opts.start_timeout,
             memory_method=opts.memory_method,
-            sandbox=opts.sandbox if opts.sandbox is not None else Sandbox.default(),
+            sandbox=sandbox,
         )
         self._events = EventHub(on_event)
         self._pool = Pool(
@@ -145,6 +153,8 @@ class Supervisor:
                 drain_timeout=opts.drain_timeout,
                 max_frame_bytes=opts.max_frame_bytes,
                 memory_hard_limit=opts.worker_memory_hard_limit,
+                call_timeout=opts.call_timeout,
+                memory_soft_limit=opts.worker_memory_limit,
             ),
             max_workers=opts.max_workers,
             idle_ttl=opts.idle_ttl,
@@ -153,6 +163,8 @@ class Supervisor:
             backoff=BackoffPolicy(
                 opts.restart_intensity, opts.restart_period, opts.backoff_base, opts.backoff_max
             ),
+            policy=policy,
+            sandbox=sandbox,
             events=self._events,
             refusal=self._refusal,
             admit=self._admit,
@@ -371,9 +383,11 @@ class Supervisor:
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
         if decode is None:
-            value = await handle.send_call(method, payload, self._call_timeout)
+            value = await handle.send_call(method, payload, handle.call_timeout)
         else:
-            value = await handle.send_call(method, payload, self._call_timeout, result_type, decode)
+            value = await handle.send_call(
+                method, payload, handle.call_timeout, result_type, decode
+            )
         if tenant in self._failing:  # (a set lookup on the warm path)
             self._pool.call_succeeded(tenant)
         return value
@@ -413,16 +427,17 @@ class Supervisor:
         result_type: Any = None,
     ) -> Any:
         """Like :meth:`call`, with explicit arguments, a per-call ``timeout`` (seconds,
-        or None for no limit) and ``result_type``."""
-        if timeout == "default":
-            timeout = self._call_timeout  # checked at construction
-        elif timeout is not None:
+        or None for no limit; "default": the tenant's policy's, else ``call_timeout``)
+        and ``result_type``."""
+        if timeout != "default" and timeout is not None:
             check_seconds("timeout", timeout)
         payload = self._payload(tenant, method, args, kwargs)
         decode = None if result_type is None else self._decoder(result_type)
         handle = self._table.get(tenant)  # (as in call)
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
+        if timeout == "default":
+            timeout = handle.call_timeout
         if decode is None:
             value = await handle.send_call(method, payload, timeout)
         else:
@@ -505,6 +520,46 @@ class Supervisor:
         """
         check_tenant(tenant)
         return await self._pool.evict(tenant, StopReason.EVICTED)
+
+    async def reload(self, tenant: str) -> WorkerInfo | None:
+        """Replace ``tenant``'s worker with one started anew (its policy asked again: a new
+        ``version``, factory or limits take effect): new calls go to the new worker once
+        it is ready, while the old one finishes its calls in flight (its stop reason:
+        ``"reloaded"``). No call fails because of a reload.
+
+        With a free slot (``max_workers``) the new worker starts beside the old one, which
+        serves meanwhile; if it fails to start, the old one serves on and its error is
+        raised. With none, the old one drains first and the new one starts after it
+        (calls meanwhile wait for it, as for any start).
+
+        Returns:
+            The new worker, or None if ``tenant`` had no worker (nothing to reload).
+
+        Raises:
+            InvalidCallError: the tenant key breaks the rule.
+            StartError: the new worker failed to start (the old one still serves).
+            SupervisorClosedError, BackoffError, CapacityError, MemoryPressureError: as
+                for :meth:`call`.
+        """
+        handle = await self._pool.reload(tenant)
+        return handle.info() if handle is not None else None
+
+    async def reload_all(self) -> dict[str, WorkerInfo | CorralError]:
+        """:meth:`reload` every tenant with a worker, all at once; returns each tenant's
+        new worker, or the error that left its old one serving."""
+        tenants = self.keys()
+        outcomes = await asyncio.gather(
+            *(self._pool.reload(tenant) for tenant in tenants), return_exceptions=True
+        )
+        result: dict[str, WorkerInfo | CorralError] = {}
+        for tenant, outcome in zip(tenants, outcomes, strict=True):
+            if isinstance(outcome, CorralError):
+                result[tenant] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            elif outcome is not None:
+                result[tenant] = outcome.info()
+        return result
 
     async def evict_all(self) -> int:
         """Evict every worker; returns how many there were, once all are gone."""

@@ -23,6 +23,9 @@ host one leaf per worker carries both controllers.
 
 Does not cover: reading a worker's memory (the supervisor's probe reads the leaf the
 warden reports in ``WorkerSpawned``) or the other sandbox layers (``_sandbox``).
+
+Long because cgroup v1 and v2 differ per controller (memory, pids), and detection,
+delegation, leaves, OOM counts, whole-tree kills and stale cleanup each need both.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ single-threaded here, as Landlock and seccomp (without TSYNC) apply per thread.
 :func:`detect` says which layers this host supports, for ``stats().sandbox``.
 Not here: cgroups (``_cgroup``), namespaces and uid slots (``_privileged``), fd
 hygiene (``_warden``).
+
+Long because the seccomp filter is assembled here as raw BPF (its allow-lists and
+argument checks), beside Landlock's rules and the capability drop.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ scratch remover; a child without one is an orphan.
 
 Does not cover: the request protocol (``_loop``), sandboxing (``_sandbox``,
 ``_privileged``), cgroups (``_cgroup``) or scratch directories (``_scratch``).
+
+Long because the warden is one event loop over its control socket, its children's
+exits and signals, and each step of a spawn (fork, sandbox, pipes) must be in it.
 """
 
 from __future__ import annotations
