@@ -79,8 +79,13 @@ def assert_demo_passed(result: subprocess.CompletedProcess[str]) -> None:
         "corral: worker stopped (evicted, ask)",
         "worker over worker_memory_limit tenant=alice pid=",
         "corral: worker stopped (memory_limit, ask)",
-        "stops by reason: crashed=1, evicted=1, idle_ttl=1, lru=1, memory_limit=1, timeout=1",
-        "All 9 steps behaved as expected",
+        "corral: worker stopped (memory_limit, ask)",
+        "result_type=Identity) -> Identity(tenant='alice', pid=",
+        "raised ResultTypeError: 'alice'.whoami: the reply is not a WrongIdentity:",
+        "corral: worker stopped (reloaded, ask)",
+        "stops by reason: crashed=1, evicted=1, idle_ttl=1, lru=1, memory_limit=1, reloaded=1, "
+        "timeout=1",
+        "All 11 steps behaved as expected",
     ):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "FAILED" not in out + result.stderr

@@ -125,6 +125,24 @@ def test_workers_events_evict_health_and_metrics(served: Served) -> None:
     assert "corral_worker_memory_bytes" in metrics
 
 
+def test_reload_replaces_a_tenants_worker(served: Served) -> None:
+    assert call(served.url, "r", "put", "k", 1).status_code == 200
+    before = httpx.get(f"{served.url}/v1/workers").json()["workers"][0]
+    reloaded = httpx.post(f"{served.url}/v1/tenants/r/reload").json()
+    assert reloaded["tenant"] == "r" and reloaded["reloaded"] is True
+    assert reloaded["worker"]["pid"] != before["pid"] and reloaded["worker"]["state"] == "ready"
+    workers = httpx.get(f"{served.url}/v1/workers").json()["workers"]
+    assert [w["pid"] for w in workers] == [reloaded["worker"]["pid"]]
+    # a new worker: the old one's state went with it
+    assert call(served.url, "r", "whoami").json()["result"]["notes"] == 0
+    nobody = httpx.post(f"{served.url}/v1/tenants/nobody/reload").json()
+    assert nobody == {"tenant": "nobody", "reloaded": False, "worker": None}
+    assert httpx.post(f"{served.url}/v1/tenants/a%2Fb/reload").status_code == 400
+    events = httpx.get(f"{served.url}/v1/events").json()["events"]
+    stopped = [e for e in events if e["kind"] == "stopped"]
+    assert stopped[-1]["reason"] == "reloaded" and stopped[-1]["pid"] == before["pid"]
+
+
 @pytest.mark.serve_args("--max-workers", "8")
 async def test_many_tenants_at_once_each_get_their_own_answers(served: Served) -> None:
     """40 tenants x 5 calls, 200 requests in flight at once, through 8 workers (constant

@@ -34,6 +34,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TextIO, TypeVar
 
+import msgspec
+
 import corral
 
 __all__ = ["DESCRIPTION", "DemoFailed", "InlineLogFormatter", "add_arguments", "corral_logs", "run"]
@@ -41,7 +43,8 @@ __all__ = ["DESCRIPTION", "DemoFailed", "InlineLogFormatter", "add_arguments", "
 DESCRIPTION = (
     "A scripted tour of corral on the bundled example kernel (corral.examples.demo:create): "
     "four tenants on three worker slots, a kernel error, a crash, a runaway call, idle "
-    "expiry, an explicit evict and stats(). Exits non-zero if anything behaves unexpectedly."
+    "expiry, an explicit evict, a memory recycle, a typed result, a rolling reload and "
+    "stats(). Exits non-zero if anything behaves unexpectedly."
 )
 FACTORY = "corral.examples.demo:create"
 
@@ -195,11 +198,19 @@ def _error_line(exc: BaseException) -> str:
 class _Tour:
     """What the steps share: the supervisor, the screen, the pace, and the pids seen so far."""
 
-    def __init__(self, sup: corral.Supervisor, screen: _Screen, pace: Pace, stops: _Stops) -> None:
+    def __init__(
+        self,
+        sup: corral.Supervisor,
+        screen: _Screen,
+        pace: Pace,
+        stops: _Stops,
+        versions: dict[str, str],
+    ) -> None:
         self.sup = sup
         self.screen = screen
         self.pace = pace
         self.stops = stops
+        self.versions = versions  # what the supervisor's policy says: {"now": "1"}
         # tenant -> pid of its first worker, e.g. {"alice": 4312}
         self.first_pid: dict[str, int] = {}
 
@@ -224,6 +235,18 @@ class _Tour:
         shown = _show_call(tenant, method, args)
         try:
             value = await self.sup.call(tenant, method, *args)
+        except kind as exc:
+            self.screen.say(f"{shown} raised {_error_line(exc)}")
+            return exc
+        raise DemoFailed(f"{shown} should raise {kind.__name__}, but returned {value!r}")
+
+    async def fail_typed(
+        self, kind: type[E], tenant: str, method: str, result_type: type[Any]
+    ) -> E:
+        """A call with a ``result_type`` that should raise ``kind``; shows the error."""
+        shown = f"call({tenant!r}, {method!r}, result_type={result_type.__name__})"
+        try:
+            value = await self.sup.call(tenant, method, result_type=result_type)
         except kind as exc:
             self.screen.say(f"{shown} raised {_error_line(exc)}")
             return exc
@@ -456,6 +479,45 @@ async def _memory_recycle(t: _Tour) -> None:
     t.screen.ok(f"pid {alice} -> {me['pid']}: the leak went with the old process")
 
 
+class Identity(msgspec.Struct):
+    """What whoami() returns, as a type the caller checks it against."""
+
+    tenant: str
+    pid: int
+    notes: int
+
+
+class WrongIdentity(msgspec.Struct):
+    tenant: str
+    pid: str  # whoami() sends an int: this does not fit
+
+
+async def _typed_result(t: _Tour) -> None:
+    me = await t.sup.call("alice", "whoami", result_type=Identity)
+    t.screen.say(f"call('alice', 'whoami', result_type=Identity) -> {me!r}")
+    _expect(isinstance(me, Identity), f"expected an Identity, got {type(me).__name__}")
+    exc = await t.fail_typed(corral.ResultTypeError, "alice", "whoami", WrongIdentity)
+    _expect("$.pid" in str(exc), f"the error should say where: {exc}")
+    _expect(t.pid("alice") == me.pid, "alice's worker should be the same after the mismatch")
+    t.screen.ok(f"the reply that did not fit was refused; alice's worker (pid {me.pid}) serves on")
+
+
+async def _reload(t: _Tour) -> None:
+    old = t.pid("alice")
+    t.versions["now"] = "2"
+    t.screen.say("the policy now says version '2' for every tenant; reload('alice'):")
+    info = await t.sup.reload("alice")
+    _expect(info is not None and info.version == "2", f"reload() returned {info}")
+    assert info is not None
+    t.screen.say(f"reload('alice') -> pid {info.pid}, version {info.version!r}")
+    async with asyncio.timeout(_STOP_TIMEOUT):  # (a safety net: it drains at once)
+        stopped = await t.stops.wait(old)
+    _expect(stopped.reason == "reloaded", f"the old worker stopped for {stopped.reason!r}")
+    me = await t.call("alice", "whoami")
+    _expect(me["pid"] == info.pid != old, f"alice should be served by pid {info.pid}: {me}")
+    t.screen.ok(f"pid {old} -> {info.pid}: new calls went to the new worker; the old one drained")
+
+
 async def _stats(t: _Tour) -> None:
     # RSS is sampled every memory_check_interval; give alice's young worker one sample.
     for _ in range(20):  # up to 1s; the API has no "sampled" event to wait for
@@ -472,11 +534,11 @@ async def _stats(t: _Tour) -> None:
         "stops by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.stops.items()))
     )
     expected = {"lru": 1, "crashed": 1, "timeout": 1, "idle_ttl": 1, "evicted": 1}
-    expected["memory_limit"] = 1
+    expected |= {"memory_limit": 1, "reloaded": 1}
     _expect(stats.stops == expected, f"stops should be {expected}, got {stats.stops}")
     _expect(
-        stats.starts == 7,
-        f"seven workers were started (a, b, c, d, c, a, a), stats says {stats.starts}",
+        stats.starts == 8,
+        f"eight workers were started (a, b, c, d, c, a, a, a), stats says {stats.starts}",
     )
     t.screen.say("leaving 'async with' closes the supervisor and stops every worker:")
     await t.sup.aclose()
@@ -550,6 +612,19 @@ _STEPS = (
         _memory_recycle,
     ),
     _Step(
+        "A typed result",
+        "result_type= decodes the kernel's reply strictly into a type of the caller's (here "
+        "a msgspec Struct); a reply that does not fit is a ResultTypeError, and the worker "
+        "is fine.",
+        _typed_result,
+    ),
+    _Step(
+        "A rolling reload",
+        "reload(tenant) starts a worker anew (its policy asked again: here a new version) "
+        "beside the old one, swaps it in, and lets the old one finish its calls.",
+        _reload,
+    ),
+    _Step(
         "stats(), then closing",
         "A snapshot of every worker (least recently used first) and why each earlier one stopped.",
         _stats,
@@ -568,6 +643,7 @@ async def _tour(screen: _Screen, pace: Pace, start_method: str) -> float:
     screen.say("Indented, time-stamped lines are corral's own log as it happens;")
     screen.say("'worker output' lines are what a worker printed.")
     stops = _Stops()
+    versions = {"now": "1"}
     sup = corral.Supervisor(
         FACTORY,
         max_workers=3,
@@ -577,11 +653,12 @@ async def _tour(screen: _Screen, pace: Pace, start_method: str) -> float:
         memory_check_interval=0.25,  # so that stats() shows an RSS for young workers
         start_method="spawn" if start_method == "spawn" else "forkserver",
         on_event=stops,
+        policy=lambda tenant: corral.TenantPolicy(version=versions["now"]),
     )
     timer = asyncio.timeout(_TOTAL_TIMEOUT)
     try:
         async with timer, sup:
-            tour = _Tour(sup, screen, pace, stops)
+            tour = _Tour(sup, screen, pace, stops, versions)
             for number, step in enumerate(_STEPS, 1):
                 screen.heading(number, step.title, step.why)
                 try:

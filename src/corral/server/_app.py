@@ -495,6 +495,24 @@ class Gateway:
             return error_response(exc, tenant)
         return json_response({"tenant": tenant, "evicted": evicted})
 
+    async def reload(self, request: Request) -> Response:
+        tenant = request.path_params["key"]
+        sup = self.supervisor
+        if sup is None:
+            return json_error(503, "NotReady", "the gateway is starting", tenant=tenant)
+        if not isinstance(sup, Supervisor):
+            return json_error(
+                501, "NotSupported", "reload is not available over a Ray cluster", tenant=tenant
+            )
+        try:
+            worker = await sup.reload(tenant)
+        except CorralError as exc:
+            annotate(error=type(exc).__name__)
+            _annotate_error(exc)
+            return error_response(exc, tenant)
+        body = {"tenant": tenant, "reloaded": worker is not None, "worker": worker}
+        return json_response(body)
+
     async def healthz(self, _request: Request) -> Response:
         stats = self.stats()
         if stats is None or stats.state != "running":
@@ -647,6 +665,7 @@ def create_app(
         Route("/v1/events", gateway.events, methods=["GET"]),
         Route("/v1/tenants/{key}", gateway.evict, methods=["DELETE"]),
         Route("/v1/tenants/{key}/call/{method}", gateway.call, methods=["POST"]),
+        Route("/v1/tenants/{key}/reload", gateway.reload, methods=["POST"]),
     ]
     from corral import __version__
 

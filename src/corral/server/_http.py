@@ -69,7 +69,7 @@ script fetches ``/v1/workers`` and ``/v1/events`` with the token)."""
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=@/-]{1,128}")
 _TENANTS = "/v1/tenants/"
-_CALL = re.compile(r"(.*)/call/([^/]*)", re.S)
+_SUB = re.compile(r"(.*)/(?:call/[^/]*|reload)", re.S)  # a tenant's routes below its key
 _LOGGED_PATH_CHARS = 200
 
 
@@ -262,8 +262,8 @@ class GatewayMiddleware:
                 return refusal
         if path.startswith(_TENANTS):
             rest = path[len(_TENANTS) :]
-            call = _CALL.fullmatch(rest)
-            tenant = call.group(1) if call else rest
+            below = _SUB.fullmatch(rest)
+            tenant = below.group(1) if below else rest
             try:
                 check_tenant(tenant)
             except InvalidCallError as exc:

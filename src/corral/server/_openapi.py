@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from corral import TENANT_MAX_BYTES, TENANT_RULE, SupervisorStats, WorkerEvent
+from corral import TENANT_MAX_BYTES, TENANT_RULE, SupervisorStats, WorkerEvent, WorkerInfo
 
 __all__ = ["openapi_document"]
 
@@ -116,6 +116,18 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_UNAVAILABLE,
         },
     },
+    ("/v1/tenants/{key}/reload", "POST"): {
+        "summary": "Replace the tenant's worker with one started anew (its policy asked "
+        "again: a new version); the old one finishes its calls in flight.",
+        "parameters": [_TENANT],
+        "responses": {
+            "200": _json(_ref("Reloaded"), "The new worker, or reloaded false if none."),
+            "400": _error("The key breaks the tenant-key rule."),
+            "501": _error("Not over a Ray cluster (--ray)."),
+            "502": _error("The new worker failed to start; the old one still serves."),
+            **_UNAVAILABLE,
+        },
+    },
     ("/v1/tenants/{key}/call/{method}", "POST"): {
         "summary": "Call a method of the tenant's kernel, starting its worker if needed.",
         "parameters": [_TENANT, _METHOD],
@@ -151,6 +163,12 @@ class Result(msgspec.Struct):
 class Evicted(msgspec.Struct):
     tenant: str
     evicted: bool
+
+
+class Reloaded(msgspec.Struct):
+    tenant: str
+    reloaded: bool  # False: the tenant had no worker (nothing to reload)
+    worker: WorkerInfo | None  # the new worker
 
 
 class Events(msgspec.Struct):
@@ -208,7 +226,18 @@ _NODE = {  # corral.cluster.NodeStats, written out: importing it would import Ra
 def _components() -> dict[str, Any]:
     from corral.server._app import CallBody  # what the call route decodes
 
-    types = (CallBody, Result, Evicted, Events, Health, Ready, Unready, Error, SupervisorStats)
+    types = (
+        CallBody,
+        Result,
+        Evicted,
+        Reloaded,
+        Events,
+        Health,
+        Ready,
+        Unready,
+        Error,
+        SupervisorStats,
+    )
     _, schemas = msgspec.json.schema_components(types, ref_template=_REF)
     schemas["ErrorDetail"]["additionalProperties"] = True
     schemas["Workers"] = {

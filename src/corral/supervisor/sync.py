@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar, overload
 
-from corral.errors import SupervisorClosedError
+from corral.errors import CorralError, SupervisorClosedError
 from corral.supervisor._config import Factory
 from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.records import SupervisorStats, WorkerInfo
@@ -205,6 +205,14 @@ class SyncSupervisor:
 
     def evict(self, tenant: str) -> bool:
         return self._run(self._supervisor.evict(tenant))
+
+    def reload(self, tenant: str) -> WorkerInfo | None:
+        """See :meth:`Supervisor.reload`."""
+        return self._run(self._supervisor.reload(tenant))
+
+    def reload_all(self) -> dict[str, WorkerInfo | CorralError]:
+        """See :meth:`Supervisor.reload_all`."""
+        return self._run(self._supervisor.reload_all())
 
     def evict_all(self) -> int:
         return self._run(self._supervisor.evict_all())
