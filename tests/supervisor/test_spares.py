@@ -109,3 +109,21 @@ def test_spare_workers_is_checked() -> None:
         Supervisor(K, spare_workers=-1)
     with pytest.raises(ValueError, match="at most max_workers"):
         Supervisor(K, spare_workers=3, max_workers=2)
+
+
+async def test_a_tenant_whose_policy_differs_never_gets_a_spare_and_one_makes_room() -> None:
+    def policy(tenant: str) -> corral.TenantPolicy:
+        if tenant == "own":  # its own read paths: a spare was sandboxed without them
+            return corral.TenantPolicy(extra_read_paths=("/srv/nothing-here",))
+        return corral.TenantPolicy(version="v")
+
+    sup = await started("default", spare_workers=2, max_workers=2, policy=policy)
+    try:
+        spares = sup.stats().spares
+        own = await sup.get_or_create("own")
+        assert own.pid not in spares  # started for it; a spare made room by going
+        assert len(sup.stats().spares) == 1 and len(sup) == 1
+        plain = await sup.get_or_create("plain")  # its policy fits a spare: it takes one
+        assert plain.pid in spares and plain.version == "v"
+    finally:
+        await sup.aclose()

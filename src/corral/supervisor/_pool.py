@@ -181,6 +181,7 @@ class Pool:
         check_tenant(tenant)
         deadline: float | None = None
         evicted: WorkerHandle | None = None  # the victim this caller is waiting to see go
+        activation: tuple[HandleOptions, bool] | None = None  # the policy's, once asked
         while True:
             if (refused := self._refusal()) is not None:
                 raise refused
@@ -198,8 +199,10 @@ class Pool:
                 left, level, last = backoff
                 raise BackoffError(tenant, left, level, last)
             self._admit(tenant)
-            if self._spares or self._has_room():
-                options, spare_fits = self._activate(tenant)
+            if activation is None and (self._spares or self._has_room()):
+                activation = self._activate(tenant)  # (asked once, however long this waits)
+            if activation is not None:
+                options, spare_fits = activation
                 if spare_fits and (spare := self._ready_spare()) is not None:
                     return await self._start_worker(tenant, options, spare)
                 if self._has_room():
@@ -207,9 +210,12 @@ class Pool:
             # One victim at a time per caller: while the last one is still on its way out,
             # a worker turning idle meanwhile is not stopped as well (unless that victim is
             # past all corral can do to end it: settled and still not reaped). None while
-            # a spare is on its way: it will do.
-            if not self._spares_starting and (evicted is None or evicted.is_settled):
-                victim = self.table.lru_victim()
+            # a spare this tenant can use is on its way: it will do. A ready spare it
+            # cannot use (its policy's factory or sandbox differ) goes before any tenant.
+            spare_coming = self._spares_starting and (activation is None or activation[1])
+            if not spare_coming and (evicted is None or evicted.is_settled):
+                evicted = self.drop_spare(StopReason.LRU)
+                victim = self.table.lru_victim() if evicted is None else None
                 if victim is not None:
                     evicted = self.table.peek(victim)
                     assert evicted is not None
