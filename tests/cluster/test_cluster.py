@@ -347,7 +347,7 @@ async def test_lru_and_ttl_are_per_node_and_release_the_placement(
         await eventually(lambda: len(cs) == 6)  # the evicted tenants' placements were released
         stats = await cs.fetch_stats()
         assert all(n.workers <= 2 and n.placed <= 2 for n in stats.nodes), stats.nodes
-        evicted = {e.tenant for e in events if e.reason == "lru"}
+        evicted = {e.tenant for e in events if e.kind == "stopped" and e.reason == "lru"}
         assert not evicted & set(cs.keys())
         for tenant in evicted:  # come back wherever there is room, still alone
             assert not (await cs.call(tenant, "incr"))["overlap"]
@@ -362,7 +362,11 @@ async def test_lru_and_ttl_are_per_node_and_release_the_placement(
         **FAST,
     ) as cs:
         await cs.call("ttl", "incr")
-        await eventually(lambda: any(e.tenant == "ttl" and e.reason == "idle_ttl" for e in events))
+        await eventually(
+            lambda: any(
+                e.kind == "stopped" and e.tenant == "ttl" and e.reason == "idle_ttl" for e in events
+            )
+        )
         await eventually(lambda: "ttl" not in cs)  # released
         assert (await cs.call("ttl", "incr"))["calls"] == 1  # a fresh activation
 

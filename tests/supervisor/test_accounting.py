@@ -167,7 +167,11 @@ async def test_stats_show_escaped_memory_and_eviction_kills_it(sandbox: str, tok
                 await asyncio.sleep(0.05)  # ok-sleep: the sampler's next round, with a deadline
         await sup.evict("t")
         assert_all_gone(procs)
-        assert not await asyncio.to_thread(os.path.exists, leaf)
+        # The warden removes the leaf once it has reaped the last of them (they were
+        # reparented to it): state in another process, polled with a deadline.
+        async with asyncio.timeout(10):
+            while await asyncio.to_thread(os.path.exists, leaf):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # ok-sleep: the warden's sweep, with a deadline
     finally:
         await sup.aclose()
 

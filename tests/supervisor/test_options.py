@@ -44,7 +44,7 @@ DEFAULTS = {
     "memory_check_interval": 1.0,
     "sandbox": None,
 }
-CODE = ("factory", "on_event", "launcher", "probe", "clock")  # arguments, not options
+CODE = ("factory", "on_event", "policy", "launcher", "probe", "clock")  # arguments, not options
 
 
 def test_the_defaults() -> None:
