@@ -17,7 +17,7 @@ import pytest
 import corral
 from corral import Supervisor, TenantPolicy
 from tests import plugins
-from tests.helpers import FAST, K
+from tests.helpers import FAST, K, start_strict
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,20 +128,28 @@ def plugin_policy(dirs: dict[str, str]) -> corral.supervisor.policy.Policy:
     return policy
 
 
-@pytest.mark.parametrize("sandbox", ["default", "none"])
+PRESETS = {
+    "default": corral.Sandbox.default,
+    "strict": corral.Sandbox.strict,
+    "none": corral.Sandbox.none,
+}
+
+
+@pytest.mark.parametrize("sandbox", list(PRESETS))
 async def test_a_tenant_cannot_read_another_tenants_plugin_files(
     plugin_dirs: dict[str, str], sandbox: str
 ) -> None:
-    preset = corral.Sandbox.default() if sandbox == "default" else corral.Sandbox.none()
-    async with Supervisor(K, sandbox=preset, policy=plugin_policy(plugin_dirs), **FAST) as sup:
-        if sandbox == "default" and not sup.stats().sandbox["landlock"].on:
+    sup = Supervisor(K, sandbox=PRESETS[sandbox](), policy=plugin_policy(plugin_dirs), **FAST)
+    await (start_strict(sup) if sandbox == "strict" else sup.start())
+    async with sup:
+        if sandbox != "none" and not sup.stats().sandbox["landlock"].on:
             pytest.skip(f"no Landlock here: {sup.stats().sandbox['landlock']}")
         for me, other in (("tenant-a", "tenant-b"), ("tenant-b", "tenant-a")):
             mine = os.path.join(plugin_dirs[me], "secret.txt")
             theirs = os.path.join(plugin_dirs[other], "secret.txt")
             assert (await sup.call(me, "whoami"))["home"] == plugin_dirs[me]
             assert await sup.call(me, "read", mine) == me  # its own directory: readable
-            if sandbox == "default":
+            if sandbox != "none":
                 assert await sup.call(me, "read", theirs) == "EACCES"
                 assert await sup.call(me, "read", plugin_dirs[other] + "/plugin.py") == "EACCES"
             else:  # the control: without the sandbox, nothing stops it
