@@ -8,6 +8,9 @@ key goes ``Supervisor`` -> ``Pool.acquire`` -> table / backoff -> a new
 (:mod:`corral.supervisor.supervisor`) reads ``pool.table`` on the warm path and asks
 the pool for everything else. The memory watch (:mod:`corral.supervisor._memwatch`)
 chooses victims from ``pool.table`` and gates new workers through ``admit``.
+
+Long because spares and reloads are the pool's too: workers not (yet) in the table,
+counted against ``max_workers`` with the others, each with its own path into it.
 """
 
 from __future__ import annotations
