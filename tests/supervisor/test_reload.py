@@ -40,8 +40,10 @@ async def test_reload_swaps_in_a_new_worker_while_the_old_one_drains() -> None:
         versions.version = "2"
         new = await sup.reload("t")
         assert new is not None and new.pid != old.pid and new.version == "2"
-        workers = sup.stats().workers
-        assert [(w.tenant, w.pid, w.version) for w in workers] == [("t", new.pid, "2")]
+        # listed: the new worker, then the old one still finishing its call
+        workers = [(w.tenant, w.pid, w.version, w.state) for w in sup.stats().workers]
+        assert workers == [("t", new.pid, "2", "ready"), ("t", old.pid, "1", "draining")]
+        assert sup.keys() == ["t"] and len(sup) == 1
         # new calls go to the new worker while the old one finishes the slow call
         assert (await sup.call("t", "whoami"))["pid"] == new.pid
         assert not slow.done()
@@ -122,5 +124,27 @@ async def test_reloading_every_tenant_under_load_fails_no_call() -> None:
         await asyncio.gather(*callers)  # any failed call raises here
         assert rounds >= 3 and counts["ok"] > 100
         stats = sup.stats()
-        assert {w.version for w in stats.workers} == {str(rounds - 1)}
+        serving = [w for w in stats.workers if w.state in ("ready", "busy")]
+        assert len(serving) == len(tenants)
+        assert {w.version for w in serving} == {str(rounds - 1)}
         assert set(stats.stops) == {"reloaded"} and stats.tenants_in_backoff == 0
+
+
+async def test_a_replaced_worker_counts_until_it_is_gone_and_closing_lets_it_finish() -> None:
+    """max_workers holds while old workers drain: reloading twice during a long call never
+    has more than max_workers processes; aclose() lets the old one finish its call."""
+    versions = Versions()
+    async with Supervisor(K, max_workers=2, policy=versions, **FAST) as sup:
+        first = await sup.get_or_create("t")
+        slow = asyncio.ensure_future(sup.call("t", "async_echo", "done", 2.0))
+        assert await sup.call("t", "echo", 0) == 0  # (meanwhile the slow call was sent)
+        versions.version = "2"
+        second = await sup.reload("t")  # a free slot: beside the old one
+        assert second is not None
+        assert [w.pid for w in sup.stats().workers] == [second.pid, first.pid]
+        versions.version = "3"
+        third = await sup.reload("t")  # no free slot: the old one still counts
+        assert third is not None and third.version == "3"
+        assert len(sup.stats().workers) <= 2
+        assert await slow == "done"
+    assert sup.stats().stops == {"reloaded": 2, "closed": 1}

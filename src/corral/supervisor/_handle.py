@@ -593,7 +593,11 @@ class WorkerHandle:
                     kind=msg.kind,
                 )
             _resolve(pending, error=error)
-        elif isinstance(msg, Hello) and self.state is S.STARTING and self._hellos_due:
+        elif (
+            isinstance(msg, Hello)
+            and self.state is S.STARTING
+            and (self._hellos_due == 2 or (self._hellos_due == 1 and self.tenant))
+        ):  # (a spare says Hello once before it is bound: a second one is a violation)
             if msg.protocol_version != PROTOCOL_VERSION:
                 self._fail_start(
                     StopReason.START_FAILED,

@@ -67,8 +67,7 @@ class MemoryWatch:
         return self._policy.soft_limit is not None or self._hard_limit is not None
 
     def check_limits(self, soft: int | None, hard: int | None) -> None:
-        """Raise ValueError for limits at or below what a fresh worker weighs (a
-        tenant's own, checked as the supervisor's were at start)."""
+        """Raise ValueError for limits at or below what a fresh worker weighs."""
         base = self.baseline
         for name, limit, factor in (
             ("worker_memory_limit", soft, 1.25),

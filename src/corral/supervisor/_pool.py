@@ -96,6 +96,9 @@ class Pool:
         self._policy = policy
         self._sandbox = sandbox
         self._reloading: set[WorkerHandle] = set()  # new workers of reloads, not yet swapped in
+        # Workers on their way out that the table no longer lists (a reload's old worker,
+        # a dropped spare): they count against max_workers and memory until reaped.
+        self._retiring: set[WorkerHandle] = set()
         self._reloads: dict[str, asyncio.Lock] = {}  # one reload at a time per tenant
         # Spares: spawned for no tenant. Ready ones wait for bind(); all count as workers.
         self._spares: collections.deque[WorkerHandle] = collections.deque()
@@ -145,9 +148,14 @@ class Pool:
         return [
             *self.table.handles(),
             *self._reloading,
+            *self._retiring,
             *self._spares,
             *self._spares_starting,
         ]
+
+    def retiring(self) -> list[WorkerHandle]:
+        """Workers a reload replaced, still finishing their calls (not in the table)."""
+        return [h for h in self._retiring if not h.is_spare]
 
     def _ready_spare(self) -> WorkerHandle | None:
         """Take the next spare still waiting for its tenant (one whose pipe closed is on
@@ -159,7 +167,7 @@ class Pool:
         return None
 
     def _has_room(self) -> bool:
-        live = len(self.table) + len(self._reloading) + self.spares
+        live = len(self.table) + len(self._reloading) + len(self._retiring) + self.spares
         return live < self.table.max_workers
 
     def wake_all(self) -> None:
@@ -352,6 +360,7 @@ class Pool:
         if not self._spares:
             return None
         handle = self._spares.pop()
+        self._retiring.add(handle)  # (counted until it is reaped)
         handle.evict(reason)
         return handle
 
@@ -381,10 +390,12 @@ class Pool:
         With room for one more worker, the new one starts beside the old, which serves
         meanwhile: if it fails to start, the old one serves on and the error is raised.
         Without room, the old one drains first and the new one starts after it (calls
-        meanwhile wait for it, as for any start).
+        meanwhile wait for it, as for any start; if it fails to start, they and the
+        caller get its error, as for any start).
 
         Raises:
-            StartError: the new worker failed to start (the old one still serves).
+            StartError: the new worker failed to start (with room: the old one still
+                serves).
             SupervisorClosedError, BackoffError, CapacityError, MemoryPressureError: as
                 for a start.
         """
@@ -423,10 +434,12 @@ class Pool:
         current = self.table.peek(tenant)
         if current is old:
             self.table.replace(tenant, new)
+            self._retiring.add(old)
             old.evict(StopReason.RELOADED)  # its calls in flight finish; new ones come here
         elif current is None:  # the old one went meanwhile
             self.table.add(tenant, new)
         else:  # another worker took the tenant meanwhile: it stays
+            self._retiring.add(new)
             new.evict(StopReason.RELOADED)
             return current
         if new.state is WorkerState.READY and not new.in_flight:
@@ -491,6 +504,7 @@ class Pool:
 
     def worker_dead(self, handle: WorkerHandle, report: StopReport) -> None:
         self.stops[report.reason.value] += 1
+        self._retiring.discard(handle)
         if handle.is_spare:  # never bound: no tenant to tell, nothing to count against one
             self._spare_started(handle)
             if handle in self._spares:

@@ -40,7 +40,10 @@ class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True):
         worker_memory_limit: bytes, soft (None: none).
         worker_memory_hard_limit: bytes, hard, enforced by the OS (None: none).
         sandbox: the sandbox for this tenant's workers (e.g. ``Sandbox.strict()`` for
-            the untrusted ones). It must be one this host can give, or best effort.
+            the untrusted ones). Resolved against the layers the warden checked for the
+            supervisor's own sandbox: give the supervisor the strongest preset any tenant
+            asks for (a layer it never checked is "unknown" and fails the start, unless
+            best effort).
         extra_read_paths: more paths this tenant's workers may read (under Landlock),
             on top of the sandbox's: e.g. this tenant's plugin directory, and no one
             else's.

@@ -139,7 +139,9 @@ class SupervisorStats(msgspec.Struct, frozen=True):
 
     state: str
     max_workers: int
-    workers: list[WorkerInfo]  # least recently used first
+    # Least recently used first; then any worker a reload replaced that is still
+    # finishing its calls (state "draining" or "stopping"; its tenant is listed twice).
+    workers: list[WorkerInfo]
     starts: int  # workers started (spawn requested)
     stops: dict[str, int]  # StopReason value -> count
     tenants_in_backoff: int

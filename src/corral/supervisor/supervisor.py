@@ -530,14 +530,16 @@ class Supervisor:
         With a free slot (``max_workers``) the new worker starts beside the old one, which
         serves meanwhile; if it fails to start, the old one serves on and its error is
         raised. With none, the old one drains first and the new one starts after it
-        (calls meanwhile wait for it, as for any start).
+        (calls meanwhile wait for it, as for any start; if it then fails to start, they
+        and this caller get its error, as for any start).
 
         Returns:
             The new worker, or None if ``tenant`` had no worker (nothing to reload).
 
         Raises:
             InvalidCallError: the tenant key breaks the rule.
-            StartError: the new worker failed to start (the old one still serves).
+            StartError: the new worker failed to start (with a free slot, the old one
+                still serves).
             SupervisorClosedError, BackoffError, CapacityError, MemoryPressureError: as
                 for :meth:`call`.
         """
@@ -586,7 +588,7 @@ class Supervisor:
         return SupervisorStats(
             state=self._state.value,
             max_workers=self._table.max_workers,
-            workers=[h.info() for h in self._table.handles()],
+            workers=[h.info() for h in (*self._table.handles(), *self._pool.retiring())],
             starts=self._pool.starts,
             stops=dict(self._pool.stops),
             tenants_in_backoff=self._pool.restarts.in_backoff(),
