@@ -145,7 +145,9 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     starts: int  # workers started (spawn requested)
     stops: dict[str, int]  # StopReason value -> count
     tenants_in_backoff: int
-    memory_enforcement: str  # how worker_memory_hard_limit is enforced here, or "none"
+    # How a hard memory limit (worker_memory_hard_limit, or a tenant policy's) is
+    # enforced here; "none" when neither the options nor a policy can set one.
+    memory_enforcement: str
     memory_baseline: int | None  # bytes a fresh worker weighed at start (with limits set)
     memory_pressure: str | None  # what the pressure is, while it lasts
     sandbox: dict[str, LayerStatus]  # layer -> what it is doing (known after start)

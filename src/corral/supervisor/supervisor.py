@@ -132,7 +132,8 @@ class Supervisor:
         self._max_frame = opts.max_frame_bytes
         self._method_names: set[str] = set()  # names already checked to be public
         self._decoders: dict[Any, Callable[[msgspec.Raw], Any]] = {}  # result_type ->
-        self._hard_limit = opts.worker_memory_hard_limit
+        # A hard limit may be set here or by tenants' policies: say how it is enforced.
+        self._hard_limits = opts.worker_memory_hard_limit is not None or policy is not None
         sandbox = opts.sandbox if opts.sandbox is not None else Sandbox.default()
         self._launcher: Launcher = launcher or WardenLauncher(
             exec_workers=opts.start_method == "spawn",
@@ -592,9 +593,7 @@ class Supervisor:
             starts=self._pool.starts,
             stops=dict(self._pool.stops),
             tenants_in_backoff=self._pool.restarts.in_backoff(),
-            memory_enforcement=(
-                self._launcher.memory_enforcement if self._hard_limit is not None else "none"
-            ),
+            memory_enforcement=(self._launcher.memory_enforcement if self._hard_limits else "none"),
             memory_baseline=self._memory.baseline,
             memory_pressure=self._memory.pressure_detail or None,
             sandbox=self._launcher.sandbox_report,
