@@ -47,6 +47,11 @@ def namespace() -> str:
     return f"corral-test-{uuid.uuid4().hex[:8]}"
 
 
+class _Point(msgspec.Struct):
+    x: int
+    y: int
+
+
 @pytest.fixture
 def lock_dir() -> Iterator[str]:
     """A world-readable directory the test owns, for the kernels' lock files."""
@@ -191,6 +196,13 @@ async def test_same_api_and_errors(ray_cluster: RayCluster, front_end: ClusterSu
     with pytest.raises(corral.InvalidCallError) as invalid:
         await cs.call("alice", "no_such_method")
     assert invalid.value.kind == "method"
+    # typed results: converted strictly on this side; a bad type refused before the call
+    assert await cs.call("alice", "echo", {"x": 1, "y": 2}, result_type=_Point) == _Point(1, 2)
+    with pytest.raises(corral.ResultTypeError, match=r"\$\.y"):
+        await cs.invoke("alice", "echo", ({"x": 1, "y": "2"},), result_type=_Point)
+    with pytest.raises(corral.InvalidCallError) as invalid:
+        await cs.call("alice", "echo", 1, result_type=3)
+    assert invalid.value.kind == "result_type"
     with pytest.raises(corral.CallTimeoutError):
         await cs.invoke("alice", "nap", (5.0,), timeout=0.5)
     assert (await cs.call("alice", "incr"))["calls"] == 1  # a new worker after the timeout kill

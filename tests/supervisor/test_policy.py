@@ -155,3 +155,20 @@ async def test_a_tenant_cannot_read_another_tenants_plugin_files(
             else:  # the control: without the sandbox, nothing stops it
                 assert await sup.call(me, "read", theirs) == other
         assert {w.version for w in sup.stats().workers} == {"1"}
+
+
+async def test_a_tenants_memory_limit_below_a_fresh_workers_weight_is_refused() -> None:
+    """As the supervisor's own limits are at start: a limit every worker would exceed as
+    soon as it started is a StartError for that tenant, naming the baseline."""
+
+    def policy(tenant: str) -> TenantPolicy:
+        if tenant == "tiny":
+            return TenantPolicy(worker_memory_limit=2 << 20)
+        return TenantPolicy(worker_memory_limit=1 << 30)
+
+    async with Supervisor(K, policy=policy, **FAST) as sup:
+        assert sup.stats().memory_baseline is not None  # measured at start for the policies
+        with pytest.raises(corral.StartError, match="baseline"):
+            await sup.call("tiny", "echo", 1)
+        assert await sup.call("roomy", "echo", 1) == 1
+        assert sup.keys() == ["roomy"]

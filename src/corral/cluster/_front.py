@@ -84,6 +84,18 @@ def _fingerprint(factory: Factory, options: Mapping[str, Any]) -> str:
     return repr((name, sorted((k, repr(v)) for k, v in options.items())))
 
 
+def _check_result_type(result_type: Any) -> None:
+    """Refuse, before the call, a type msgspec cannot decode into (as the local
+    Supervisor does)."""
+    try:
+        msgspec.msgpack.Decoder(result_type)
+    except TypeError as exc:
+        raise InvalidCallError(
+            f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
+            kind="result_type",
+        ) from exc
+
+
 def _typed(value: Any, result_type: Any, tenant: str, method: str) -> Any:
     """A node's reply as ``result_type``, converted strictly."""
     try:
@@ -92,11 +104,6 @@ def _typed(value: Any, result_type: Any, tenant: str, method: str) -> Any:
         raise ResultTypeError(
             tenant=tenant, pid=None, method=method, result_type=result_type, detail=str(exc)
         ) from None
-    except TypeError as exc:
-        raise InvalidCallError(
-            f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
-            kind="result_type",
-        ) from exc
 
 
 class ClusterSupervisor:
@@ -312,8 +319,11 @@ class ClusterSupervisor:
                 call may have run there; it is not retried.
             everything :meth:`corral.Supervisor.call` raises, from that node.
         """
+        if result_type is None:
+            return await self._invoke(tenant, method, args, kwargs, "default")
+        _check_result_type(result_type)
         value = await self._invoke(tenant, method, args, kwargs, "default")
-        return value if result_type is None else _typed(value, result_type, tenant, method)
+        return _typed(value, result_type, tenant, method)
 
     async def invoke(
         self,
@@ -327,8 +337,11 @@ class ClusterSupervisor:
     ) -> Any:
         """Like :meth:`call`, with explicit arguments, a per-call ``timeout`` and
         ``result_type``."""
+        if result_type is None:
+            return await self._invoke(tenant, method, args, kwargs, timeout)
+        _check_result_type(result_type)
         value = await self._invoke(tenant, method, args, kwargs, timeout)
-        return value if result_type is None else _typed(value, result_type, tenant, method)
+        return _typed(value, result_type, tenant, method)
 
     async def _invoke(
         self,

@@ -36,6 +36,8 @@ class MemoryWatch:
         interval: seconds between samples.
         launcher: the workers' pids' meaning (namespaces) and memory cgroups.
         pool: the workers (the tenants' and the spares).
+        tenant_limits: tenants' policies may set limits of their own: the baseline is
+            measured at start for :meth:`check_limits` to check them against.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class MemoryWatch:
         interval: float,
         launcher: Launcher,
         pool: Pool,
+        tenant_limits: bool = False,
     ) -> None:
         self.baseline: int | None = None  # bytes a fresh worker weighed at start
         self.pressure_detail = ""  # what the pressure is, while it lasts
@@ -57,6 +60,7 @@ class MemoryWatch:
         self._launcher = launcher
         self._pool = pool
         self._table = pool.table
+        self._tenant_limits = tenant_limits
         self._running = False
         # The last worker stopped for pressure (draining or stopping) until it is settled:
         # no other is chosen while it is on its way out (invariant 9).
@@ -97,7 +101,7 @@ class MemoryWatch:
             StartError: the baseline could not be measured.
             ValueError: a limit at or below the baseline.
         """
-        if self.watches_limits:
+        if self.watches_limits or self._tenant_limits:
             await self._check_baseline()
         self._running = True
         if self._policy.watches_pressure:

@@ -62,6 +62,8 @@ class Pool:
         refusal: the error a call gets now because the supervisor is not running (not
             started, closing or closed), or None while it is.
         admit: raises (MemoryPressureError) if no new worker may start now.
+        check_limits: raises ValueError for memory limits (soft, hard) at or below what a
+            fresh worker weighs.
         policy: ``policy(tenant) -> TenantPolicy``, called once per activation; None:
             every tenant gets ``handle_options``.
         sandbox: the supervisor's sandbox (a tenant's ``extra_read_paths`` extend it).
@@ -83,6 +85,7 @@ class Pool:
         events: EventHub,
         refusal: Callable[[], SupervisorClosedError | None],
         admit: Callable[[str], None],
+        check_limits: Callable[[int | None, int | None], None],
         clock: Callable[[], float],
     ) -> None:
         self.table: WorkerTable[WorkerHandle] = WorkerTable(max_workers, idle_ttl, clock)
@@ -108,6 +111,7 @@ class Pool:
         self._events = events
         self._refusal = refusal
         self._admit = admit
+        self._check_limits = check_limits
         self._clock = clock
         self._tg: asyncio.TaskGroup | None = None
         self._bound: asyncio.Future[None] | None = None  # set once the TaskGroup exists
@@ -329,6 +333,13 @@ class Pool:
             sandbox=sandbox,
             version=policy.version,
         )
+        if options.memory_soft_limit is not base.memory_soft_limit or (
+            options.memory_hard_limit is not base.memory_hard_limit
+        ):
+            try:
+                self._check_limits(options.memory_soft_limit, options.memory_hard_limit)
+            except ValueError as exc:
+                raise StartError(f"policy({tenant!r}): {exc}", tenant=tenant, pid=None) from None
         return options, policy.is_default
 
     def refill(self) -> None:

@@ -169,6 +169,7 @@ class Supervisor:
             events=self._events,
             refusal=self._refusal,
             admit=self._admit,
+            check_limits=self._check_limits,
             clock=clock,
         )
         self._table = self._pool.table  # read on the warm path
@@ -184,6 +185,7 @@ class Supervisor:
             interval=opts.memory_check_interval,
             launcher=self._launcher,
             pool=self._pool,
+            tenant_limits=policy is not None,
         )
         self._state = _State.NEW
         self._runner: asyncio.Task[None] | None = None
@@ -331,6 +333,9 @@ class Supervisor:
 
     def _admit(self, tenant: str) -> None:
         self._memory.admit(tenant)
+
+    def _check_limits(self, soft: int | None, hard: int | None) -> None:
+        self._memory.check_limits(soft, hard)
 
     # -- calls -------------------------------------------------------------------------------
 
