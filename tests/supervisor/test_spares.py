@@ -8,7 +8,7 @@ import pytest
 
 import corral
 from corral import Supervisor
-from tests.helpers import FAST, K, pid_gone, start_strict
+from tests.helpers import FAST, K, pid_gone, start_strict, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 PRESETS = {
@@ -127,3 +127,14 @@ async def test_a_tenant_whose_policy_differs_never_gets_a_spare_and_one_makes_ro
         assert plain.pid in spares and plain.version == "v"
     finally:
         await sup.aclose()
+
+
+async def test_a_spare_that_says_hello_twice_before_its_tenant_is_killed() -> None:
+    """Its module's import forged a Hello: the spare's second Hello before Bind is a
+    protocol violation; that spare is killed, no tenant is handed it."""
+    sup = Supervisor("tests.hello_at_import:make", spare_workers=1, **FAST)
+    async with sup:
+        # start() returned at the forged Hello; the worker's own one follows at once
+        await wait_until(lambda: sup.stats().stops == {"protocol_error": 1})
+        stats = sup.stats()
+        assert stats.spares == [] and sup.keys() == [] and stats.tenants_in_backoff == 0
