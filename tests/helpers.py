@@ -28,6 +28,9 @@ K = "tests.kernels:make"
 FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 """Stop and start timeouts for real workers: short, with room for a busy host."""
 
+SERVE_FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
+"""The same timeouts as ``corral serve`` flags."""
+
 
 def supervisor(factory: Factory = K, **options: Any) -> Supervisor:
     """A :class:`Supervisor` of ``factory`` with the :data:`FAST` timeouts (``options``

@@ -33,11 +33,10 @@ import pytest
 
 from corral import LayerStatus
 from corral.server._dashboard import DASHBOARD_HTML
-from tests.helpers import Served, wait_pids_exit
+from tests.helpers import SERVE_FAST, Served, wait_pids_exit
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
 CHROMIUM_TIMEOUT = 60.0
 # Chosen by the client, shown by the page: every punctuation mark the tenant-key rule
 # allows. A key with markup in it is refused (400) before it could reach the page.
@@ -182,7 +181,7 @@ class DashboardParser(HTMLParser):
 
 def test_dashboard_shows_live_workers_and_recent_stops(tmp_path: Path) -> None:
     chromium = find_chromium()
-    served = Served(*FAST, log=tmp_path / "serve.log")
+    served = Served(*SERVE_FAST, log=tmp_path / "serve.log")
     try:
         pids: dict[str, int] = {}
         with httpx.Client(timeout=30) as client:
@@ -223,7 +222,7 @@ def test_with_a_token_the_page_opened_with_it_polls_with_it(tmp_path: Path) -> N
     polls send the token; opened without, it says how to give it."""
     chromium = find_chromium()
     token = "dashboard-Token-0123456789"
-    served = Served(*FAST, "--auth-token", token, log=tmp_path / "serve.log")
+    served = Served(*SERVE_FAST, "--auth-token", token, log=tmp_path / "serve.log")
     try:
         answer = httpx.post(
             f"{served.url}/v1/tenants/alpha/call/whoami",
@@ -456,7 +455,7 @@ def test_dashboard_holds_up_with_a_long_key_and_a_busy_worker(tmp_path: Path) ->
     assert len(LONG_TENANT) == 128
     assert "innerHTML" not in DASHBOARD_HTML  # data goes in as text, never as markup
     chromium = find_chromium()
-    served = Served("tests.kernels:make", *FAST, log=tmp_path / "serve.log")
+    served = Served("tests.kernels:make", *SERVE_FAST, log=tmp_path / "serve.log")
     try:
         with (
             httpx.Client(timeout=30) as client,

@@ -18,11 +18,9 @@ import httpx
 import pytest
 
 from corral.server import create_app
-from tests.helpers import Served
+from tests.helpers import SERVE_FAST, Served
 
 pytestmark = pytest.mark.timeout(60)
-
-FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
     """A gateway with the flags of the test's ``serve_args`` marker (if any)."""
     marker = request.node.get_closest_marker("serve_args")
     args = marker.args if marker else ()
-    gateway = Served(*FAST, *args, log=tmp_path / "serve.log")
+    gateway = Served(*SERVE_FAST, *args, log=tmp_path / "serve.log")
     try:
         yield gateway
     finally:
@@ -178,7 +176,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         '[supervisor]\nmax_workers = 3\nidle_ttl = "none"\nworker_memory_limit = "1GiB"\n'
         'sandbox = "default"\nenv_allowlist = ["PATH", "LANG"]\n'
     )
-    gateway = Served(*FAST, "--config", str(config), "--max-workers", "5", log=tmp_path / "log")
+    gateway = Served(
+        *SERVE_FAST, "--config", str(config), "--max-workers", "5", log=tmp_path / "log"
+    )
     try:
         stats = httpx.get(f"{gateway.url}/v1/workers").json()
     finally:
@@ -211,7 +211,7 @@ def test_bad_options_are_refused_with_the_reason(
 
 
 def test_sigterm_lets_calls_in_flight_finish(tmp_path: Path) -> None:
-    gateway = Served(*FAST, "--grace", "10", log=tmp_path / "log")
+    gateway = Served(*SERVE_FAST, "--grace", "10", log=tmp_path / "log")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(call, gateway.url, "t", "slow_echo", "done", 1.5)
         deadline = time.monotonic() + 20

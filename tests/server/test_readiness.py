@@ -11,15 +11,13 @@ import pytest
 import corral
 from corral.server import create_app
 from corral.server._app import CHECK_TENANT
-from tests.helpers import Served
+from tests.helpers import SERVE_FAST, Served
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
-
 
 def test_a_running_gateway_is_ready(tmp_path: Path) -> None:
-    gateway = Served(*FAST, "--max-workers", "4", log=tmp_path / "log")
+    gateway = Served(*SERVE_FAST, "--max-workers", "4", log=tmp_path / "log")
     try:
         ready = httpx.get(f"{gateway.url}/readyz", timeout=30)
         workers = httpx.get(f"{gateway.url}/v1/workers", timeout=30).json()
@@ -37,7 +35,7 @@ def test_a_running_gateway_is_ready(tmp_path: Path) -> None:
 
 def test_memory_pressure_makes_the_gateway_unready_with_the_reason(tmp_path: Path) -> None:
     # No host has 99.9% of its RAM available: the pressure holds from the first sample.
-    gateway = Served(*FAST, "--min-available-memory", "0.999", log=tmp_path / "log")
+    gateway = Served(*SERVE_FAST, "--min-available-memory", "0.999", log=tmp_path / "log")
     try:
         ready = httpx.get(f"{gateway.url}/readyz", timeout=30)
         health = httpx.get(f"{gateway.url}/healthz", timeout=30)

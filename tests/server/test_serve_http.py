@@ -16,17 +16,16 @@ import httpx
 import pytest
 
 from corral.cli._serve import _Formatter, _is_loopback
-from tests.helpers import Served
+from tests.helpers import SERVE_FAST, Served
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = ("--start-timeout", "20", "--shutdown-timeout", "2", "--term-timeout", "1")
 TOKEN = "serve-Token-0123456789abcdef"
 
 
 def test_token_request_ids_and_log_lines(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    served = Served(*FAST, "--auth-token", TOKEN, "--log-level", "debug", log=log)
+    served = Served(*SERVE_FAST, "--auth-token", TOKEN, "--log-level", "debug", log=log)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         with httpx.Client(base_url=served.url, timeout=30) as client:

@@ -11,9 +11,7 @@ import pytest
 
 import corral
 from corral import Supervisor, WorkerEvent
-
-K = "tests.kernels:make"
-FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
+from tests.helpers import FAST, K
 
 pytestmark = pytest.mark.timeout(30)
 

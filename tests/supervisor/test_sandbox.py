@@ -37,10 +37,8 @@ from corral.ipc import LayerCheck
 from corral.supervisor._process import WardenLauncher
 from corral.supervisor.records import LayerStatus
 from corral.supervisor.sandbox import SandboxUnavailableError
-from tests.helpers import pid_gone, wait_pid_gone
+from tests.helpers import FAST, K, pid_gone, wait_pid_gone
 
-K = "tests.kernels:make"
-FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 StartMethod = Literal["forkserver", "spawn"]
 SANDBOXES = {"default": Sandbox.default(), "none": Sandbox.none()}
 DENY_LAYERS = ("scratch_dir", "rlimits", "no_new_privs", "landlock", "seccomp", "capabilities")

@@ -31,11 +31,9 @@ import corral
 from corral import Sandbox, Supervisor
 from corral.supervisor._memory import ProcTreeProbe
 from corral.worker._privileged import default_lock_dir
-from tests.helpers import REQUIRE_STRICT, run_host, start_strict, wait_pids_exit
+from tests.helpers import FAST, REQUIRE_STRICT, K, run_host, start_strict, wait_pids_exit
 
-K = "tests.kernels:make"
 LOCK_DIR = default_lock_dir()
-FAST: dict[str, Any] = {"shutdown_timeout": 2.0, "term_timeout": 1.0, "start_timeout": 20.0}
 
 pytestmark = pytest.mark.timeout(120)
 
