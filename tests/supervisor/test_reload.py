@@ -12,7 +12,7 @@ import pytest
 
 import corral
 from corral import Supervisor, TenantPolicy
-from tests.helpers import FAST, K
+from tests.helpers import FAST, K, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,3 +148,19 @@ async def test_a_replaced_worker_counts_until_it_is_gone_and_closing_lets_it_fin
         assert len(sup.stats().workers) <= 2
         assert await slow == "done"
     assert sup.stats().stops == {"reloaded": 2, "closed": 1}
+
+
+async def test_a_cancelled_reload_leaves_no_worker_behind() -> None:
+    """The caller gives up while the new worker starts: it is stopped (reason reloaded)
+    and counted until reaped; the old one serves on, alone."""
+    versions = Versions()
+    async with Supervisor(K, policy=versions, **FAST) as sup:
+        old = await sup.get_or_create("t")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):  # cancelled at its first wait
+                await sup.reload("t")
+        await wait_until(lambda: sup.stats().stops == {"reloaded": 1})
+        assert [(w.pid, w.state) for w in sup.stats().workers] == [(old.pid, "ready")]
+        assert (await sup.call("t", "whoami"))["pid"] == old.pid
+        again = await sup.reload("t")  # the tenant's reload turn was released
+        assert again is not None and again.pid != old.pid

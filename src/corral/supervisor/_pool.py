@@ -49,6 +49,16 @@ log = logging.getLogger("corral")
 _SWEEP_MAX_WAIT = 30.0  # the sweeper also prunes backoff records; it wakes at least this often
 
 
+class _Turns:
+    """One tenant's reloads, taken one at a time: the lock, and how many hold or want it."""
+
+    __slots__ = ("lock", "wanted")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.wanted = 0
+
+
 class Pool:
     """The workers of one supervisor, by tenant.
 
@@ -102,7 +112,7 @@ class Pool:
         # Workers on their way out that the table no longer lists (a reload's old worker,
         # a dropped spare): they count against max_workers and memory until reaped.
         self._retiring: set[WorkerHandle] = set()
-        self._reloads: dict[str, asyncio.Lock] = {}  # one reload at a time per tenant
+        self._reloads: dict[str, _Turns] = {}  # one reload at a time per tenant
         # Spares: spawned for no tenant. Ready ones wait for bind(); all count as workers.
         self._spares: collections.deque[WorkerHandle] = collections.deque()
         self._spares_starting: set[WorkerHandle] = set()
@@ -411,12 +421,16 @@ class Pool:
                 for a start.
         """
         check_tenant(tenant)
-        lock = self._reloads.setdefault(tenant, asyncio.Lock())
+        turn = self._reloads.get(tenant)
+        if turn is None:
+            turn = self._reloads[tenant] = _Turns()
+        turn.wanted += 1
         try:
-            async with lock:
+            async with turn.lock:
                 return await self._reload(tenant)
         finally:
-            if not lock.locked() and self._reloads.get(tenant) is lock:
+            turn.wanted -= 1
+            if not turn.wanted:  # (nobody holds or waits for it: kept no longer)
                 del self._reloads[tenant]
 
     async def _reload(self, tenant: str) -> WorkerHandle | None:
@@ -440,8 +454,15 @@ class Pool:
         tg.create_task(new.start(), name=f"corral-reload-{tenant}")
         try:
             await new.wait_ready()  # (its start error is the caller's; the old one serves)
-        finally:
+        except BaseException:
+            # Failed, or the caller was cancelled: a new worker still on its way is stopped
+            # and counted until reaped, never left serving nobody.
             self._reloading.discard(new)
+            if new.state is not WorkerState.DEAD:
+                self._retiring.add(new)
+                new.evict(StopReason.RELOADED)
+            raise
+        self._reloading.discard(new)
         current = self.table.peek(tenant)
         if current is old:
             self.table.replace(tenant, new)
