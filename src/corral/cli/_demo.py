@@ -507,8 +507,8 @@ async def _reload(t: _Tour) -> None:
     t.versions["now"] = "2"
     t.screen.say("the policy now says version '2' for every tenant; reload('alice'):")
     info = await t.sup.reload("alice")
-    _expect(info is not None and info.version == "2", f"reload() returned {info}")
-    assert info is not None
+    if info is None or info.version != "2":
+        raise DemoFailed(f"reload('alice') should give a worker of version '2', got {info}")
     t.screen.say(f"reload('alice') -> pid {info.pid}, version {info.version!r}")
     async with asyncio.timeout(_STOP_TIMEOUT):  # (a safety net: it drains at once)
         stopped = await t.stops.wait(old)

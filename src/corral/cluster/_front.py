@@ -45,7 +45,7 @@ from corral.errors import (
 )
 from corral.supervisor import WorkerEvent
 from corral.supervisor._config import Factory, serialise_factory
-from corral.supervisor._shared import check_method
+from corral.supervisor._shared import ResultDecoders, check_method
 from corral.supervisor.events import Subscription, read_events
 from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.tenants import check_tenant
@@ -82,18 +82,6 @@ def _fingerprint(factory: Factory, options: Mapping[str, Any]) -> str:
     """What two front ends must agree on to share one deployment's agents."""
     name = factory if isinstance(factory, str) else f"{factory.__module__}.{factory.__qualname__}"
     return repr((name, sorted((k, repr(v)) for k, v in options.items())))
-
-
-def _check_result_type(result_type: Any) -> None:
-    """Refuse, before the call, a type msgspec cannot decode into (as the local
-    Supervisor does)."""
-    try:
-        msgspec.msgpack.Decoder(result_type)
-    except TypeError as exc:
-        raise InvalidCallError(
-            f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
-            kind="result_type",
-        ) from exc
 
 
 def _typed(value: Any, result_type: Any, tenant: str, method: str) -> Any:
@@ -178,6 +166,7 @@ class ClusterSupervisor:
         self._stats_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._method_names: set[str] = set()
+        self._result_decoders = ResultDecoders()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -319,11 +308,7 @@ class ClusterSupervisor:
                 call may have run there; it is not retried.
             everything :meth:`corral.Supervisor.call` raises, from that node.
         """
-        if result_type is None:
-            return await self._invoke(tenant, method, args, kwargs, "default")
-        _check_result_type(result_type)
-        value = await self._invoke(tenant, method, args, kwargs, "default")
-        return _typed(value, result_type, tenant, method)
+        return await self.invoke(tenant, method, args, kwargs, result_type=result_type)
 
     async def invoke(
         self,
@@ -339,7 +324,7 @@ class ClusterSupervisor:
         ``result_type``."""
         if result_type is None:
             return await self._invoke(tenant, method, args, kwargs, timeout)
-        _check_result_type(result_type)
+        self._result_decoders.get(result_type)  # refused before the call, as locally
         value = await self._invoke(tenant, method, args, kwargs, timeout)
         return _typed(value, result_type, tenant, method)
 

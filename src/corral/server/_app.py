@@ -306,11 +306,15 @@ class Gateway:
         try:
             await sup.aclose(keep_running=self.cluster.on_exit == "detach")
         finally:
-            if self._owns_ray:
-                import ray
+            await self._disconnect_ray()
 
-                self._owns_ray = False
-                await asyncio.to_thread(ray.shutdown)
+    async def _disconnect_ray(self) -> None:
+        """Disconnect from Ray if this gateway connected."""
+        if self._owns_ray:
+            import ray
+
+            self._owns_ray = False
+            await asyncio.to_thread(ray.shutdown)
 
     async def _start_cluster(self) -> ClusterSupervisor:
         """Connect to Ray (unless this process is already), attach to the deployment and
@@ -344,9 +348,7 @@ class Gateway:
             try:
                 await sup.aclose()
             finally:
-                if self._owns_ray:
-                    self._owns_ray = False
-                    await asyncio.to_thread(ray.shutdown)
+                await self._disconnect_ray()
             raise
         return sup
 

@@ -186,7 +186,6 @@ class WorkerHandle:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = math.inf
         self._stopping: asyncio.Task[None] | None = None
-        self._hellos_due = 0  # Hellos still to come: 1 after Start, 2 for a spare (loaded, bound)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -330,13 +329,13 @@ class WorkerHandle:
         The caller must have checked that it is a spare, spawned (``pid`` set) and still
         STARTING."""
         assert self.is_spare and self.state is S.STARTING and self._writer is not None
-        assert self._hellos_due == 1, "a spare is bound once it has said Hello"
-        if options is not None:  # (what the process already has, start and sandbox, stays)
-            self._opts = options._replace(
-                start=self._opts.start,
-                sandbox=self._opts.sandbox,
-                memory_hard_limit=self._opts.memory_hard_limit,
-            )
+        assert self.kernel_pid is not None, "a spare is bound once it has said Hello"
+        if options is not None:
+            # Only what the process does not hold may differ (the pool gives a spare only
+            # to tenants whose policy leaves factory, sandbox and hard limit alone).
+            held = (self._opts.start, self._opts.sandbox, self._opts.memory_hard_limit)
+            assert (options.start, options.sandbox, options.memory_hard_limit) == held
+            self._opts = options
         self.tenant = tenant
         self.started_at = self.last_used = time.monotonic()
         if self._log is not None:
@@ -349,7 +348,6 @@ class WorkerHandle:
         waits for its Bind). ``start_timeout`` runs until the (first) Hello."""
         assert self._writer is not None
         start = msgspec.structs.replace(self._opts.start, tenant=self.tenant)
-        self._hellos_due = 1 if self.tenant else 2
         self._writer.write(encode_frame(start))
         self._timer = self._loop.call_later(self._opts.start_timeout, self._on_start_timeout)
         log.debug(
@@ -596,7 +594,7 @@ class WorkerHandle:
         elif (
             isinstance(msg, Hello)
             and self.state is S.STARTING
-            and (self._hellos_due == 2 or (self._hellos_due == 1 and self.tenant))
+            and (self.tenant or self.kernel_pid is None)
         ):  # (a spare says Hello once before it is bound: a second one is a violation)
             if msg.protocol_version != PROTOCOL_VERSION:
                 self._fail_start(
@@ -607,7 +605,6 @@ class WorkerHandle:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._hellos_due -= 1
             if self.kernel_pid is None:  # (a spare's first Hello says it)
                 self.kernel_pid = msg.host_pid if msg.host_pid is not None else self.pid
             if not self.tenant:  # a spare has loaded its factory: it waits for a tenant
@@ -711,6 +708,7 @@ class WorkerHandle:
             return
         if self.state is S.STOPPING:
             if self.pid is not None:
+                self.ending.climb(Rung.KILL)
                 self._launcher.signal(self.pid, signal.SIGKILL)
             return
         if reason is not None:

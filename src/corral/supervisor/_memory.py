@@ -199,10 +199,7 @@ class MemoryPolicy:
     ) -> list[int]:
         """Root pids whose tree is above its soft limit: ``limits[pid]`` where given (a
         tenant's own, or None for none), else the supervisor's."""
-        if limits is None:
-            if self.soft_limit is None:
-                return []
-            return [pid for pid, size in sample.trees.items() if size > self.soft_limit]
+        limits = limits or {}
         over = []
         for pid, size in sample.trees.items():
             limit = limits.get(pid, self.soft_limit)

@@ -47,7 +47,7 @@ from corral.supervisor._memory import MemoryPolicy, ProbeThread, ProcessProbe, P
 from corral.supervisor._memwatch import MemoryWatch
 from corral.supervisor._pool import Pool
 from corral.supervisor._process import Launcher, WardenLauncher
-from corral.supervisor._shared import check_method
+from corral.supervisor._shared import ResultDecoders, check_method
 from corral.supervisor.events import EventHub, WorkerEvent
 from corral.supervisor.options import SupervisorOptions
 from corral.supervisor.policy import Policy
@@ -62,7 +62,6 @@ _encode = msgspec.msgpack.Encoder().encode  # call arguments
 log = logging.getLogger("corral")
 
 _FRAME_OVERHEAD = 64  # bytes of Call envelope around the encoded arguments, generously
-_DECODERS_KEPT = 256  # result types whose decoder is kept
 
 T = TypeVar("T")
 
@@ -131,7 +130,7 @@ class Supervisor:
         )
         self._max_frame = opts.max_frame_bytes
         self._method_names: set[str] = set()  # names already checked to be public
-        self._decoders: dict[Any, Callable[[msgspec.Raw], Any]] = {}  # result_type ->
+        self._decoders = ResultDecoders()  # result_type -> its strict decoder
         # A hard limit may be set here or by tenants' policies: say how it is enforced.
         self._hard_limits = opts.worker_memory_hard_limit is not None or policy is not None
         sandbox = opts.sandbox if opts.sandbox is not None else Sandbox.default()
@@ -382,7 +381,7 @@ class Supervisor:
         (still bounded by the timeout) and the result is discarded.
         """
         payload = self._payload(tenant, method, args, kwargs)
-        decode = None if result_type is None else self._decoder(result_type)
+        decode = None if result_type is None else self._decoders.get(result_type)
         # The warm path: a serving worker, no await. A key in the table passed
         # check_tenant when its worker started; the pool checks any other.
         handle = self._table.get(tenant)
@@ -438,7 +437,7 @@ class Supervisor:
         if timeout != "default" and timeout is not None:
             check_seconds("timeout", timeout)
         payload = self._payload(tenant, method, args, kwargs)
-        decode = None if result_type is None else self._decoder(result_type)
+        decode = None if result_type is None else self._decoders.get(result_type)
         handle = self._table.get(tenant)  # (as in call)
         while handle is None or handle.state not in SERVING:
             handle = await self._pool.acquire(tenant)
@@ -451,34 +450,6 @@ class Supervisor:
         if tenant in self._failing:  # (a set lookup on the warm path)
             self._pool.call_succeeded(tenant)
         return value
-
-    def _decoder(self, result_type: Any) -> Callable[[msgspec.Raw], Any]:
-        """A strict decoder into ``result_type``, made once per type (a few hundred kept).
-
-        Raises:
-            InvalidCallError: msgspec cannot decode into that type.
-        """
-        try:
-            return self._decoders[result_type]
-        except KeyError:
-            pass
-        except TypeError:  # an unhashable type: made each time
-            return self._new_decoder(result_type)
-        decode = self._new_decoder(result_type)
-        if len(self._decoders) >= _DECODERS_KEPT:
-            self._decoders.pop(next(iter(self._decoders)))
-        self._decoders[result_type] = decode
-        return decode
-
-    @staticmethod
-    def _new_decoder(result_type: Any) -> Callable[[msgspec.Raw], Any]:
-        try:
-            return msgspec.msgpack.Decoder(result_type, strict=True).decode
-        except TypeError as exc:
-            raise InvalidCallError(
-                f"result_type {result_type!r} is not a type msgspec can decode into: {exc}",
-                kind="result_type",
-            ) from exc
 
     def _payload(
         self,

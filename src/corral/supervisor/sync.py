@@ -147,7 +147,7 @@ class SyncSupervisor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:  # submit atomically with respect to close()
             loop, thread = self._loop, self._thread
             if loop is None or thread is None:
@@ -157,7 +157,7 @@ class SyncSupervisor:
                 coro.close()
                 raise RuntimeError("SyncSupervisor called from its own loop thread")
             future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
-        return future.result(timeout)
+        return future.result()
 
     @property
     def _supervisor(self) -> Supervisor:
