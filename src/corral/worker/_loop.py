@@ -504,11 +504,7 @@ def run_worker(fd_in: int, fd_out: int) -> int:
         factory = load_factory(start)
     except Exception as exc:
         return _start_failed(start, fd_out, exc)
-    ready_loop: asyncio.AbstractEventLoop | None = None
     if not start.tenant:  # a spare: the factory is loaded; its tenant comes with Bind
-        # Made while it waits, for a kernel that turns out to need one (not made current:
-        # the factory still runs with none); closed if it does not.
-        ready_loop = asyncio.new_event_loop()
         _hello(fd_out)  # loaded: the supervisor may bind it now
         try:
             bind = _read_bind(fd_in, decoder, backlog)
@@ -522,18 +518,12 @@ def run_worker(fd_in: int, fd_out: int) -> int:
         made, loop = _call_factory(start, factory)
     except Exception as exc:
         return _start_failed(start, fd_out, _factory_error(exc))
-    if loop is None and (inspect.isawaitable(made) or needs_loop(made)):
-        loop, ready_loop = ready_loop, None
-    if ready_loop is not None:
-        ready_loop.close()
     if inspect.isawaitable(made):
         return _run(loop, _serve_awaited(start, made, fd_in, fd_out, decoder))
     _hello(fd_out)
     worker = WorkerLoop(made, fd_in, fd_out, decoder, start.max_frame_bytes)
-    if loop is not None:
+    if loop is not None or needs_loop(made):
         return _run(loop, worker.serve_async())
-    if needs_loop(made):
-        return _run(None, worker.serve_async())
     return worker.serve()
 
 
